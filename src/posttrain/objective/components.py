@@ -1,0 +1,259 @@
+"""The interchangeable parts of the one estimator (DESIGN.md §1), as pure functions of tensors.
+
+Shapes: N sequences, T token positions, G samples per prompt (groups are contiguous, N = P * G).
+Token tensors are aligned with `input_ids`: position t holds the quantity for predicting token t.
+`mask` (N, T) is 1 on the tokens the loss may touch (response / demonstration tokens), else 0.
+Everything here except `kl_penalty` and `entropy` runs under no-grad on detached inputs: these build
+the detached coefficient c = W * lam * M * A * w of
+
+    loss = - sum_{i,t} c_it * logp_it
+
+Notation follows research/algorithms.md §0: p = pi_theta, q = pi_old, b = pi_ref, r = p / q.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# ----------------------------------------------------------------------------------------------
+# Advantages (sequence level): rewards (P, G) with NaN for masked samples -> (P, G), 0 where masked.
+# ----------------------------------------------------------------------------------------------
+
+
+def _group_stats(rewards: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(valid (P, G) bool, count (P, 1), mean (P, 1)) ignoring NaN rewards."""
+    valid = ~torch.isnan(rewards)
+    count = valid.sum(dim=1, keepdim=True)
+    r0 = torch.where(valid, rewards, torch.zeros_like(rewards))
+    mean = r0.sum(dim=1, keepdim=True) / count.clamp(min=1)
+    return valid, count, mean
+
+
+def advantage_one(rewards: Tensor) -> Tensor:
+    """A = 1 on every valid sample (demonstrations: SFT, DFT)."""
+    return (~torch.isnan(rewards)).to(rewards.dtype)
+
+
+def advantage_raw(rewards: Tensor) -> Tensor:
+    """A = R (REINFORCE without a baseline)."""
+    return torch.nan_to_num(rewards, nan=0.0)
+
+
+def advantage_group_center(rewards: Tensor) -> Tensor:
+    """A_i = R_i - mean_G R (Dr. GRPO: no std, no difficulty bias)."""
+    valid, _, mean = _group_stats(rewards)
+    return torch.where(valid, rewards - mean, torch.zeros_like(rewards))
+
+
+def advantage_group_zscore(rewards: Tensor, *, std_eps: float = 1e-4, bessel: bool = True) -> Tensor:
+    """A_i = (R_i - mean_G R) / (std_G R + eps) (GRPO). Bessel-corrected std by default (as TRL).
+
+    A group with a single valid sample has std 0 under either convention (we define it so), hence A = 0.
+    """
+    valid, count, mean = _group_stats(rewards)
+    dev = torch.where(valid, rewards - mean, torch.zeros_like(rewards))
+    denom = (count - 1 if bessel else count).clamp(min=1)
+    std = (dev.pow(2).sum(dim=1, keepdim=True) / denom).sqrt()
+    return dev / (std + std_eps)
+
+
+def advantage_loo(rewards: Tensor) -> Tensor:
+    """A_i = R_i - mean_{j != i} R_j = (G/(G-1)) (R_i - mean_G R) (RLOO). Needs >= 2 valid samples per group."""
+    valid, count, mean = _group_stats(rewards)
+    scale = count / (count - 1).clamp(min=1)
+    adv = torch.where(valid, (rewards - mean) * scale, torch.zeros_like(rewards))
+    return torch.where(count > 1, adv, torch.zeros_like(adv))
+
+
+SEQUENCE_ADVANTAGES = {
+    "one": advantage_one,
+    "raw": advantage_raw,
+    "group_center": advantage_group_center,
+    "group_zscore": advantage_group_zscore,
+    "loo": advantage_loo,
+}
+
+
+def token_returns(seq_adv: Tensor, kl_tokens: Tensor, mask: Tensor, beta: float) -> Tensor:
+    """Per-token return with a k1 penalty in the reward (REINFORCE++):  A_it = a_i - beta * sum_{t' >= t} k1_it'.
+
+    seq_adv (N,), kl_tokens (N, T) detached k1 = old_logp - ref_logp, mask (N, T) -> (N, T).
+    """
+    pen = (kl_tokens * mask).flip(1).cumsum(1).flip(1)  # (N, T) reverse cumulative sum
+    return (seq_adv[:, None] - beta * pen) * mask
+
+
+def global_normalize(adv: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
+    """Whiten token advantages over every response token of the batch (REINFORCE++).
+
+    After it, the masked mean is 0 and the masked population std (no Bessel correction) is 1.
+    """
+    n = mask.sum().clamp(min=1)
+    mean = (adv * mask).sum() / n
+    var = (((adv - mean) * mask) ** 2).sum() / n
+    return (adv - mean) / (var.sqrt() + eps) * mask
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights w = sg(p / D): the reference denominator. Inputs detached (N, T) log-probs.
+# Each has a value form T(p) with w = p * T'(p), used for the logged surrogate.
+# ----------------------------------------------------------------------------------------------
+
+
+def weight_one(logp: Tensor, old_logp: Tensor, **_: float) -> Tensor:
+    """D = p (current policy): w = 1. SFT, on-policy REINFORCE."""
+    return torch.ones_like(logp)
+
+
+def weight_ratio(logp: Tensor, old_logp: Tensor, **_: float) -> Tensor:
+    """D = q (old / rollout policy): w = r = p / q. PPO, GRPO."""
+    return torch.exp(logp - old_logp)
+
+
+def weight_prob(logp: Tensor, old_logp: Tensor, **_: float) -> Tensor:
+    """D = 1: w = p. DFT (the likelihood term is p itself)."""
+    return torch.exp(logp)
+
+
+def weight_shaped(logp: Tensor, old_logp: Tensor, *, gamma: float = 0.1, **_: float) -> Tensor:
+    """LUFFY policy shaping, T(p) = p / (p + gamma):  w = p T'(p) = gamma p / (p + gamma)^2."""
+    p = torch.exp(logp)
+    return gamma * p / (p + gamma) ** 2
+
+
+def weight_phi(logp: Tensor, old_logp: Tensor, **_: float) -> Tensor:
+    """CHORD-phi, T(p) = p - p^2 / 2:  w = p (1 - p)."""
+    p = torch.exp(logp)
+    return p * (1 - p)
+
+
+def weight_truncated(logp: Tensor, old_logp: Tensor, *, eps_max: float = 5.0, **_: float) -> Tensor:
+    """CISPO: w = min(r, eps_max): the importance weight is truncated, never masked."""
+    return torch.exp(logp - old_logp).clamp(max=eps_max)
+
+
+def sequence_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
+    """GSPO: s_i = exp((1/|y_i|) sum_t (logp - old_logp)), (N,)."""
+    n = mask.sum(1).clamp(min=1)
+    return torch.exp(((logp - old_logp) * mask).sum(1) / n)
+
+
+def weight_seq_ratio(logp: Tensor, old_logp: Tensor, *, mask: Tensor, **_: float) -> Tensor:
+    """GSPO: w_it = s_i on every token of sequence i (the 1/|y_i| comes from SEQ aggregation)."""
+    return sequence_ratio(logp, old_logp, mask)[:, None].expand_as(logp)
+
+
+WEIGHTS = {
+    "one": weight_one,
+    "ratio": weight_ratio,
+    "prob": weight_prob,
+    "shaped": weight_shaped,
+    "phi": weight_phi,
+    "truncated": weight_truncated,
+    "seq_ratio": weight_seq_ratio,
+}
+
+
+def likelihood_value(kind: str, logp: Tensor, old_logp: Tensor, mask: Tensor, gamma: float = 0.1) -> Tensor:
+    """T(p) per token, the value whose gradient w * grad(logp) the weight stands for (for the logged loss)."""
+    if kind == "one":
+        return logp
+    if kind == "ratio":
+        return torch.exp(logp - old_logp)
+    if kind == "prob":
+        return torch.exp(logp)
+    if kind == "shaped":
+        p = torch.exp(logp)
+        return p / (p + gamma)
+    if kind == "phi":
+        p = torch.exp(logp)
+        return p - p * p / 2
+    if kind == "seq_ratio":
+        return sequence_ratio(logp, old_logp, mask)[:, None].expand_as(logp)
+    if kind == "truncated":  # CISPO's own loss form: sg(min(r, eps_max)) * logp
+        return logp
+    raise ValueError(f"unknown weight {kind!r}; choose one of {', '.join(WEIGHTS)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Masks M: the stabilisation mask.
+# ----------------------------------------------------------------------------------------------
+
+
+def clip_mask(ratio: Tensor, advantages: Tensor, eps_low: float, eps_high: float) -> Tensor:
+    """PPO clip as a mask: 0 where the clipped branch of min(r A, clip(r, 1-eps_low, 1+eps_high) A) is active.
+
+    That is (A > 0 and r > 1 + eps_high) or (A < 0 and r < 1 - eps_low): there the surrogate is flat in theta.
+    ratio and advantages broadcast to (N, T); for sequence-level clip pass the (N, 1) sequence ratio.
+    """
+    clipped = ((advantages > 0) & (ratio > 1 + eps_high)) | ((advantages < 0) & (ratio < 1 - eps_low))
+    return (~clipped).to(advantages.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Aggregation W: how token terms are summed. Normalisers are global (the whole optimizer step), so
+# gradient accumulation over micro-batches leaves the gradient unchanged.
+# ----------------------------------------------------------------------------------------------
+
+AGGREGATIONS = ("tok", "seq", "const", "sum")
+
+
+def aggregation_weights(mask: Tensor, mode: str, *, num_tokens: float, num_seqs: float, max_len: int) -> Tensor:
+    """W (N, T) for the micro-batch `mask`, given the global token and sequence counts of the optimizer step.
+
+    tok:   W = m / num_tokens                  (token mean over the global batch; DAPO)
+    seq:   W = m / (|y_i| * num_seqs)          (mean over sequences of the per-sequence token mean; GRPO)
+    const: W = m / (num_seqs * max_len)        (constant normaliser; Dr. GRPO)
+    sum:   W = m / num_seqs                    (mean over sequences of the per-sequence token sum; REINFORCE)
+    """
+    if mode == "tok":
+        return mask / max(num_tokens, 1.0)
+    if mode == "seq":
+        return mask / (mask.sum(1, keepdim=True).clamp(min=1) * max(num_seqs, 1.0))
+    if mode == "const":
+        return mask / (max(num_seqs, 1.0) * max_len)
+    if mode == "sum":
+        return mask / max(num_seqs, 1.0)
+    raise ValueError(f"unknown aggregation {mode!r}; choose one of {', '.join(AGGREGATIONS)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Regularisers (differentiable).
+# ----------------------------------------------------------------------------------------------
+
+KL_ESTIMATORS = ("k1", "k2", "k3", "k3_ratio")
+
+
+def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str, old_logp: Tensor | None = None) -> Tensor:
+    """Per-token KL estimate with delta = logp - ref_logp (research/algorithms.md §3.5), (N, T).
+
+    k1 = delta;  k2 = delta^2 / 2;  k3 = exp(-delta) - 1 + delta (clamped to [-10, 10] like verl);
+    k3_ratio = sg(p / q) * k3, whose on-policy gradient coefficient is exactly delta (an unbiased grad KL(p||b)).
+    Gradient coefficients d/dlogp: k1 -> 1, k2 -> delta, k3 -> 1 - b/p.
+    """
+    delta = logp - ref_logp
+    if estimator == "k1":
+        return delta
+    if estimator == "k2":
+        return 0.5 * delta**2
+    k3 = (torch.exp(-delta) - 1 + delta).clamp(-10, 10)
+    if estimator == "k3":
+        return k3
+    if estimator == "k3_ratio":
+        old = logp.detach() if old_logp is None else old_logp
+        return torch.exp(logp.detach() - old) * k3
+    raise ValueError(f"unknown KL estimator {estimator!r}; choose one of {', '.join(KL_ESTIMATORS)}")
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """H = -sum_v p_v log p_v over the last axis; (..., V) -> (...). dH/dz = -p (log p + H)."""
+    logz = torch.log_softmax(logits, dim=-1)
+    return -(logz.exp() * logz).sum(-1)
+
+
+def overlong_penalty(lengths: Tensor, max_len: int, cache: int) -> Tensor:
+    """DAPO soft overlong penalty, added to R: 0 up to max_len - cache, then linear to -1 at max_len, -1 beyond."""
+    start = max_len - cache
+    ramp = (start - lengths.to(torch.float64)) / cache
+    pen = torch.where(lengths <= start, torch.zeros_like(ramp), ramp)
+    return torch.where(lengths > max_len, torch.full_like(ramp, -1.0), pen)
