@@ -1,0 +1,1 @@
+"""Training: the one loop, experience building, token log-probs, checkpoints."""

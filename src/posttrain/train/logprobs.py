@@ -1,0 +1,105 @@
+"""Per-token log-probabilities (and entropies) of a causal LM on right-padded batches.
+
+    logp[:, t] = z[:, t-1, x_t] - logsumexp_v z[:, t-1, v],   z = logits / temperature,   t >= 1
+    H[:, t]    = logsumexp_v z[:, t-1, v] - sum_v softmax(z[:, t-1])_v z[:, t-1, v]
+
+Column 0 has no predicting distribution and is 0, as are padded columns (mask 0), so every output is
+aligned with `input_ids` and can be multiplied by a response mask directly.
+
+Memory: the log-softmax is never materialised as a (B, T, V) tensor; log-probs are one gather minus
+one logsumexp. With `chunk_size` the LM head itself runs on `chunk_size` positions at a time, under
+activation checkpointing when gradients are on, so peak memory holds (B, chunk_size, V) logits
+instead of (B, T, V) in both the forward and the backward pass.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """(B, T) -> (B, T): 0, 1, 2, ... over the real tokens of each row (padding gets 0 or the last index)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _logp_entropy(logits: Tensor, targets: Tensor, temperature: float, with_entropy: bool) -> tuple[Tensor, Tensor | None]:
+    """logits (B, L, V), targets (B, L) -> logp (B, L), entropy (B, L) or None, at >= float32 precision."""
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logsumexp is too coarse for ratios
+    if temperature != 1.0:
+        z = z / temperature
+    lse = z.logsumexp(-1)  # (B, L)
+    logp = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse  # (B, L)
+    if not with_entropy:
+        return logp, None
+    p = (z - lse.unsqueeze(-1)).exp()  # (B, L, V), only built when the entropy is asked for
+    entropy = lse - (p * z).sum(-1)  # (B, L)
+    return logp, entropy
+
+
+def _final_logits(model: torch.nn.Module, hidden: Tensor) -> Tensor:
+    """Apply the LM head the way the model's own forward does (incl. Gemma-style final soft-capping)."""
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = cap * torch.tanh(logits / cap)
+    return logits
+
+
+def token_logprobs(
+    model: torch.nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_size: int | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Log-probability of every token of `input_ids` given its prefix, and optionally the entropy.
+
+    input_ids, attention_mask: (B, T), right-padded (real tokens first, then padding).
+    Returns logp (B, T) with logp[:, 0] = 0 and logp[:, t] = log softmax(logits[:, t-1] / temperature)[input_ids[:, t]],
+    and entropy (B, T) of the distribution that produced token t (or None). Both are 0 where attention_mask is 0.
+    Differentiable with respect to the model's parameters. `chunk_size` runs the LM head over that many positions at a
+    time (same values, less memory).
+    """
+    if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
+        raise ValueError(
+            f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} must both be (B, T)"
+        )
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of positions or None, got {chunk_size}")
+    mask = attention_mask.bool()
+    position_ids = position_ids_from_mask(attention_mask)
+    # Padded positions' values are zeroed below; their targets are set to 0 so the gather never depends on them.
+    targets = input_ids.masked_fill(~mask, 0)[:, 1:]  # (B, T-1)
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+
+    if chunk_size is None:
+        logits = model(**kwargs).logits[:, :-1]  # (B, T-1, V)
+        logp, entropy = _logp_entropy(logits, targets, temperature, with_entropy)
+    else:
+        hidden = model.get_decoder()(**kwargs).last_hidden_state[:, :-1]  # (B, T-1, D)
+
+        def head(h: Tensor, x: Tensor) -> tuple[Tensor, ...]:
+            out = _logp_entropy(_final_logits(model, h), x, temperature, with_entropy)
+            return tuple(o for o in out if o is not None)
+
+        # Recompute each chunk's logits in backward instead of keeping them all alive.
+        recompute = torch.is_grad_enabled()
+        parts = [
+            checkpoint(head, hidden[:, s : s + chunk_size], targets[:, s : s + chunk_size], use_reentrant=False)
+            if recompute
+            else head(hidden[:, s : s + chunk_size], targets[:, s : s + chunk_size])
+            for s in range(0, max(hidden.shape[1], 1), chunk_size)  # one (maybe empty) chunk when T = 1
+        ]
+        logp = torch.cat([p[0] for p in parts], dim=1)
+        entropy = torch.cat([p[1] for p in parts], dim=1) if with_entropy else None
+
+    valid = mask[:, 1:]  # (B, T-1): token t is real
+    logp = torch.nn.functional.pad(torch.where(valid, logp, 0.0), (1, 0))  # (B, T)
+    if entropy is not None:
+        entropy = torch.nn.functional.pad(torch.where(valid, entropy, 0.0), (1, 0))  # (B, T)
+    return logp, entropy
