@@ -1,0 +1,173 @@
+"""Dataset formats (the column names TRL and the hub already use) and a validator that checks every row.
+
+Validation runs before step 0 so that a bad row stops the run with its file, row and field, instead of
+crashing an hour in (or, worse, training silently on a wrong mask).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+from posttrain.data.loading import DataError, RowSet
+
+# format name -> required columns. Order inside `allowed` (see `detect_format`) decides ties.
+FORMATS: dict[str, tuple[str, ...]] = {
+    "text": ("text",),                              # plain LM, loss on every token
+    "messages": ("messages",),                      # conversational SFT, loss on assistant turns
+    "prompt_completion": ("prompt", "completion"),  # loss on the completion
+    "prompt_answer": ("prompt", "answer"),          # verifiable RL; a demonstration may sit in completion/solution
+    "prompt_only": ("prompt",),                     # RL with user reward functions reading other columns
+    "preference": ("prompt", "chosen", "rejected"),
+    "unpaired": ("prompt", "completion", "label"),
+}
+ROLES = ("system", "user", "assistant", "tool")
+DEMONSTRATION_COLUMNS = ("completion", "solution")  # where hybrid methods find a worked answer
+
+
+def is_conversational(value: Any) -> bool:
+    """True for a list of {"role", "content"} messages (the TRL conversational form)."""
+    return isinstance(value, list) and len(value) > 0 and all(isinstance(m, dict) and "role" in m for m in value)
+
+
+def detect_format(rowset: RowSet, allowed: Sequence[str]) -> str:
+    """The first format in `allowed` whose required columns are all present in the first row."""
+    unknown = [f for f in allowed if f not in FORMATS]
+    if unknown:
+        raise ValueError(f"unknown dataset format(s) {unknown}; valid formats: {', '.join(FORMATS)}")
+    if not rowset.rows:
+        raise DataError(rowset.origin, None, None, "the dataset has no rows")
+    columns = set(rowset.rows[0])
+    for fmt in allowed:
+        if all(c in columns for c in FORMATS[fmt]):
+            return fmt
+    needs = "; ".join(f"{f}: {', '.join(FORMATS[f])}" for f in allowed)
+    raise DataError(rowset.origin, 1, None,
+                    f"no usable format: the columns found are {', '.join(sorted(columns)) or 'none'}, "
+                    f"but this stage needs the columns of one of the formats ({needs}). Rename your columns")
+
+
+def validate(rowset: RowSet, fmt: str) -> None:
+    """Check EVERY row of `rowset` against `fmt`; the first bad row raises DataError(origin, row, field, why)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown dataset format {fmt!r}; valid formats: {', '.join(FORMATS)}")
+    if not rowset.rows:
+        raise DataError(rowset.origin, None, None, "the dataset has no rows")
+    check = _CHECKS[fmt]
+    for i, row in enumerate(rowset.rows, start=1):
+        if not isinstance(row, dict):
+            raise DataError(rowset.origin, i, None, f"a row must be a dict of columns, got {type(row).__name__}")
+        for column in FORMATS[fmt]:
+            if column not in row or row[column] is None:
+                raise DataError(rowset.origin, i, column,
+                                f"missing (format {fmt!r} needs columns {', '.join(FORMATS[fmt])})")
+        try:
+            check(row)
+        except _Bad as bad:
+            raise DataError(rowset.origin, i, bad.field, bad.message) from None
+
+
+class _Bad(Exception):
+    def __init__(self, field: str, message: str):
+        self.field, self.message = field, message
+
+
+# ---------------------------------------------------------------- field checks
+
+def _check_messages(field: str, value: Any, *, need_assistant: bool) -> None:
+    if not isinstance(value, list) or not value:
+        raise _Bad(field, f"must be a non-empty list of {{'role', 'content'}} messages, got {_show(value)}")
+    for j, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise _Bad(field, f"message {j} must be a dict with 'role' and 'content', got {_show(m)}")
+        if m.get("role") not in ROLES:
+            raise _Bad(field, f"message {j} has role {m.get('role')!r}; valid roles: {', '.join(ROLES)}")
+        if not isinstance(m.get("content"), str):
+            raise _Bad(field, f"message {j} ({m['role']}) needs a string 'content', got {_show(m.get('content'))}")
+    if need_assistant and not any(m["role"] == "assistant" for m in value):
+        raise _Bad(field, "has no assistant message, so nothing would be trained on; add an assistant turn")
+
+
+def _check_text_or_messages(field: str, value: Any, *, need_assistant: bool, allow_empty: bool) -> None:
+    if isinstance(value, str):
+        if not allow_empty and not value.strip():
+            raise _Bad(field, "is an empty string")
+        return
+    if isinstance(value, list):
+        _check_messages(field, value, need_assistant=need_assistant)
+        return
+    raise _Bad(field, f"must be a string or a list of {{'role', 'content'}} messages, got {_show(value)}")
+
+
+def _check_prompt(row: dict) -> None:
+    _check_text_or_messages("prompt", row["prompt"], need_assistant=False, allow_empty=False)
+
+
+def _check_same_kind(row: dict, field: str) -> None:
+    """TRL style: a string prompt pairs with string responses, a conversation with message lists."""
+    if isinstance(row["prompt"], str) != isinstance(row[field], str):
+        kind = "a string" if isinstance(row["prompt"], str) else "a list of messages"
+        raise _Bad(field, f"must have the same form as the prompt ({kind}): either both strings or both message lists")
+
+
+def _check_response(row: dict, field: str) -> None:
+    _check_text_or_messages(field, row[field], need_assistant=True, allow_empty=True)
+    _check_same_kind(row, field)
+
+
+def _check_text(row: dict) -> None:
+    text = row["text"]
+    if not isinstance(text, str) or not text:
+        raise _Bad("text", f"must be a non-empty string, got {_show(text)}")
+
+
+def _check_messages_row(row: dict) -> None:
+    _check_messages("messages", row["messages"], need_assistant=True)
+
+
+def _check_prompt_completion(row: dict) -> None:
+    _check_prompt(row)
+    _check_response(row, "completion")
+
+
+def _check_prompt_answer(row: dict) -> None:
+    _check_prompt(row)
+    answer = row["answer"]
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+        raise _Bad("answer", f"must be a string or a number, got {_show(answer)}")
+    if isinstance(answer, str) and not answer.strip():
+        raise _Bad("answer", "is an empty string; every verifiable prompt needs a reference answer")
+    if isinstance(answer, float) and not math.isfinite(answer):
+        raise _Bad("answer", f"must be a finite number, got {answer}")
+    for column in DEMONSTRATION_COLUMNS:  # optional demonstration; None means "no demonstration for this row"
+        if row.get(column) is not None:
+            _check_response(row, column)
+
+
+def _check_preference(row: dict) -> None:
+    _check_prompt(row)
+    _check_response(row, "chosen")
+    _check_response(row, "rejected")
+    if row["chosen"] == row["rejected"]:
+        raise _Bad("rejected", "equals 'chosen', so the pair carries no preference; fix or drop the row")
+
+
+def _check_unpaired(row: dict) -> None:
+    _check_prompt_completion(row)
+    if not isinstance(row["label"], bool):
+        raise _Bad("label", f"must be true or false (desirable or not), got {_show(row['label'])}")
+
+
+_CHECKS = {
+    "text": _check_text,
+    "messages": _check_messages_row,
+    "prompt_completion": _check_prompt_completion,
+    "prompt_answer": _check_prompt_answer,
+    "prompt_only": _check_prompt,
+    "preference": _check_preference,
+    "unpaired": _check_unpaired,
+}
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60] + '...' if len(text) > 60 else text}"
