@@ -228,8 +228,10 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str, old_logp: Tensor 
     """Per-token KL estimate with delta = logp - ref_logp (research/algorithms.md §3.5), (N, T).
 
     k1 = delta;  k2 = delta^2 / 2;  k3 = exp(-delta) - 1 + delta (clamped to [-10, 10] like verl);
-    k3_ratio = sg(p / q) * k3, whose on-policy gradient coefficient is exactly delta (an unbiased grad KL(p||b)).
-    Gradient coefficients d/dlogp: k1 -> 1, k2 -> delta, k3 -> 1 - b/p.
+    k3_ratio = (p / q) * k3 with the ratio differentiable (as TRL's use_bias_correction_kl, which multiplies by
+    the differentiable coef_1): d/dlogp = r * (k3 + 1 - b/p), which at q = sg(p) is exactly delta, an unbiased
+    grad KL(p||b). A detached ratio would leave k3's coefficient 1 - b/p, i.e. grad KL(b||p).
+    Gradient coefficients d/dlogp: k1 -> 1, k2 -> delta, k3 -> 1 - b/p, k3_ratio (on-policy) -> delta.
     """
     delta = logp - ref_logp
     if estimator == "k1":
@@ -241,7 +243,7 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str, old_logp: Tensor 
         return k3
     if estimator == "k3_ratio":
         old = logp.detach() if old_logp is None else old_logp
-        return torch.exp(logp.detach() - old) * k3
+        return torch.exp(logp - old) * k3  # the ratio carries gradient: that is the whole point of the correction
     raise ValueError(f"unknown KL estimator {estimator!r}; choose one of {', '.join(KL_ESTIMATORS)}")
 
 
