@@ -1,0 +1,346 @@
+"""Typed, strict recipes: YAML -> validated objects, dotted overrides, preset defaults resolved in one place.
+
+A recipe names a model and one or more stages; each stage names a method (a preset) and may override
+its components (`clip.eps_high: 0.28`). Every config class forbids unknown keys: a typo is an error
+naming the key path and the closest valid key, raised before any model is loaded.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .objective.components import AGGREGATIONS, KL_ESTIMATORS, WEIGHTS
+from .objective.presets import ADVANTAGES, CLIPS, PRESETS, Preset, get_preset
+
+DATA_FORMATS = ("auto", "text", "messages", "prompt_completion", "prompt_answer", "prompt_only")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run. The message names the key path and what to do."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Strict):
+    """Where a stage's rows come from."""
+
+    path: Optional[str] = None  # JSONL / JSON / Parquet file, dataset directory, or hub id
+    task: Optional[str] = None  # a built-in task name (`posttrain tasks`), instead of `path`
+    split: str = "train"
+    format: Literal[DATA_FORMATS] = "auto"  # type: ignore[valid-type]
+    max_len: int = Field(1024, gt=0)  # longest tokenised demonstration / prompt kept
+    on_overlong: Literal["drop", "error"] = "drop"  # an over-long row is dropped and counted, or stops the run
+    limit: Optional[int] = Field(None, gt=0)  # use only the first `limit` rows
+    shuffle: bool = True
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataConfig":
+        if self.path is not None and self.task is not None:
+            raise ValueError("give either data.path or data.task, not both")
+        return self
+
+
+class RewardConfig(Strict):
+    fn: str  # builtin name (exact, numeric, math, format, or a task's reward) or "module:function"
+    weight: float = 1.0
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    name: Optional[str] = None
+
+
+class OptimConfig(Strict):
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    max_grad_norm: Optional[float] = Field(1.0, gt=0)  # None disables clipping
+
+
+class ScheduleConfig(Strict):
+    kind: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+
+
+class BatchConfig(Strict):
+    size: int = Field(8, gt=0)  # SFT: sequences per optimizer step; RL: prompts per rollout batch
+    micro_size: Optional[int] = Field(None, gt=0)  # sequences per forward/backward (gradient accumulation)
+
+
+class RolloutConfig(Strict):
+    group_size: int = Field(8, gt=0)  # completions sampled per prompt (G)
+    max_new_tokens: int = Field(256, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+
+
+class ClipConfig(Strict):
+    eps_low: Optional[float] = Field(None, ge=0, lt=1)
+    eps_high: Optional[float] = Field(None, ge=0)
+    eps_max: Optional[float] = Field(None, gt=0)  # CISPO truncation
+
+
+class KLConfig(Strict):
+    beta: Optional[float] = Field(None, ge=0)
+    estimator: Optional[Literal[KL_ESTIMATORS]] = None  # type: ignore[valid-type]
+    placement: Optional[Literal["loss", "reward"]] = None
+
+
+class EntropyConfig(Strict):
+    coef: Optional[float] = Field(None, ge=0)
+
+
+class AdvantageConfig(Strict):
+    kind: Optional[Literal[ADVANTAGES]] = None  # type: ignore[valid-type]
+    std_eps: Optional[float] = Field(None, gt=0)
+
+
+class DynamicSamplingConfig(Strict):
+    enabled: Optional[bool] = None
+    max_rounds: int = Field(4, gt=0)  # extra sampling rounds allowed to refill the batch with mixed groups
+
+
+class OverlongConfig(Strict):
+    mask_truncated: Optional[bool] = None
+    soft_penalty: Optional[bool] = None
+    cache: Optional[int] = Field(None, gt=0)  # soft-penalty ramp length; default 20% of max_new_tokens
+
+
+class StageConfig(Strict):
+    name: Optional[str] = None
+    method: str
+    data: DataConfig
+    rewards: list[RewardConfig] = Field(default_factory=list)
+    steps: int = Field(100, gt=0)  # optimizer steps
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    ppo_epochs: int = Field(1, gt=0)  # passes over each rollout batch
+    minibatches: int = Field(1, gt=0)  # optimizer steps per pass
+    weight: Optional[Literal[tuple(WEIGHTS)]] = None  # type: ignore[valid-type]
+    clip_level: Optional[Literal[CLIPS]] = None  # type: ignore[valid-type]
+    aggregation: Optional[Literal[AGGREGATIONS]] = None  # type: ignore[valid-type]
+    clip: ClipConfig = Field(default_factory=ClipConfig)
+    kl: KLConfig = Field(default_factory=KLConfig)
+    entropy: EntropyConfig = Field(default_factory=EntropyConfig)
+    advantage: AdvantageConfig = Field(default_factory=AdvantageConfig)
+    dynamic_sampling: DynamicSamplingConfig = Field(default_factory=DynamicSamplingConfig)
+    overlong: OverlongConfig = Field(default_factory=OverlongConfig)
+    reward_timeout_s: float = Field(30.0, gt=0)
+    log_every: int = Field(1, gt=0)
+
+    @field_validator("method")
+    @classmethod
+    def _method_known(cls, v: str) -> str:
+        get_preset(v)  # raises with the closest name and the valid choices
+        return v
+
+
+class EvalConfig(Strict):
+    task: str
+    splits: list[str] = Field(default_factory=lambda: ["id"])
+    n: int = Field(200, gt=0)
+    max_new_tokens: int = Field(64, gt=0)
+    samples: int = Field(0, ge=0)  # K samples per prompt for pass@K (0: greedy only)
+    temperature: float = Field(1.0, gt=0)
+
+
+class Recipe(Strict):
+    model: str  # builtin:tiny, a local model directory, or a hub id
+    seed: int = 0
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    stages: list[StageConfig] = Field(min_length=1)
+    eval: Optional[EvalConfig] = None
+
+
+# ------------------------------------------------------------------------------------------------
+# Resolution: one place where preset defaults meet user overrides.
+# ------------------------------------------------------------------------------------------------
+
+
+def resolve_stage(stage: StageConfig) -> StageConfig:
+    """Fill every None component field from the stage's preset; check the combination can run."""
+    p: Preset = get_preset(stage.method)
+    s = stage.model_copy(deep=True)
+    s.name = s.name or s.method
+    s.weight = s.weight or p.weight
+    s.clip_level = s.clip_level or p.clip
+    s.aggregation = s.aggregation or p.aggregation
+    _fill(s.clip, eps_low=p.eps_low, eps_high=p.eps_high, eps_max=p.eps_max)
+    _fill(s.kl, beta=p.kl_beta, estimator=p.kl_estimator, placement=p.kl_placement)
+    _fill(s.entropy, coef=p.entropy_coef)
+    _fill(s.advantage, kind=p.advantage, std_eps=p.std_eps)
+    _fill(s.dynamic_sampling, enabled=p.dynamic_sampling)
+    _fill(s.overlong, mask_truncated=p.mask_truncated, soft_penalty=p.overlong_penalty,
+          cache=max(1, s.rollout.max_new_tokens // 5))
+    _check_combination(s, p)
+    return s
+
+
+def _fill(section: BaseModel, **defaults: Any) -> None:
+    for key, value in defaults.items():
+        if getattr(section, key) is None:
+            setattr(section, key, value)
+
+
+def _check_combination(s: StageConfig, p: Preset) -> None:
+    where = f"stage {s.name!r}"
+    if p.data == "demonstrations":
+        if s.rewards:
+            raise RecipeError(f"{where}: method {s.method!r} trains on demonstrations and uses no rewards; "
+                              "remove `rewards` or choose an RL method (see `posttrain methods`)")
+        return
+    if not s.rewards:
+        raise RecipeError(f"{where}: method {s.method!r} samples rollouts and needs `rewards` "
+                          "(e.g. rewards: [{fn: math}] or a task's reward)")
+    if s.kl.placement == "loss" and s.kl.estimator == "k1" and s.kl.beta:
+        raise RecipeError(f"{where}: kl.estimator k1 in the loss has zero expected gradient (E_p[grad log p] = 0); "
+                          "use k2 or k3 in the loss, or kl.placement: reward for k1")
+    if s.kl.placement == "reward" and s.kl.estimator != "k1" and s.kl.beta:
+        raise RecipeError(f"{where}: a KL penalty in the reward uses the k1 estimator; set kl.estimator: k1")
+    group_based = s.advantage.kind in ("group_zscore", "group_center", "loo")
+    if group_based and s.rollout.group_size < 2:
+        raise RecipeError(f"{where}: advantage {s.advantage.kind!r} compares samples within a group; "
+                          f"rollout.group_size must be >= 2 (got {s.rollout.group_size})")
+    if s.dynamic_sampling.enabled and not group_based:
+        raise RecipeError(f"{where}: dynamic_sampling keeps groups of mixed outcome; it needs a group advantage")
+    updates = s.ppo_epochs * s.minibatches
+    if updates > 1 and s.weight == "one":
+        raise RecipeError(f"{where}: weight 'one' assumes the data come from the current policy, which stops being "
+                          f"true after the first of {updates} updates per rollout batch; use a ratio-weighted "
+                          "method (grpo, dr_grpo, dapo, ...) or ppo_epochs: 1, minibatches: 1")
+    if s.minibatches > s.batch.size * s.rollout.group_size:
+        raise RecipeError(f"{where}: minibatches ({s.minibatches}) exceeds the sequences per rollout batch")
+    if s.clip.eps_high is not None and s.clip.eps_low is not None and s.clip_level != "none" \
+            and s.clip.eps_low + s.clip.eps_high <= 0:
+        raise RecipeError(f"{where}: clip eps_low + eps_high must be > 0")
+
+
+def resolve(recipe: Recipe) -> Recipe:
+    r = recipe.model_copy(deep=True)
+    r.stages = [resolve_stage(s) for s in r.stages]
+    names = [s.name for s in r.stages]
+    if len(set(names)) != len(names):
+        raise RecipeError(f"stage names must be unique, got {names}; set `name:` on each stage")
+    return r
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading, overrides, and errors that name the key path and the closest valid key.
+# ------------------------------------------------------------------------------------------------
+
+
+def apply_overrides(data: dict, overrides: list[str] | dict[str, Any]) -> dict:
+    """Apply dotted overrides: ["stages.0.clip.eps_high=0.28", "model=builtin:tiny"] (values parsed as YAML)."""
+    items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides]
+    for path, value in items:
+        keys = path.split(".")
+        node: Any = data
+        for i, key in enumerate(keys[:-1]):
+            nxt = keys[i + 1]
+            if isinstance(node, list):
+                node = node[_index(node, key, path)]
+            else:
+                node = node.setdefault(key, [] if nxt.isdigit() else {})
+        last = keys[-1]
+        if isinstance(node, list):
+            node[_index(node, last, path)] = value
+        else:
+            node[last] = value
+    return data
+
+
+def _split_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise RecipeError(f"override {text!r} is not key.path=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def _index(node: list, key: str, path: str) -> int:
+    if not key.isdigit() or int(key) >= len(node):
+        raise RecipeError(f"override {path!r}: {key!r} is not an index of a list of {len(node)}")
+    return int(key)
+
+
+def load_recipe(source: str | Path | dict | Recipe, overrides: list[str] | dict[str, Any] | None = None) -> Recipe:
+    """Load, override, validate and resolve a recipe from a YAML path, a dict, or a Recipe."""
+    if isinstance(source, Recipe):
+        data = source.model_dump(mode="json", exclude_none=True)
+        origin = "<recipe>"
+    elif isinstance(source, dict):
+        data, origin = dict(source), "<dict>"
+    else:
+        origin = str(source)
+        path = Path(source)
+        if not path.is_file():
+            raise RecipeError(f"recipe file {origin} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise RecipeError(f"{origin}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise RecipeError(f"{origin}: a recipe is a mapping with keys {', '.join(Recipe.model_fields)}")
+    if overrides:
+        import copy
+
+        data = apply_overrides(copy.deepcopy(data), overrides)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(f"{origin}: invalid recipe\n" + explain(e, data)) from None
+    return resolve(recipe)
+
+
+def explain(err: ValidationError, data: dict) -> str:
+    lines = []
+    for item in err.errors():
+        loc = [str(x) for x in item["loc"]]
+        path = ".".join(loc)
+        if item["type"] == "extra_forbidden":
+            valid = _valid_keys(loc[:-1], data)
+            close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
+            hint = f"; did you mean {'.'.join(loc[:-1] + [close[0]])!r}?" if close else ""
+            lines.append(f"  {path}: unknown key{hint} (valid keys here: {', '.join(valid)})")
+        else:
+            msg = item["msg"]
+            if "did you mean" not in msg and "choose one of" not in msg:
+                msg = f"{msg} (got {item.get('input')!r})"
+            lines.append(f"  {path}: {msg}")
+    return "\n".join(lines)
+
+
+def _valid_keys(loc: list[str], data: dict) -> list[str]:
+    """The field names of the config class at `loc` (e.g. ['stages', '0', 'clip'] -> ClipConfig fields)."""
+    model: type[BaseModel] = Recipe
+    for key in loc:
+        if key.isdigit():
+            continue
+        field = model.model_fields.get(key)
+        if field is None:
+            return []
+        ann = field.annotation
+        for cand in (ann, *getattr(ann, "__args__", ())):
+            inner = getattr(cand, "__args__", (cand,))
+            found = [c for c in (cand, *inner) if isinstance(c, type) and issubclass(c, BaseModel)]
+            if found:
+                model = found[0]
+                break
+        else:
+            return []
+    return list(model.model_fields)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def method_table() -> list[dict]:
+    return [p.table_row() for p in PRESETS.values()]

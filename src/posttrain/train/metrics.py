@@ -1,0 +1,102 @@
+"""Where per-step metrics go: metrics.jsonl, TensorBoard, and a progress line for humans.
+
+Sinks are null objects when not wanted (`NullSink`), so the loop never branches on logging flags.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("posttrain")
+
+
+class NullSink:
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class JsonlSink(NullSink):
+    """One JSON object per line; flushed every write so a crash loses nothing already logged."""
+
+    def __init__(self, path: Path):
+        self.f = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self.f.write(json.dumps(clean) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class TensorBoardSink(NullSink):
+    def __init__(self, logdir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.w = SummaryWriter(str(logdir))
+
+    def write(self, record: dict) -> None:
+        step = record.get("global_step", record.get("step", 0))
+        stage = record.get("stage", "")
+        for k, v in record.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "global_step"):
+                self.w.add_scalar(f"{stage}/{k}" if stage else k, v, step)
+
+    def close(self) -> None:
+        self.w.close()
+
+
+class Progress(NullSink):
+    """tqdm bar with live loss/reward and ETA on a TTY; plain log lines every `every` steps otherwise."""
+
+    KEYS = ("loss", "reward_mean", "accuracy", "grad_norm", "lr")
+
+    def __init__(self, total: int, desc: str, every: int = 1, tty: bool | None = None):
+        self.tty = sys.stderr.isatty() if tty is None else tty
+        self.total, self.desc, self.every = total, desc, every
+        self.t0 = time.perf_counter()
+        self.bar = None
+        if self.tty:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, dynamic_ncols=True, leave=True)
+
+    def _summary(self, record: dict) -> str:
+        return " ".join(f"{k}={record[k]:.4g}" for k in self.KEYS if isinstance(record.get(k), (int, float)))
+
+    def write(self, record: dict) -> None:
+        step = record["step"]
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix_str(self._summary(record))
+            return
+        if step % self.every == 0 or step == self.total:
+            elapsed = time.perf_counter() - self.t0
+            eta = elapsed / max(step, 1) * (self.total - step)
+            log.info("[%s] step %d/%d %s elapsed %.0fs eta %.0fs", self.desc, step, self.total,
+                     self._summary(record), elapsed, eta)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class Sinks(NullSink):
+    def __init__(self, *sinks: NullSink):
+        self.sinks = list(sinks)
+
+    def write(self, record: dict) -> None:
+        for s in self.sinks:
+            s.write(record)
+
+    def close(self) -> None:
+        for s in self.sinks:
+            s.close()
