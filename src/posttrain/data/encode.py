@@ -89,8 +89,11 @@ def _prefix_len(tokenizer, prefix: list[dict], full_text: str, full_ids: list[in
                                 "rewrite earlier turns?), so the assistant tokens cannot be located")
     ids = _ids(tokenizer, text)
     if full_ids[: len(ids)] != ids:
-        raise EncodeError(None, f"tokens merge across the boundary after message {len(prefix)}: the prefix's "
-                                "tokens are not a prefix of the conversation's tokens, so the mask would be wrong")
+        raise EncodeError(None, f"tokens merge across the boundary after message {len(prefix)} "
+                                f"(...{text[-20:]!r} | {full_text[len(text):len(text) + 20]!r}...): the prefix's "
+                                "tokens are not a prefix of the conversation's tokens, so the mask would be wrong. "
+                                "Make the template end each turn header with a newline or a special token, "
+                                "and do not start message contents with whitespace")
     return len(ids)
 
 
