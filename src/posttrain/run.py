@@ -20,7 +20,6 @@ from .data.loading import RowSet
 from .models import choose_dtype, load_policy, pick_device, save_pretrained, stop_token_ids
 from .objective.presets import get_preset
 from .recipe import Recipe, RecipeError, dump_recipe, load_recipe
-from .rewards import RewardScorer, RewardSpec
 from .train.loop import new_state, run_stage
 from .train.metrics import JsonlSink, Progress, Sinks, TensorBoardSink
 from .train.rollouts import RolloutMaker
@@ -165,7 +164,9 @@ class Run:
         validate(rowset, fmt)
         return rowset, fmt
 
-    def _scorer(self, stage) -> RewardScorer:
+    def _scorer(self, stage):
+        from .rewards import RewardScorer, RewardSpec
+
         specs = []
         for r in stage.rewards:
             fn: Any = r.fn

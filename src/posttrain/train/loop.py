@@ -113,7 +113,7 @@ def run_stage(state: TrainState, stage, *, examples=None, rows=None, maker=None,
     rl = preset.data == "rollouts"
     spec = ObjectiveSpec.from_stage(
         stage, max_len=stage.rollout.max_new_tokens if rl else stage.data.max_len,
-        temperature=stage.rollout.temperature if rl else 1.0)
+        temperature=stage.rollout.temperature if rl else 1.0, log_entropy=rl)
     last: dict = {}
     t_start = time.perf_counter()
     while state.step < total:

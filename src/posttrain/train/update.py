@@ -32,23 +32,25 @@ class ObjectiveSpec:
     entropy_coef: float
     max_len: int  # L_max of CONST aggregation
     temperature: float  # logits are scaled like the sampler's (1 for demonstrations)
+    with_entropy: bool  # compute per-token entropy (bonus, or logged for RL)
 
     @classmethod
-    def from_stage(cls, s, *, max_len: int, temperature: float) -> "ObjectiveSpec":
+    def from_stage(cls, s, *, max_len: int, temperature: float, log_entropy: bool = False) -> "ObjectiveSpec":
         return cls(
             weight=s.weight, clip=s.clip_level, aggregation=s.aggregation, eps_low=s.clip.eps_low,
             eps_high=s.clip.eps_high, eps_max=s.clip.eps_max, gamma=0.1,
             kl_beta_loss=s.kl.beta if s.kl.placement == "loss" else 0.0, kl_estimator=s.kl.estimator,
             entropy_coef=s.entropy.coef, max_len=max_len, temperature=temperature,
+            with_entropy=s.entropy.coef > 0 or log_entropy,
         )
 
 
 STAT_KEYS = ("loss", "pg_loss", "kl", "entropy", "clipped", "ratio_sum", "tokens", "mismatch_sum")
 
 
-def optimizer_step(model, optimizer, scheduler, batch: Batch, spec: ObjectiveSpec, *, micro_size: int,
-                   max_grad_norm: float | None, device) -> dict[str, float]:
-    """Accumulate the estimator's gradient over micro-batches of `batch`, then take one optimizer step."""
+def accumulate_gradients(model, batch: Batch, spec: ObjectiveSpec, *, micro_size: int, device) -> torch.Tensor:
+    """Backpropagate the estimator over micro-batches of `batch` into `.grad`; returns summed diagnostics
+    (a tensor ordered as STAT_KEYS, still on the device: no sync here)."""
     num_tokens = float(batch.loss_mask.sum())
     num_seqs = float((batch.loss_mask.sum(1) > 0).sum())
     acc = torch.zeros(len(STAT_KEYS), dtype=torch.float64, device=device)
@@ -57,7 +59,7 @@ def optimizer_step(model, optimizer, scheduler, batch: Batch, spec: ObjectiveSpe
         mb = batch.select(slice(start, start + micro_size)).to(device)
         # ---- forward / backward -------------------------------------------------------------------
         logp, entropy = token_logprobs(model, mb.input_ids, mb.attention_mask, temperature=spec.temperature,
-                                       with_entropy=spec.entropy_coef > 0)
+                                       with_entropy=spec.with_entropy)
         logp = logp.float()  # the estimator's math runs in fp32 even when the model is bf16
         W = aggregation_weights(mb.loss_mask, spec.aggregation, num_tokens=num_tokens, num_seqs=num_seqs,
                                 max_len=spec.max_len)
@@ -72,8 +74,15 @@ def optimizer_step(model, optimizer, scheduler, batch: Batch, spec: ObjectiveSpe
         with torch.no_grad():
             mism = ((logp.detach() - mb.sampler_logp).abs() * mb.loss_mask).sum() if mb.sampler_logp is not None \
                 else torch.zeros((), device=device)
-            acc += torch.stack([terms.loss.detach(), terms.pg_value, terms.kl, terms.entropy, terms.clipped,
+            acc += torch.stack([terms.loss.detach(), terms.pg_value, terms.kl, terms.entropy, terms.clipped_tokens,
                                 terms.ratio_sum, mb.loss_mask.sum(), mism]).to(acc)
+    return acc
+
+
+def optimizer_step(model, optimizer, scheduler, batch: Batch, spec: ObjectiveSpec, *, micro_size: int,
+                   max_grad_norm: float | None, device) -> dict[str, float]:
+    """Accumulate the estimator's gradient over micro-batches of `batch`, then take one optimizer step."""
+    acc = accumulate_gradients(model, batch, spec, micro_size=micro_size, device=device)
     params = [p for p in model.parameters() if p.requires_grad]
     if max_grad_norm is not None:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
@@ -86,11 +95,12 @@ def optimizer_step(model, optimizer, scheduler, batch: Batch, spec: ObjectiveSpe
     values = torch.cat([acc, grad_norm.detach().reshape(1).to(acc)]).tolist()  # the one sync of the step
     stats = dict(zip(STAT_KEYS + ("grad_norm",), values))
     tokens = max(stats.pop("tokens"), 1.0)
-    out = {"loss": stats["loss"], "pg_loss": stats["pg_loss"], "lr": lr, "grad_norm": stats["grad_norm"],
-           "clipfrac": stats["clipped"] / tokens, "ratio_mean": stats["ratio_sum"] / tokens}
+    out = {"loss": stats["loss"], "pg_loss": stats["pg_loss"], "lr": lr, "grad_norm": stats["grad_norm"]}
+    if spec.clip != "none" or spec.weight != "one":
+        out.update(clipfrac=stats["clipped"] / tokens, ratio_mean=stats["ratio_sum"] / tokens)
     if spec.kl_beta_loss:
         out["kl"] = stats["kl"]
-    if spec.entropy_coef > 0:
+    if spec.with_entropy:
         out["entropy"] = stats["entropy"]
     if batch.sampler_logp is not None:
         out["sampler_mismatch"] = stats["mismatch_sum"] / tokens
