@@ -60,7 +60,8 @@ def advantage_group_zscore(rewards: Tensor, *, std_eps: float = 1e-4, bessel: bo
 def advantage_loo(rewards: Tensor) -> Tensor:
     """A_i = R_i - mean_{j != i} R_j = (G/(G-1)) (R_i - mean_G R) (RLOO). Needs >= 2 valid samples per group."""
     valid, count, mean = _group_stats(rewards)
-    scale = count / (count - 1).clamp(min=1)
+    n = count.to(rewards.dtype)  # int / int would divide in float32 and round G/(G-1) even for float64 rewards
+    scale = n / (n - 1).clamp(min=1)
     adv = torch.where(valid, (rewards - mean) * scale, torch.zeros_like(rewards))
     return torch.where(count > 1, adv, torch.zeros_like(adv))
 
