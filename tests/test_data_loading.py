@@ -74,6 +74,8 @@ def test_directory_without_split_names_concatenates_all_files(tmp_path):
     write_jsonl(tmp_path / "part1.jsonl", ROWS[:1])
     write_jsonl(tmp_path / "part2.jsonl", ROWS[1:])
     (tmp_path / "README.md").write_text("not data")
+    (tmp_path / "dataset_infos.json").write_text('{"default": {"description": "metadata, not rows"}}')
+    write_jsonl(tmp_path / ".cache" / "stale.jsonl", ROWS)
     rs = load_rows(tmp_path)
     assert rs.rows == ROWS and rs.origin == str(tmp_path)
 
@@ -83,6 +85,8 @@ def test_in_memory_list_and_dataset():
     assert rs.rows == ROWS and rs.origin == "<in-memory>"
     datasets = pytest.importorskip("datasets")
     assert load_rows(datasets.Dataset.from_list(ROWS)).rows == ROWS
+    dd = datasets.DatasetDict(train=datasets.Dataset.from_list(ROWS), test=datasets.Dataset.from_list(ROWS[1:]))
+    assert load_rows(dd, split="test").rows == ROWS[1:]
     with pytest.raises(DataError, match=r"in-memory dataset, row 2: each row must be a dict"):
         load_rows([ROWS[0], "oops"])
 

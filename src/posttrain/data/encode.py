@@ -13,14 +13,11 @@ silently wrong mask.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any
 
 from posttrain.data.formats import DEMONSTRATION_COLUMNS, is_conversational
 from posttrain.data.loading import DataError, RowSet
-
-log = logging.getLogger("posttrain")
 
 SFT_FORMATS = ("text", "messages", "prompt_completion", "prompt_answer", "unpaired")
 OVERLONG_POLICIES = ("drop", "error")
@@ -166,6 +163,7 @@ def encode_dataset(rowset: RowSet, fmt: str, tokenizer, *, max_len: int,
     """Encode every row; rows longer than `max_len` tokens are dropped (1-based row numbers returned) or an error.
 
     Nothing is ever truncated: a cut-off target teaches the model to stop mid-answer, or never to stop.
+    The caller reports the dropped rows (it knows the stage); dropping every row is an error here.
     """
     if on_overlong not in OVERLONG_POLICIES:
         raise ValueError(f"on_overlong must be one of {', '.join(OVERLONG_POLICIES)}, got {on_overlong!r}")
@@ -182,9 +180,6 @@ def encode_dataset(rowset: RowSet, fmt: str, tokenizer, *, max_len: int,
             dropped.append(i)
             continue
         encoded.append(enc)
-    if dropped:
-        log.warning("%s: dropped %d of %d rows longer than max_len=%d (first: row %d)",
-                    rowset.origin, len(dropped), len(rowset.rows), max_len, dropped[0])
     if rowset.rows and not encoded:
         raise DataError(rowset.origin, None, None, f"every row is longer than max_len={max_len}; raise max_len")
     return encoded, dropped

@@ -118,7 +118,8 @@ def _read_text(path: Path) -> str:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise DataError(str(path), None, None, f"line {line} is not valid UTF-8 ({e.reason}); re-save the file as UTF-8") from e
+        raise DataError(str(path), None, None,
+                        f"line {line} is not valid UTF-8 ({e.reason}); re-save the file as UTF-8") from e
 
 
 def _read_jsonl(path: Path, text: str | None = None) -> list[dict]:
@@ -154,7 +155,8 @@ def _read_json(path: Path) -> list[dict]:
         raise DataError(str(path), None, None, f"expected a JSON array of objects, got a JSON {type(data).__name__}")
     for i, row in enumerate(data, start=1):
         if not isinstance(row, dict):
-            raise DataError(str(path), i, None, f"array element is a JSON {type(row).__name__}, not an object of columns")
+            raise DataError(str(path), i, None,
+                            f"array element is a JSON {type(row).__name__}, not an object of columns")
     return data
 
 
@@ -190,7 +192,10 @@ def _split_of(file: Path, root: Path) -> str | None:
 
 
 def _split_files(root: Path, split: str) -> list[Path]:
-    """Data files of `split` under `root`, sorted; all files when none is named after a split."""
+    """Data files of `split` under `root`, sorted; all files when none is named after a split.
+
+    When some files are named after splits, only the files of `split` are read (others are ignored).
+    """
     files = sorted(p for p in root.rglob("*")
                    if p.is_file() and p.suffix.lower() in DATA_SUFFIXES and not _hidden(p, root))
     if not files:
@@ -207,9 +212,13 @@ def _split_files(root: Path, split: str) -> list[Path]:
     return chosen
 
 
+# JSON files that describe a dataset rather than hold its rows (hub repos and `datasets` write them).
+METADATA_FILES = ("dataset_info.json", "dataset_infos.json", "dataset_dict.json", "state.json")
+
+
 def _hidden(p: Path, root: Path) -> bool:
-    # Skips `.cache/` and friends that `datasets` and editors leave beside data files.
-    return any(part.startswith(".") for part in p.relative_to(root).parts)
+    # Skips `.cache/` and friends that `datasets` and editors leave beside data files, and metadata.
+    return p.name in METADATA_FILES or any(part.startswith(".") for part in p.relative_to(root).parts)
 
 
 # ---------------------------------------------------------------- hub cache (offline)
