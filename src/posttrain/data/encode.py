@@ -1,7 +1,7 @@
 """Rows -> token ids and loss masks, for SFT targets and RL prompts.
 
 One rule runs through the file: a mask is computed from positions (where each part starts and ends),
-never from token values, so pad == eos cannot hide the eos a model must learn to stop on.
+never from `id == pad`, so pad == eos cannot hide the eos a model must learn to stop on.
 
 Conversations are masked by rendering the chat template on growing prefixes of the conversation and
 diffing the token counts: the supervised span of assistant turn k starts where
