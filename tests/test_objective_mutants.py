@@ -144,7 +144,7 @@ MUTANTS: dict[str, tuple[str, Callable, tuple[str, ...]]] = {
     "clip_eps_swapped": ("clip_mask", clip_eps_swapped, ("o1[dapo]", "o6")),
     "seq_normalised_as_tok": ("aggregation_weights", agg_seq_as_tok, ("o5[seq]", "o1[grpo]")),
     "const_uses_padded_width": ("aggregation_weights", agg_const_padded_width, ("o1[dr_grpo]", "acc[sft/const]")),
-    "tok_counts_microbatch_tokens": ("aggregation_weights", agg_tok_microbatch_count, ("acc[sft/tok]", "acc[grpo/tok]")),
+    "tok_counts_microbatch_tokens": ("aggregation_weights", agg_tok_microbatch_count, ("acc[sft/tok]",)),
     "zscore_without_eps": ("advantage_group_zscore", zscore_without_eps, ("o8", "o1[grpo]")),
     "zscore_population_std": ("advantage_group_zscore", zscore_population_std, ("o8", "o1[grpo]")),
     "group_center_is_raw_reward": ("advantage_group_center", center_is_raw, ("o8", "o1[dr_grpo]")),

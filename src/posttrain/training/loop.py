@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -154,7 +155,9 @@ def _updates(state: TrainState, stage, spec: ObjectiveSpec, batch: Batch | None,
         # Nothing to learn from (every group filtered or failed): the step still counts, with no update,
         # so a run cannot spin forever; the record says so.
         state.step += 1
-        state.scheduler.step()
+        with warnings.catch_warnings():  # the schedule advances with the step count, update or not
+            warnings.simplefilter("ignore", UserWarning)
+            state.scheduler.step()
         yield {"step": state.step, "skipped": 1, "lr": state.optimizer.param_groups[0]["lr"]}
         return
     micro = stage.batch.micro_size or batch.size

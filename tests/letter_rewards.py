@@ -1,0 +1,21 @@
+"""Reward functions for the end-to-end tests (TRL signature), importable by reference from a worker."""
+
+
+def letter_a(prompts, completions, **kwargs):
+    """Share of the completion's characters that are the letter A: a dense signal a random model can climb."""
+    out = []
+    for c in completions:
+        text = c if isinstance(c, str) else c[-1]["content"]
+        out.append(text.count("A") / max(len(text), 1))
+    return out
+
+
+def answer_is_a(prompts, completions, answer, **kwargs):
+    """1 when the completion starts with the row's `answer` column (checks dataset columns arrive)."""
+    return [float((c if isinstance(c, str) else c[-1]["content"]).strip().startswith(a)) for c, a in
+            zip(completions, answer)]
+
+
+def varied(prompts, completions, **kwargs):
+    """Distinct characters / 10: varies within every group, so no group is filtered as degenerate."""
+    return [len(set(c if isinstance(c, str) else c[-1]["content"])) / 10 for c in completions]
