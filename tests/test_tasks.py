@@ -1,0 +1,204 @@
+"""The built-in `arith` task: verifiers, the step metric, split disjointness, determinism, corpus recipe."""
+import pytest
+
+from posttrain.tasks import TASKS, Task, get_task, pretraining_corpus
+from posttrain.tasks.arith import (CorpusMix, Problem, bucket, chatml, correct_reward, extract_answer,
+                                   format_reward, parse_problem, steps_reward)
+
+PROMPT = [{"role": "user", "content": "What is 23 + 45 - 17?"}]  # 23 + 45 = 68, 68 - 17 = 51
+WORKED = "23 + 45 = 68\n68 - 17 = 51\n#### 51"
+PINNED_BUCKETS = [22, 50, 46]
+
+
+@pytest.fixture(scope="module")
+def task() -> Task:
+    return get_task("arith")
+
+
+def _reward(fn, completions, answer="51"):
+    return fn([PROMPT] * len(completions), completions, answer=[answer] * len(completions))
+
+
+# ------------------------------------------------------------------ verifier
+
+@pytest.mark.parametrize("completion, expected", [
+    (WORKED, 1.0),
+    ("#### 51", 1.0),
+    ("51", 1.0),                              # bare number
+    ("The answer is 51.", 1.0),               # last number, sentence punctuation
+    ("####51", 1.0),
+    ("#### 51.0", 1.0),                       # numerically equal
+    ("23 + 45 = 68, then 68 - 17 = 51.", 1.0),
+    ("#### 51\n#### 52", 0.0),                # the last mark counts
+    ("#### 52\nThe answer is 51", 0.0),       # a mark beats a later unmarked number
+    ("#### 50", 0.0),                         # near misses
+    ("#### 511", 0.0),
+    ("#### 5", 0.0),
+    ("#### -51", 0.0),
+    ("The answer is 510.", 0.0),
+    ("####", 0.0),                            # malformed: a mark without a number
+    ("#### fifty-one", 0.0),
+    ("", 0.0),
+    ("no idea", 0.0),
+])
+def test_correct_reward_reads_the_marked_answer_or_the_last_number(completion, expected):
+    assert _reward(correct_reward, [completion]) == [expected]
+
+
+def test_rewards_accept_chat_completions_and_read_the_last_message():
+    chat = [{"role": "assistant", "content": "thinking"}, {"role": "assistant", "content": WORKED}]
+    assert _reward(correct_reward, [chat]) == [1.0]
+    assert _reward(format_reward, [chat]) == [1.0]
+    assert _reward(steps_reward, [chat]) == [1.0]
+    assert steps_reward(["What is 23 + 45 - 17?"], [WORKED]) == [1.0]  # string prompt
+
+
+def test_correct_reward_without_answers_says_which_column_is_missing():
+    with pytest.raises(ValueError, match="answer"):
+        correct_reward([PROMPT], [WORKED])
+
+
+def test_extract_answer_returns_none_without_any_number():
+    assert extract_answer("I do not know") is None
+    assert extract_answer("12, 13 and finally 14") == "14"
+
+
+@pytest.mark.parametrize("completion, expected", [
+    (WORKED, 1.0),
+    ("  23 + 45 = 68\n68 - 17 = 51\n#### 51\n", 1.0),  # surrounding whitespace is fine
+    ("23 + 45 = 99\n99 - 17 = 11\n#### 11", 1.0),     # format only: wrong working still has the shape
+    ("#### 51", 0.0),                                 # no steps
+    ("23 + 45 = 68\n68 - 17 = 51", 0.0),              # no mark
+    ("23 + 45 = 68, then 68 - 17 = 51.\n#### 51", 0.0),
+    ("23 + 45 = 68\n68 - 17 = 51\n#### 51\nThe answer is 51.", 0.0),  # trailing text
+    ("The answer is 51.", 0.0),
+])
+def test_format_reward_requires_step_lines_then_a_marked_answer(completion, expected):
+    assert _reward(format_reward, [completion]) == [expected]
+
+
+# ------------------------------------------------------------------ step metric
+
+@pytest.mark.parametrize("completion, expected", [
+    (WORKED, 1.0),
+    ("23 + 45 = 68, then 68 - 17 = 51.", 1.0),       # inline working counts
+    ("23 + 45 = 68\n#### 51", 0.5),                   # one of two steps
+    ("23 + 45 = 69\n69 - 17 = 52\n#### 52", 0.5),     # first slip charged once: step 2 chains and is right
+    ("23 + 45 = 69\n68 - 17 = 51\n#### 51", 0.0),     # step 2 does not chain from what was written
+    ("45 + 23 = 68\n68 - 17 = 51\n#### 51", 0.5),     # operands out of order
+    ("23 + 45 = 68\n68 + 17 = 85\n#### 85", 0.5),     # wrong operator
+    ("23 + 45 = 68\n68 - 17 = 51\n51 + 0 = 51\n#### 51", 2 / 3),  # an extra step counts against
+    ("23 + 45 - 17 = 51", 0.0),                       # no working
+    ("#### 51", 0.0),
+    ("51", 0.0),
+])
+def test_steps_reward_scores_the_share_of_chained_correct_steps(completion, expected):
+    assert _reward(steps_reward, [completion]) == [pytest.approx(expected)]
+
+
+def test_answer_only_reward_pays_for_wrong_working_but_steps_reward_does_not():
+    lucky = "23 + 45 = 70\n70 - 17 = 51\n#### 51"  # two wrong steps, the right final answer
+    assert _reward(correct_reward, [lucky]) == [1.0]
+    assert _reward(steps_reward, [lucky]) == [0.0]
+
+
+def test_steps_reward_rejects_a_prompt_without_arithmetic():
+    with pytest.raises(ValueError, match="no arithmetic expression"):
+        steps_reward(["Tell me a story."], ["Once"])
+
+
+def test_problem_worked_solution_and_parse_round_trip():
+    p = Problem((23, 45, 17), ("+", "-"))
+    assert p.totals == (68, 51) and p.answer == 51
+    assert p.worked() == WORKED
+    assert parse_problem(p.question) == p
+
+
+# ------------------------------------------------------------------ splits
+
+def test_registry_and_unknown_names_list_the_choices(task):
+    assert "arith" in TASKS and task.primary == "correct" and task.primary in task.rewards
+    assert set(task.rewards) == {"correct", "format", "steps"}
+    with pytest.raises(ValueError, match="available tasks: arith"):
+        get_task("nope")
+    with pytest.raises(ValueError, match="valid splits: train, dev, id, ood, plain"):
+        task.rows("test")
+
+
+def test_default_split_sizes(task):
+    sizes = {s: len(task.rows(s)) for s in task.splits}
+    assert sizes == {"train": 2000, "dev": 200, "id": 500, "ood": 300, "plain": 200}
+    assert len(task.rows("id", n=7, seed=3)) == 7
+
+
+def test_splits_are_disjoint_by_question_across_seeds(task):
+    questions = {s: {r["prompt"][0]["content"] for seed in (0, 1) for r in task.rows(s, seed=seed)}
+                 for s in ("train", "dev", "id", "ood")}
+    for a in questions:
+        for b in questions:
+            if a < b:
+                assert not questions[a] & questions[b], (a, b)
+    assert len(questions["id"]) > 500  # seeds draw different rows, still inside the split
+
+
+def test_rows_are_deterministic_and_seed_dependent(task):
+    for split in task.splits:
+        assert task.rows(split, n=20, seed=5) == task.rows(split, n=20, seed=5)
+        assert task.rows(split, n=20, seed=5) != task.rows(split, n=20, seed=6)
+
+
+def test_rows_use_ecosystem_columns_and_demos_pass_every_reward(task):
+    rows = task.rows("id", n=50) + task.rows("ood", n=50)
+    for row in rows:
+        assert set(row) == {"id", "prompt", "answer", "completion", "messages"}
+        assert row["messages"] == row["prompt"] + row["completion"]
+    prompts, completions = [r["prompt"] for r in rows], [r["completion"] for r in rows]
+    answers = [r["answer"] for r in rows]
+    for name, fn in task.rewards.items():
+        assert fn(prompts, completions, answer=answers) == [1.0] * len(rows), name
+    assert {len(r["prompt"][0]["content"].split()) for r in task.rows("ood", n=20)} == {9}  # 4 operands
+
+
+def test_ids_are_unique_and_plain_rows_are_text(task):
+    ids = [r["id"] for s in task.splits for r in task.rows(s)]
+    assert len(ids) == len(set(ids))
+    plain = task.rows("plain")
+    assert all(set(r) == {"id", "text"} and r["text"].endswith(".") for r in plain)
+
+
+# ------------------------------------------------------------------ pretraining corpus
+
+def _question(chat_text: str) -> str:
+    return chat_text.split("user\n", 1)[1].split("<|im_end|>", 1)[0]
+
+
+def test_corpus_holds_no_held_out_question_or_paragraph(task):
+    corpus = {r["text"] for r in pretraining_corpus("arith", 3000, seed=0)}
+    asked = {_question(t) for t in corpus if t.startswith("<|im_start|>user")}
+    held_out = {r["prompt"][0]["content"] for s in ("dev", "id", "ood") for r in task.rows(s)}
+    assert len(asked) > 1000 and not asked & held_out
+    assert not corpus & {r["text"] for r in task.rows("plain")}
+
+
+def test_corpus_mix_follows_the_recipe():
+    corpus = [r["text"] for r in pretraining_corpus("arith", 4000, seed=1)]
+    chat = [t for t in corpus if t.startswith("<|im_start|>user\n")]
+    mix = CorpusMix()
+    assert abs(len(chat) / len(corpus) - mix.chat) < 0.03
+    worked = sum("\n#### " in t for t in chat) / len(chat)
+    assert abs(worked - dict(mix.styles)["worked"]) < 0.03  # the task's format is a small minority
+    ood = sum(len(_question(t).split()) == 9 for t in chat) / len(chat)  # "What is a + b - c + d?"
+    assert abs(ood - mix.ood) < 0.02  # the ood axis is present, but rare
+    assert pretraining_corpus("arith", 50, seed=1) == pretraining_corpus("arith", 50, seed=1)
+    assert pretraining_corpus("arith", 50, seed=1) != pretraining_corpus("arith", 50, seed=2)
+
+
+def test_chatml_matches_the_tokenizer_chat_template(tokenizer):
+    messages = [{"role": "user", "content": "What is 1 + 2?"}, {"role": "assistant", "content": "3"}]
+    assert chatml("What is 1 + 2?", "3") == tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+def test_bucket_is_stable_across_processes():
+    # pinned values: a salted hash() would change them on every interpreter start
+    assert [bucket(s) for s in ("What is 23 + 45 - 17?", "a", "b")] == PINNED_BUCKETS
+    assert {bucket(str(i)) for i in range(2000)} == set(range(100))
