@@ -216,6 +216,9 @@ def _check_combination(s: StageConfig, p: Preset) -> None:
         raise RecipeError(f"{where}: weight 'one' assumes the data come from the current policy, which stops being "
                           f"true after the first of {updates} updates per rollout batch; use a ratio-weighted "
                           "method (grpo, dr_grpo, dapo, ...) or ppo_epochs: 1, minibatches: 1")
+    if (s.weight, s.clip_level) in (("ratio", "sequence"), ("seq_ratio", "token")):
+        raise RecipeError(f"{where}: weight {s.weight!r} with clip_level {s.clip_level!r} mixes token and sequence "
+                          "ratios; use weight ratio + clip_level token, or seq_ratio + sequence")
     if s.minibatches > s.batch.size * s.rollout.group_size:
         raise RecipeError(f"{where}: minibatches ({s.minibatches}) exceeds the sequences per rollout batch")
     if s.clip.eps_high is not None and s.clip.eps_low is not None and s.clip_level != "none" \

@@ -20,9 +20,9 @@ from .data.loading import RowSet
 from .models import choose_dtype, load_policy, pick_device, save_pretrained, stop_token_ids
 from .objective.presets import get_preset
 from .recipe import Recipe, RecipeError, dump_recipe, load_recipe
-from .train.loop import new_state, run_stage
-from .train.metrics import JsonlSink, Progress, Sinks, TensorBoardSink
-from .train.rollouts import RolloutMaker
+from .training.loop import new_state, run_stage
+from .training.metrics import JsonlSink, Progress, Sinks, TensorBoardSink
+from .training.rollouts import RolloutMaker
 
 log = logging.getLogger("posttrain")
 

@@ -1,0 +1,25 @@
+"""`posttrain eval`: a model on a dataset (with a verifier) or on built-in task splits."""
+from __future__ import annotations
+
+from ..data import detect_format, load_rows, validate
+from ..models import load_policy, stop_token_ids
+from .task_eval import evaluate_task, reward_metrics
+
+
+def run_eval(args) -> dict:
+    model, tok = load_policy(args.model)
+    stop_ids = stop_token_ids(tok, model)
+    common = dict(max_new_tokens=args.max_new_tokens, samples=args.samples, temperature=args.temperature,
+                  stop_ids=stop_ids, pad_id=tok.pad_token_id, seed=args.seed)
+    if args.task:
+        splits = args.split or ["id"]
+        results = {s: evaluate_task(model, tok, args.task, s, n=args.n or 300, **common) for s in splits}
+        return results[splits[0]] if len(splits) == 1 else results
+    from ..rewards.worker import resolve_reward_fn
+
+    rowset = load_rows(args.data)
+    fmt = detect_format(rowset, ("prompt_answer", "prompt_only"))
+    validate(rowset, fmt)
+    rows = rowset.rows[: args.n] if args.n else rowset.rows
+    name = args.reward or "math"
+    return reward_metrics(model, tok, rows, {name: resolve_reward_fn(name)}, name, **common)

@@ -1,0 +1,73 @@
+"""Evaluate a policy on a dataset or a built-in task split: greedy accuracy, pass@k, and the task's other
+metrics (format adherence, step correctness) on the greedy completions. `plain` splits report NLL."""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+
+from ..data.encode import completion_text, encode_prompt
+from .metrics import evaluate
+
+
+def reward_metrics(model, tok, rows: list[dict], rewards: dict[str, Callable], primary: str, *, stop_ids, pad_id,
+                   max_new_tokens: int, samples: int = 0, temperature: float = 1.0, seed: int = 0) -> dict:
+    """Generic evaluation of `rows` (prompt + answer columns): `primary` decides correctness; every other reward
+    in `rewards` is averaged over the greedy completions and reported under its name."""
+    prompts = [r["prompt"] for r in rows]
+    prompt_ids = [encode_prompt(p, tok) for p in prompts]
+    columns = {k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"} if rows else {}
+
+    def call(fn, idx: list[int], comp_ids: list[list[int]]) -> list[float]:
+        ps = [prompts[i] for i in idx]
+        comps = [completion_text(p, c, tok) for p, c in zip(ps, comp_ids)]
+        kw = {k: [v[i] for i in idx] for k, v in columns.items()}
+        out = fn(ps, comps, completion_ids=comp_ids, **kw)
+        return [float("nan") if v is None else float(v) for v in out]
+
+    def score(idx, comp_ids):
+        return [float(v > 0.5) if not math.isnan(v) else v for v in call(rewards[primary], idx, comp_ids)]
+
+    def extra(idx, comp_ids):
+        return {name: call(fn, idx, comp_ids) for name, fn in rewards.items() if name != primary}
+
+    res = evaluate(model, prompt_ids, score, stop_ids=stop_ids, pad_id=pad_id, max_new_tokens=max_new_tokens,
+                   samples=samples, temperature=temperature, seed=seed, extra_fn=extra)
+    return res.to_dict()
+
+
+@torch.no_grad()
+def plain_nll(model, tok, texts: Sequence[str], batch_size: int = 32) -> dict:
+    """Mean per-token negative log-likelihood of plain text (every token after the first, eos included)."""
+    from ..training.experience import demo_batch
+    from ..data.encode import Encoded
+    from ..training.logprobs import token_logprobs
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0.0
+    for start in range(0, len(texts), batch_size):
+        encs = []
+        for t in texts[start:start + batch_size]:
+            ids = tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            encs.append(Encoded(ids, [1] * len(ids)))
+        b = demo_batch(encs, tok.pad_token_id).to(device)
+        lp, _ = token_logprobs(model, b.input_ids, b.attention_mask)
+        total += float(-(lp.float() * b.loss_mask).sum())
+        count += float(b.loss_mask.sum())
+    model.train(was_training)
+    return {"n": len(texts), "nll": total / max(count, 1.0), "tokens": int(count)}
+
+
+def evaluate_task(model, tok, task: str, split: str, *, n: int, max_new_tokens: int, samples: int = 0,
+                  temperature: float = 1.0, stop_ids, pad_id, seed: int = 0) -> dict:
+    from ..tasks import get_task
+
+    t = get_task(task)
+    rows = t.rows(split)[:n]
+    if rows and "text" in rows[0] and "prompt" not in rows[0]:
+        return plain_nll(model, tok, [r["text"] for r in rows])
+    return reward_metrics(model, tok, rows, dict(t.rewards), t.primary, stop_ids=stop_ids, pad_id=pad_id,
+                          max_new_tokens=max_new_tokens, samples=samples, temperature=temperature, seed=seed)
