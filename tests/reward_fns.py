@@ -73,3 +73,8 @@ def starts_sleeper_then_hangs(prompts, completions, pid_file, **kwargs):
     with open(pid_file[0], "w") as f:
         f.write(str(child.pid))
     time.sleep(3600)
+
+
+def torch_loaded(prompts, completions, **kwargs):
+    """1.0 if torch is imported in the process running this function."""
+    return [float("torch" in sys.modules)] * len(completions)

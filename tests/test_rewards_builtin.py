@@ -83,7 +83,8 @@ def test_math_match_does_not_rely_on_signal_alarm_off_the_main_thread():
 
 
 def test_format_match_default_and_custom_pattern():
-    completions = ["step 1\nstep 2\n#### 42\n", "#### 42 apples", "42", [{"role": "assistant", "content": "#### -1,000"}]]
+    chat = [{"role": "assistant", "content": "#### -1,000"}]
+    completions = ["step 1\nstep 2\n#### 42\n", "#### 42 apples", "42", chat]
     assert format_match(None, completions) == [1.0, 0.0, 0.0, 1.0]
     assert format_match(None, ["<think>x</think> 4", "4"], pattern=r"^<think>.*</think>") == [1.0, 0.0]
 

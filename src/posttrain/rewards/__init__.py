@@ -13,6 +13,11 @@ whose reward raises, times out, crashes the worker, or is None / NaN / inf is *m
 What the trainer does with a masked sample (drop it, zero its advantage, abort on a sustained failure
 rate) is its decision. A wrong number of values or a non-numeric value is a bug in the function, not a
 per-sample error: ValueError naming the function.
+
+Cost of a hang: about two timeouts (inside its batch call, then alone) plus a worker restart (~0.2 s)
+each time. After ``max_sample_timeouts`` hung samples of one function in one batch, that function's
+remaining samples are masked untried (kind "skipped"), so a function that always hangs cannot stall a
+step for N timeouts. How the worker is started (spawn, or fork for closures) is explained in worker.py.
 """
 from __future__ import annotations
 
@@ -100,7 +105,7 @@ def _resolve(spec: RewardSpec) -> _Reward:
     if not math.isfinite(spec.weight):
         raise ValueError(f"reward {spec.fn!r}: weight must be a finite number, got {spec.weight}")
     if not isinstance(spec.kwargs, dict):
-        raise ValueError(f"reward {spec.fn!r}: kwargs must be a mapping of fixed keyword arguments, got {spec.kwargs!r}")
+        raise ValueError(f"reward {spec.fn!r}: kwargs must be a dict of fixed keyword arguments, got {spec.kwargs!r}")
     if clash := set(spec.kwargs) & set(_RESERVED):
         raise ValueError(f"reward {spec.fn!r}: kwargs may not set {sorted(clash)}; those are filled per batch")
     if isinstance(spec.fn, str):
@@ -189,8 +194,13 @@ class RewardScorer:
         self._check_batch(n, prompts=prompts, completion_ids=completion_ids, row_ids=row_ids, **columns)
         self._check_signatures(columns)
         self.start()
-        batch = Batch(list(prompts), list(completions), {k: list(v) for k, v in columns.items()}, [list(c) for c in completion_ids])
-        values, failures = score(self._runner, batch, self.names, max_sample_timeouts=self.max_sample_timeouts) if n else ([[] for _ in self.rewards], [])
+        batch = Batch(
+            prompts=list(prompts),
+            completions=list(completions),
+            columns={k: list(v) for k, v in columns.items()},
+            completion_ids=[ids.tolist() if hasattr(ids, "tolist") else list(ids) for ids in completion_ids],
+        )
+        values, failures = score(self._runner, batch, self.names, max_sample_timeouts=self.max_sample_timeouts)
         import torch
 
         per_fn = {r.name: torch.tensor(v, dtype=torch.float64) for r, v in zip(self.rewards, values)}  # (N,) each
@@ -204,7 +214,9 @@ class RewardScorer:
     def _check_batch(self, n: int, **lists: list) -> None:
         for key, values in lists.items():
             if len(values) != n:
-                raise ValueError(f"reward batch: {key!r} has {len(values)} entries for {n} completions; pass one per completion")
+                raise ValueError(
+                    f"reward batch: {key!r} has {len(values)} entries for {n} completions; pass one per completion"
+                )
 
     def _check_signatures(self, columns: dict[str, list]) -> None:
         """Fail fast on a call that could only fail: every sample masked would hide a configuration error."""
@@ -215,7 +227,7 @@ class RewardScorer:
             raise ValueError(f"dataset columns {sorted(clash)} collide with reward arguments; rename those columns")
         for r in self.rewards:
             if clash := key & set(r.kwargs):
-                raise ValueError(f"reward {r.name!r}: fixed kwargs {sorted(clash)} collide with dataset columns of the same name")
+                raise ValueError(f"reward {r.name!r}: fixed kwargs {sorted(clash)} collide with dataset columns")
             try:
                 signature = inspect.signature(r.fn)
             except (TypeError, ValueError):  # some builtins and C callables have none: nothing to check
@@ -273,7 +285,7 @@ def score(
     values = [[math.nan] * n for _ in names]
     failures: list[Failure] = []
     stalls = [0] * len(names)
-    plan = [Job(k, tuple(range(n)), whole=True) for k in range(len(names))]
+    plan = [Job(k, tuple(range(n)), whole=True) for k in range(len(names))] if n else []
     while plan:
         try:
             for message in runner.execute(batch, plan):
@@ -283,7 +295,9 @@ def score(
     return values, failures
 
 
-def _advance(plan: list[Job], message: Message, values: list[list[float]], failures: list[Failure], names: list[str]) -> list[Job]:
+def _advance(
+    plan: list[Job], message: Message, values: list[list[float]], failures: list[Failure], names: list[str]
+) -> list[Job]:
     """Record one worker reply and return the plan still to run."""
     kind = message[0]
     if kind == "done":
@@ -315,7 +329,12 @@ def _advance(plan: list[Job], message: Message, values: list[list[float]], failu
 
 
 def _after_stall(
-    plan: list[Job], stall: Stalled, stalls: list[int], failures: list[Failure], names: list[str], max_sample_timeouts: int
+    plan: list[Job],
+    stall: Stalled,
+    stalls: list[int],
+    failures: list[Failure],
+    names: list[str],
+    max_sample_timeouts: int,
 ) -> list[Job]:
     """The running call hung or crashed: retry a batch call sample by sample; mask a single sample."""
     job = plan[0]

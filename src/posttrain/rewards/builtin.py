@@ -156,7 +156,10 @@ def exact_match(prompts: list, completions: list, answer: list, **kw) -> list[fl
 
 
 def numeric_match(prompts: list, completions: list, answer: list, tol: float = 1e-6, **kw) -> list[float | None]:
-    """1.0 where the answers agree as numbers: ``|pred - gold| <= tol * max(1, |gold|)``; None if gold is not a number."""
+    """1.0 where the answers agree as numbers within ``tol`` (relative, or absolute near zero: math.isclose).
+
+    None where the gold answer is not a number as a whole ("72 apples" is not readable gold).
+    """
     scores: list[float | None] = []
     for completion, gold in zip(completions, answer, strict=True):
         gold_text = _gold(gold)

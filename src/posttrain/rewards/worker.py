@@ -9,13 +9,11 @@ reward function — and the worker streams back one message per finished call:
     ("bad", fn, message)             wrong length / non-numeric output: a bug in the function, the plan stops
     ("done",)                        the plan is finished
 
-The parent waits at most ``timeout_s`` for each message, i.e. for each call. When a call hangs (or the
-worker dies) the parent kills the worker's whole process group, marks what it knows — a hung batch call
-is retried sample by sample, a hung single sample is masked — starts a fresh worker and sends the rest
-of the plan. A hanging sample therefore costs two timeouts (once inside its batch, once alone); after
-``max_sample_timeouts`` hung samples of one function in one batch, its remaining samples are masked
-untried so a function that always hangs cannot stall a step for N timeouts. Timeouts never use
-``signal.alarm`` (it only works on the main thread and clobbers the user's own handlers).
+The parent waits at most ``timeout_s`` for each message, i.e. for each call; nothing here uses
+``signal.alarm`` (it only works on the main thread and clobbers the user's own handlers). When a call
+hangs or the worker dies, ``WorkerProcess.execute`` kills the worker's whole process group (the worker
+and anything its reward functions started) and raises ``Stalled``; the retry policy in
+``posttrain.rewards.score`` then masks what it must and sends the rest of the plan to a fresh worker.
 
 Process start: ``spawn`` (a fresh interpreter, safe beside torch's threads) when every function can be
 named by reference (built-in name or ``module:function``). Callables that cannot be imported by name
@@ -27,7 +25,7 @@ scorer must guard its entry point with ``if __name__ == "__main__":``.
 from __future__ import annotations
 
 import importlib
-import math
+import importlib.util
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.util
@@ -108,20 +106,21 @@ def resolve_reward_fn(spec: str | Callable) -> Callable:
 
 
 def _import_module(module_name: str, spec: str):
-    """Import ``module_name``; if it is not on sys.path, look in the current directory too."""
+    """Import ``module_name`` from sys.path or, failing that, the current directory."""
+    top = module_name.split(".")[0]
+    if os.getcwd() not in sys.path and importlib.util.find_spec(top) is None:
+        sys.path.append(os.getcwd())  # 'module:function' may name a file beside the recipe, as users expect
     try:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as e:
-        if e.name != module_name.split(".")[0] or os.getcwd() in sys.path:
-            raise ValueError(f"reward {spec!r}: importing {module_name!r} failed: {e}") from e
-    sys.path.append(os.getcwd())  # 'module:function' may name a file beside the recipe, as users expect
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        raise ValueError(
-            f"reward {spec!r}: no module {module_name!r} on sys.path or in the current directory "
-            f"{os.getcwd()}; check the spelling, or run from the directory that holds {module_name}.py"
-        ) from e
+        if e.name is not None and (module_name == e.name or module_name.startswith(e.name + ".")):
+            raise ValueError(
+                f"reward {spec!r}: no module {e.name!r} on sys.path or in the current directory "
+                f"{os.getcwd()}; check the spelling, or run from the directory that holds {top}.py"
+            ) from e
+        raise ValueError(f"reward {spec!r}: importing {module_name!r} failed: {e}") from e
+    except Exception as e:  # a bug in the user's module: say which module, keep the cause chained
+        raise ValueError(f"reward {spec!r}: importing {module_name!r} raised {type(e).__name__}: {e}") from e
 
 
 def reference_of(fn: Callable) -> str | None:
@@ -150,7 +149,9 @@ def normalize_values(raw: object, n: int, name: str) -> list[float | None]:
             f"(or None) per completion ({n} here)"
         )
     if len(raw) != n:
-        raise ValueError(f"reward function {name!r} returned {len(raw)} values for {n} completions; return one per completion")
+        raise ValueError(
+            f"reward function {name!r} returned {len(raw)} values for {n} completions; return one per completion"
+        )
     values: list[float | None] = []
     for i, v in enumerate(raw):
         if v is None or isinstance(v, numbers.Real):
