@@ -21,6 +21,7 @@ from posttrain.rewards.builtin import (
         ("Question: what is 12 + 7? Answer: 19", "19"),
         ("Answer: 3\nThe answer is \\boxed{5}", "5"),  # the last mark wins
         ("#### 7\nbut then 8 and 9", "7"),  # a mark beats later bare numbers
+        ("Final Answer: The final answer is $5$. I hope it is correct.", "5"),  # a mark inside a mark
         ("12 + 7 gives 19", "19"),  # bare number
         ("first 3, then 12, finally 190", "190"),  # the last number wins
         ("the loss is -4.25 dollars", "-4.25"),

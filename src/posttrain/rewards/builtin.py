@@ -87,7 +87,8 @@ def marked_answer(text: str) -> str | None:
             marks.append((m.start(), content))
     if not marks:
         return None
-    return max(marks, key=lambda mark: mark[0])[1].strip()
+    last = max(marks, key=lambda mark: mark[0])[1].strip()
+    return marked_answer(last) or last  # "Answer: the final answer is 5": a mark's text may hold another mark
 
 
 def extract_answer(text: str) -> str | None:
