@@ -98,3 +98,14 @@ def test_methods_table_prints(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in PRESETS)
+
+
+def test_shipped_recipes_validate():
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+    names = {p.stem for p in recipes}
+    assert {"sft", "dft", "grpo", "dr_grpo", "dapo", "sft_then_grpo"} <= names
+    for path in recipes:
+        r = load_recipe(path)
+        assert r.model and r.stages, path

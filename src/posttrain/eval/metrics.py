@@ -92,13 +92,15 @@ def evaluate(
     temperature: float = 1.0,
     batch_size: int = 64,
     seed: int = 0,
+    extra_fn: Callable[[list[int], list[list[int]]], dict[str, list[float]]] | None = None,
 ) -> EvalResult:
     """Greedy accuracy on every prompt and, when `samples` = K > 0, pass@k from K samples per prompt at `temperature`.
 
     `score_fn(prompt_indices, completion_ids)` gets indices into `prompt_ids` and the completions (stop token included)
     and returns 1.0 (correct), 0.0 (wrong) or NaN (cannot be scored: excluded from the means, counted in
     extra["unscored"] for greedy and extra["unscored_samples"] for sampled completions).
-    Extras: truncated (fraction of greedy completions that hit max_new_tokens) and, with samples,
+    `extra_fn(prompt_indices, completion_ids) -> {name: values}` adds the mean of other per-completion metrics
+    of the greedy completions (e.g. format adherence). Extras: truncated (fraction of greedy completions that hit max_new_tokens) and, with samples,
     sample_accuracy (mean correctness of all scored samples) and sample_response_len.
     """
     greedy = sample(model, prompt_ids, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
@@ -109,6 +111,9 @@ def evaluate(
         "unscored": float(len(scores) - len(scored)),
         "truncated": _mean([float(t) for t in greedy.truncated]),
     }
+    if extra_fn is not None:  # other metrics of the greedy completions (format adherence, ...), NaN excluded
+        for name, values in extra_fn(list(greedy.prompt_index), list(greedy.completion_ids)).items():
+            extra[name] = _mean([float(v) for v in values if not math.isnan(float(v))])
     pass_table: dict[int, float] = {}
     if samples > 0:
         generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)

@@ -26,7 +26,7 @@ class JsonlSink(NullSink):
     """One JSON object per line; flushed every write so a crash loses nothing already logged."""
 
     def __init__(self, path: Path):
-        self.f = open(path, "a", encoding="utf-8")
+        self.f = open(path, "w", encoding="utf-8")
 
     def write(self, record: dict) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
