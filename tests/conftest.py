@@ -9,6 +9,10 @@ import torch  # noqa: E402
 
 from posttrain.tiny import ARCHITECTURES, tiny_model, train_tokenizer  # noqa: E402
 
+# Tiny models gain nothing from intra-op threads, and on a 2-core machine shared with reward workers
+# (or another job) OpenMP spin-waiting makes oversubscribed runs many times slower.
+torch.set_num_threads(1)
+
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "Question: what is 12 + 7? Answer: 19",

@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for --samples")
     e.add_argument("--max-new-tokens", type=int, default=128, help="generation budget per answer")
     e.add_argument("--seed", type=int, default=0, help="sampling seed")
+    e.add_argument("--reward-timeout", type=float, default=30.0, help="seconds per verifier call (--data)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(fn=cmd_eval)
 
