@@ -107,7 +107,8 @@ def run_stage(state: TrainState, stage, *, examples=None, rows=None, maker=None,
     """Train one stage to `stage.steps` optimizer steps (or `max_steps`). Returns the last metrics record.
 
     Demonstration methods read `examples` (encoded); rollout methods read `rows` through `maker`.
-    `on_step(state, record)` is a hook for checkpoints and evaluation; it stays outside the hot loop.
+    `on_step(state, record)` is a hook for checkpoints and evaluation; it stays outside the hot loop, and a
+    true return value ends the stage early (e.g. a target reached).
     """
     preset = get_preset(stage.method)
     total = min(stage.steps, max_steps) if max_steps else stage.steps
@@ -130,8 +131,8 @@ def run_stage(state: TrainState, stage, *, examples=None, rows=None, maker=None,
                           wall_s=time.perf_counter() - t_start)
             sink.write(record)
             last = record
-            if on_step is not None:
-                on_step(state, record)
+            if on_step is not None and on_step(state, record):
+                return last
     return last
 
 
