@@ -19,3 +19,10 @@ def answer_is_a(prompts, completions, answer, **kwargs):
 def varied(prompts, completions, **kwargs):
     """Distinct characters / 10: varies within every group, so no group is filtered as degenerate."""
     return [len(set(c if isinstance(c, str) else c[-1]["content"])) / 10 for c in completions]
+
+
+def fails_on_q1(prompts, completions, id, **kwargs):
+    """Raises for any batch holding row q1: the worker retries sample by sample and masks only q1's samples."""
+    if "q1" in id:
+        raise RuntimeError("row q1 cannot be scored")
+    return varied(prompts, completions)

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import posttrain
-from letter_rewards import answer_is_a, varied
+from letter_rewards import answer_is_a, fails_on_q1, varied
 from posttrain.models import save_pretrained
 from posttrain.objective.presets import PRESETS
 from posttrain.tiny import ARCHITECTURES, tiny_model
@@ -106,6 +106,18 @@ def test_multi_stage_sft_then_grpo_and_columns_reach_rewards(tmp_path, model_dir
     assert [r["stage"] for r in rows] == ["sft", "sft", "rl", "rl"]
     assert [r["global_step"] for r in rows] == [1, 2, 3, 4]
     assert rows[-1]["reward_errors"] == 0 and "reward/answer_is_a" in rows[-1]
+    # two updates per rollout batch: old_logp comes from a trainer pass, so the first update's ratio is 1
+    assert abs(rows[2]["ratio_mean"] - 1.0) < 1e-5 and rows[2]["clipfrac"] == 0.0
+
+
+def test_reward_errors_are_masked_counted_and_logged(tmp_path, model_dirs, caplog):
+    r = recipe(model_dirs["llama"], "grpo", steps=2, batch={"size": 8}, rollout={"group_size": 2, "max_new_tokens": 4})
+    summary = posttrain.train(r, out=tmp_path / "run", data=RL_ROWS, rewards=[fails_on_q1], progress=False)
+    rows = metrics(tmp_path / "run")
+    assert [r["reward_errors"] for r in rows] == [2, 2]  # the two samples of row q1, every step
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    assert summary["stages"]["grpo"]["reward_errors"] == 4
+    assert "q1" in (tmp_path / "run" / "run.log").read_text()
 
 
 def test_dapo_logs_fill_ratio_and_rloo_kl_in_reward(tmp_path, model_dirs):
