@@ -8,7 +8,6 @@ from posttrain.rewards.builtin import (
     format_match,
     math_match,
     numeric_match,
-    soft_overlong_penalty,
 )
 
 
@@ -88,12 +87,6 @@ def test_format_match_default_and_custom_pattern():
     completions = ["step 1\nstep 2\n#### 42\n", "#### 42 apples", "42", chat]
     assert format_match(None, completions) == [1.0, 0.0, 0.0, 1.0]
     assert format_match(None, ["<think>x</think> 4", "4"], pattern=r"^<think>.*</think>") == [1.0, 0.0]
-
-
-def test_soft_overlong_penalty_matches_dapo_oracle():
-    assert soft_overlong_penalty([80, 90, 100, 101, 0], max_len=100, cache=20) == [0.0, -0.5, -1.0, -1.0, 0.0]
-    with pytest.raises(ValueError, match="cache"):
-        soft_overlong_penalty([1], max_len=10, cache=0)
 
 
 def test_builtin_registry_names():

@@ -216,6 +216,9 @@ def _check_combination(s: StageConfig, p: Preset) -> None:
         raise RecipeError(f"{where}: weight 'one' assumes the data come from the current policy, which stops being "
                           f"true after the first of {updates} updates per rollout batch; use a ratio-weighted "
                           "method (grpo, dr_grpo, dapo, ...) or ppo_epochs: 1, minibatches: 1")
+    if s.overlong.soft_penalty and s.overlong.cache > s.rollout.max_new_tokens:
+        raise RecipeError(f"{where}: overlong.cache ({s.overlong.cache}) must be <= rollout.max_new_tokens "
+                          f"({s.rollout.max_new_tokens}): the penalty ramps over the last `cache` tokens")
     if (s.weight, s.clip_level) in (("ratio", "sequence"), ("seq_ratio", "token")):
         raise RecipeError(f"{where}: weight {s.weight!r} with clip_level {s.clip_level!r} mixes token and sequence "
                           "ratios; use weight ratio + clip_level token, or seq_ratio + sequence")

@@ -238,19 +238,6 @@ def format_match(prompts: list, completions: list, pattern: str = _DEFAULT_FORMA
     return [float(regex.search(completion_text(c)) is not None) for c in completions]
 
 
-def soft_overlong_penalty(completion_lengths: list[int], max_len: int, cache: int) -> list[float]:
-    """DAPO's soft overlong penalty, linear over the last ``cache`` tokens before ``max_len``.
-
-        R(L) = 0                          if L <= max_len - cache
-             = ((max_len - cache) - L) / cache   if max_len - cache < L <= max_len
-             = -1                         if L > max_len
-    """
-    if not 0 < cache <= max_len:
-        raise ValueError(f"soft_overlong_penalty needs 0 < cache <= max_len, got cache={cache}, max_len={max_len}")
-    start = max_len - cache
-    return [0.0 if n <= start else (start - n) / cache if n <= max_len else -1.0 for n in completion_lengths]
-
-
 BUILTIN: dict[str, Callable] = {
     "exact": exact_match,
     "numeric": numeric_match,

@@ -303,9 +303,11 @@ def styled_reply(problem: Problem, style: str, rng: random.Random) -> str:
 @dataclass(frozen=True)
 class CorpusMix:
     """Shares of the base model's pretraining rows (kinds sum to 1; styles sum to 1)."""
-    chat: float = 0.55      # chat-formatted question + reply in one of `styles`
-    facts: float = 0.15     # lines of single steps `a op b = c` (the skill the worked format chains)
-    prose: float = 0.30     # plain English, the distribution of `plain`
+    chat: float = 0.45      # chat-formatted question + reply in one of `styles`
+    facts: float = 0.40     # the steps of `facts_problems` problems, shuffled: single `a op b = c` lines, the
+                            # skill the worked format chains (a tiny model needs many to learn carrying)
+    prose: float = 0.15     # plain English, the distribution of `plain`
+    facts_problems: int = 3
     ood: float = 0.05       # share of chat and fact problems with 4 operands (the ood axis, seen a little)
     styles: tuple[tuple[str, float], ...] = (("bare", 0.35), ("sentence", 0.30), ("partial", 0.25), ("worked", 0.10))
 
@@ -314,7 +316,7 @@ def pretraining_corpus(n: int, seed: int, mix: CorpusMix = CorpusMix()) -> list[
     """`n` rows `{"text": ...}` for pretraining the base model; no `id`, `dev`, `ood` or `plain` item in it."""
     rng = random.Random(f"arith:corpus:{seed}")
     kinds = rng.choices(("chat", "facts", "prose"), (mix.chat, mix.facts, mix.prose), k=n)
-    n_problems = kinds.count("chat") + 2 * kinds.count("facts")
+    n_problems = kinds.count("chat") + mix.facts_problems * kinds.count("facts")
     n_ood = round(mix.ood * n_problems)
     problems = (sample_problems(n_problems - n_ood, seed, ID_OPERANDS, SPLIT_BUCKETS["train"][1], "corpus")
                 + sample_problems(n_ood, seed, {OOD_OPERANDS: 1.0}, OOD_CORPUS_BUCKETS, "corpus-ood"))
@@ -327,7 +329,7 @@ def pretraining_corpus(n: int, seed: int, mix: CorpusMix = CorpusMix()) -> list[
             problem = problems.pop()
             text = chatml(problem.question, styled_reply(problem, rng.choices(style_names, style_shares)[0], rng))
         elif kind == "facts":
-            lines = problems.pop().steps() + problems.pop().steps()
+            lines = [line for _ in range(mix.facts_problems) for line in problems.pop().steps()]
             rng.shuffle(lines)
             text = "\n".join(lines)
         else:
