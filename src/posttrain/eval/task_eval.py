@@ -38,27 +38,28 @@ def reward_metrics(model, tok, rows: list[dict], rewards: dict[str, Callable], p
 
 
 @torch.no_grad()
-def plain_nll(model, tok, texts: Sequence[str], batch_size: int = 32) -> dict:
-    """Mean per-token negative log-likelihood of plain text (every token after the first, eos included)."""
+def mean_nll(model, encoded: Sequence, pad_id: int, batch_size: int = 32) -> tuple[float, int]:
+    """Mean negative log-likelihood per supervised token of encoded examples -> (nll, tokens)."""
     from ..training.experience import demo_batch
-    from ..data.encode import Encoded
     from ..training.logprobs import token_logprobs
 
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     total, count = 0.0, 0.0
-    for start in range(0, len(texts), batch_size):
-        encs = []
-        for t in texts[start:start + batch_size]:
-            ids = tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-            encs.append(Encoded(ids, [1] * len(ids)))
-        b = demo_batch(encs, tok.pad_token_id).to(device)
+    for start in range(0, len(encoded), batch_size):
+        b = demo_batch(encoded[start:start + batch_size], pad_id).to(device)
         lp, _ = token_logprobs(model, b.input_ids, b.attention_mask)
         total += float(-(lp.float() * b.loss_mask).sum())
         count += float(b.loss_mask.sum())
     model.train(was_training)
-    return {"n": len(texts), "nll": total / max(count, 1.0), "tokens": int(count)}
+    return total / max(count, 1.0), int(count)
+
+
+def _encode_all(rows: list[dict], fmt: str, tok) -> list:
+    from ..data.encode import encode_sft
+
+    return [encode_sft(r, fmt, tok) for r in rows]
 
 
 def evaluate_task(model, tok, task: str, split: str, *, n: int, max_new_tokens: int, samples: int = 0,
@@ -67,7 +68,11 @@ def evaluate_task(model, tok, task: str, split: str, *, n: int, max_new_tokens: 
 
     t = get_task(task)
     rows = t.rows(split)[:n]
-    if rows and "text" in rows[0] and "prompt" not in rows[0]:
-        return plain_nll(model, tok, [r["text"] for r in rows])
-    return reward_metrics(model, tok, rows, dict(t.rewards), t.primary, stop_ids=stop_ids, pad_id=pad_id,
-                          max_new_tokens=max_new_tokens, samples=samples, temperature=temperature, seed=seed)
+    if rows and "text" in rows[0] and "prompt" not in rows[0]:  # held-out plain text: forgetting
+        nll, tokens = mean_nll(model, _encode_all(rows, "text", tok), pad_id)
+        return {"n": len(rows), "nll": nll, "tokens": tokens}
+    out = reward_metrics(model, tok, rows, dict(t.rewards), t.primary, stop_ids=stop_ids, pad_id=pad_id,
+                         max_new_tokens=max_new_tokens, samples=samples, temperature=temperature, seed=seed)
+    if rows and "messages" in rows[0]:  # likelihood of the held-out worked demonstrations
+        out["demo_nll"], _ = mean_nll(model, _encode_all(rows, "messages", tok), pad_id)
+    return out
