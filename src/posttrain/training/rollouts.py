@@ -67,12 +67,11 @@ class RolloutMaker:
         G = s.rollout.group_size
         P = len(rows)
         stats = RolloutStats()
-        parts, t_gen, t_rew, rounds, sampled_groups = [], 0.0, 0.0, 0, 0
+        parts, t_gen, t_rew, rounds = [], 0.0, 0.0, 0
         kept_groups = 0
         while True:
             ro, scored, tg, tr = self._sample_and_score(model, rows, keys, generator)
             t_gen, t_rew, rounds = t_gen + tg, t_rew + tr, rounds + 1
-            sampled_groups += len(rows)
             R = scored.total.clone()  # (N,) float64, NaN where a reward failed
             lengths = torch.tensor([len(c) for c in ro.completion_ids])
             if s.overlong.soft_penalty:
@@ -99,12 +98,10 @@ class RolloutMaker:
     def _assemble(self, model, parts, stats: RolloutStats) -> tuple[Batch, RolloutStats]:
         s = self.s
         G = s.rollout.group_size
-        prompt_ids, comp_ids, slp, R_all, valid_all, trunc = [], [], [], [], [], []
+        prompt_ids, comp_ids, slp, R_all, trunc = [], [], [], [], []
         per_fn: dict[str, list] = {}
-        n_seen = 0
         for ro, scored, R, keep in parts:
             stats.errors.extend(scored.errors)
-            n_seen += len(R)
             for name, v in scored.per_fn.items():
                 per_fn.setdefault(name, []).append(v)
             keep_tok = keep.repeat_interleave(G)
@@ -116,7 +113,7 @@ class RolloutMaker:
             R_all.append(R[keep_tok])
         R = torch.cat(R_all) if R_all else torch.zeros(0, dtype=torch.float64)
         valid = ~torch.isnan(R)
-        if s.overlong.mask_truncated:
+        if s.overlong.mask_truncated:  # DAPO overlong filtering: no gradient, and out of the group statistics
             valid &= ~torch.tensor(trunc, dtype=torch.bool)
         all_R = torch.cat([p[2] for p in parts])
         lengths = torch.tensor([len(c) for p in parts for c in p[0].completion_ids], dtype=torch.float64)
