@@ -11,6 +11,8 @@ from posttrain.eval.task_eval import evaluate_task
 from posttrain.models import load_policy, resolve_model, stop_token_ids
 
 ROOT = Path(__file__).resolve().parents[1]
+ASSET = ROOT / "src" / "posttrain" / "assets" / "tiny" / "model.safetensors"
+pytestmark = pytest.mark.skipif(not ASSET.is_file(), reason="builtin:tiny not built yet (scripts/build_tiny.py)")
 
 
 @pytest.fixture(scope="module")
