@@ -46,3 +46,18 @@ def test_train_stops_on_malformed_row_naming_file_row_and_field(tmp_path, capsys
     assert main(["train", str(recipe), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert str(data) in err and "row 2" in err and "completion" in err
+
+
+def test_cli_train_with_max_steps_and_overrides(tmp_path, model_dir, capsys):
+    data = tmp_path / "sft.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"Say {i}.", "completion": f" {i}"}) for i in range(6)))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {model_dir}\nstages:\n  - method: sft\n    data: {{path: {data}}}\n    steps: 50\n")
+    out = tmp_path / "run"
+    assert main(["train", str(recipe), "--out", str(out), "--max-steps", "2", "stages.0.optim.lr=0.002",
+                 "stages.0.batch.size=3"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["out"] == str(out) and "sft" in printed["stages"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["lr"] == 0.002
+    assert "lr: 0.002" in (out / "config.yaml").read_text()
