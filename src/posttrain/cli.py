@@ -14,6 +14,9 @@ def _setup_logging(verbose: bool = False) -> None:
                         stream=sys.stderr)
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-file load/save bars would drown the training progress
 
 
 def cmd_methods(args) -> int:
