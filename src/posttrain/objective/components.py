@@ -155,7 +155,8 @@ WEIGHTS = {
 }
 
 
-def likelihood_value(kind: str, logp: Tensor, old_logp: Tensor, mask: Tensor, gamma: float = 0.1) -> Tensor:
+def likelihood_value(kind: str, logp: Tensor, old_logp: Tensor, mask: Tensor, gamma: float = 0.1,
+                     eps_max: float = 5.0) -> Tensor:
     """T(p) per token, the value whose gradient w * grad(logp) the weight stands for (for the logged loss)."""
     if kind == "one":
         return logp
@@ -172,7 +173,7 @@ def likelihood_value(kind: str, logp: Tensor, old_logp: Tensor, mask: Tensor, ga
     if kind == "seq_ratio":
         return sequence_ratio(logp, old_logp, mask)[:, None].expand_as(logp)
     if kind == "truncated":  # CISPO's own loss form: sg(min(r, eps_max)) * logp
-        return logp
+        return weight_truncated(logp, old_logp, eps_max=eps_max) * logp
     raise ValueError(f"unknown weight {kind!r}; choose one of {', '.join(WEIGHTS)}")
 
 

@@ -83,9 +83,7 @@ def estimator_loss(
             raise ValueError(f"unknown clip {clip!r}; choose one of none, token, sequence")
         coef = agg_weights * lam * M * advantages * w  # (N, T) detached
         # The familiar surrogate value: -sum W lam min(T A, clip(T) A) for clipped ratios, else -sum W lam M A T.
-        T = likelihood_value(weight, lp, q, mask, gamma)
-        if weight == "truncated":
-            T = w * lp
+        T = likelihood_value(weight, lp, q, mask, gamma, eps_max)
         if ratio_for_clip is not None and weight in ("ratio", "seq_ratio"):
             tok = torch.minimum(T * advantages, T.clamp(1 - eps_low, 1 + eps_high) * advantages)
         else:
