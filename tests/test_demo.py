@@ -1,6 +1,5 @@
 """`posttrain demo --quick` runs end to end and its table comes from the runs it made."""
 import json
-from pathlib import Path
 
 import pytest
 
@@ -8,8 +7,6 @@ from posttrain.cli import main
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (Path(__file__).resolve().parents[1] / "src/posttrain/assets/tiny/config.json").is_file(),
-                    reason="builtin:tiny not built yet")
 def test_demo_quick_writes_table_from_its_runs(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
