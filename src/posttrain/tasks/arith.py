@@ -33,11 +33,11 @@ from typing import Any, Sequence
 from posttrain.tiny import IM_END, IM_START
 
 LO, HI = 10, 99                # operand range: two-digit numbers
-ID_OPERANDS = {2: 0.4, 3: 0.6}  # operand count -> share, in distribution
+ID_OPERANDS = {2: 0.5, 3: 0.5}  # operand count -> share, in distribution
 OOD_OPERANDS = 4
 MINUS_SHARE = 0.3              # chance that an operator is `-` (running totals stay >= 0)
 MARK = "####"
-QUESTION = "What is {}?"
+QUESTION = "{} = ?"
 
 # split -> (operand counts with shares, owned buckets out of 100)
 SPLIT_BUCKETS: dict[str, tuple[dict[int, float], range]] = {
@@ -282,22 +282,26 @@ def chatml(question: str, reply: str) -> str:
     return f"{IM_START}user\n{question}{IM_END}\n{IM_START}assistant\n{reply}{IM_END}\n"
 
 
-def styled_reply(problem: Problem, style: str, rng: random.Random) -> str:
-    """The reply to `problem` in one of the corpus styles; only `worked` is the task's format."""
+STYLES = ("bare", "sentence", "restated", "inline", "worked")
+
+
+def styled_reply(problem: Problem, style: str) -> str:
+    """The reply to `problem` in one of `STYLES`; only `worked` is the task's format.
+
+    `bare`, `sentence` and `restated` answer in one jump (a tiny model rarely gets that right); `inline`
+    works the chain in prose without a mark, so it is right as often as the model's steps are.
+    """
     if style == "bare":
         return str(problem.answer)
     if style == "sentence":
         return f"The answer is {problem.answer}."
-    if style == "partial":
-        steps = problem.steps()
-        return rng.choice((
-            f"{problem.expression} = {problem.answer}",
-            f"{steps[0]}, so the answer is {problem.answer}.",
-            ", then ".join(steps) + ".",
-        ))
+    if style == "restated":
+        return f"{problem.expression} = {problem.answer}"
+    if style == "inline":
+        return ", then ".join(problem.steps()) + "."
     if style == "worked":
         return problem.worked()
-    raise ValueError(f"unknown reply style {style!r}; valid styles: bare, sentence, partial, worked")
+    raise ValueError(f"unknown reply style {style!r}; valid styles: {', '.join(STYLES)}")
 
 
 @dataclass(frozen=True)
@@ -308,8 +312,11 @@ class CorpusMix:
                             # skill the worked format chains (a tiny model needs many to learn carrying)
     prose: float = 0.15     # plain English, the distribution of `plain`
     facts_problems: int = 3
-    ood: float = 0.05       # share of chat and fact problems with 4 operands (the ood axis, seen a little)
-    styles: tuple[tuple[str, float], ...] = (("bare", 0.35), ("sentence", 0.30), ("partial", 0.25), ("worked", 0.10))
+    # operand counts of chat and fact problems: short ones first, since a tiny model learns to copy two
+    # operands from the question long before three; 4 operands is the ood axis, seen a little
+    operands: tuple[tuple[int, float], ...] = ((2, 0.7), (3, 0.25), (4, 0.05))
+    styles: tuple[tuple[str, float], ...] = (
+        ("bare", 0.15), ("sentence", 0.15), ("restated", 0.10), ("inline", 0.45), ("worked", 0.15))
 
 
 def pretraining_corpus(n: int, seed: int, mix: CorpusMix = CorpusMix()) -> list[dict]:
@@ -317,8 +324,9 @@ def pretraining_corpus(n: int, seed: int, mix: CorpusMix = CorpusMix()) -> list[
     rng = random.Random(f"arith:corpus:{seed}")
     kinds = rng.choices(("chat", "facts", "prose"), (mix.chat, mix.facts, mix.prose), k=n)
     n_problems = kinds.count("chat") + mix.facts_problems * kinds.count("facts")
-    n_ood = round(mix.ood * n_problems)
-    problems = (sample_problems(n_problems - n_ood, seed, ID_OPERANDS, SPLIT_BUCKETS["train"][1], "corpus")
+    counts = dict(mix.operands)
+    n_ood = round(counts.pop(OOD_OPERANDS, 0.0) * n_problems)
+    problems = (sample_problems(n_problems - n_ood, seed, counts, SPLIT_BUCKETS["train"][1], "corpus")
                 + sample_problems(n_ood, seed, {OOD_OPERANDS: 1.0}, OOD_CORPUS_BUCKETS, "corpus-ood"))
     rng.shuffle(problems)
     paragraphs = iter(prose(kinds.count("prose"), seed, range(PLAIN_BUCKETS.stop, 100), "corpus"))
@@ -327,7 +335,7 @@ def pretraining_corpus(n: int, seed: int, mix: CorpusMix = CorpusMix()) -> list[
     for kind in kinds:
         if kind == "chat":
             problem = problems.pop()
-            text = chatml(problem.question, styled_reply(problem, rng.choices(style_names, style_shares)[0], rng))
+            text = chatml(problem.question, styled_reply(problem, rng.choices(style_names, style_shares)[0]))
         elif kind == "facts":
             lines = [line for _ in range(mix.facts_problems) for line in problems.pop().steps()]
             rng.shuffle(lines)
