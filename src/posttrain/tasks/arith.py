@@ -28,8 +28,9 @@ import hashlib
 import random
 import re
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
+from posttrain.rewards.builtin import completion_text
 from posttrain.tiny import IM_END, IM_START
 
 LO, HI = 10, 99                # operand range: two-digit numbers
@@ -152,17 +153,6 @@ _MARK_LINE = re.compile(re.escape(MARK) + r" -?\d+")
 _EXPRESSION = re.compile(r"\d+(?: [+-] \d+)+")
 
 
-def content(x: Any) -> str:
-    """The text of a completion or prompt: a string, or the content of the last message of a chat list."""
-    if isinstance(x, str):
-        return x
-    if isinstance(x, dict):
-        return str(x.get("content", ""))
-    if isinstance(x, list) and x:
-        return content(x[-1])
-    raise TypeError(f"expected a string or a list of {{'role', 'content'}} messages, got {type(x).__name__}")
-
-
 def extract_answer(text: str) -> str | None:
     """The last marked answer `#### X`; without a mark, the last number in the text; None if neither."""
     marked = _MARKED.findall(text)
@@ -222,17 +212,17 @@ def _need_answers(answer: Sequence | None, n: int, name: str) -> Sequence:
 def correct_reward(prompts: Sequence, completions: Sequence, answer: Sequence | None = None, **kw) -> list[float]:
     """1.0 when the marked answer (or, unmarked, the last number) equals `answer`, else 0.0."""
     answers = _need_answers(answer, len(completions), "correct")
-    return [float(is_correct(content(c), a)) for c, a in zip(completions, answers)]
+    return [float(is_correct(completion_text(c), a)) for c, a in zip(completions, answers)]
 
 
 def format_reward(prompts: Sequence, completions: Sequence, answer: Sequence | None = None, **kw) -> list[float]:
     """1.0 when the completion is in the worked format (step lines, then `#### X`), else 0.0."""
-    return [float(follows_format(content(c))) for c in completions]
+    return [float(follows_format(completion_text(c))) for c in completions]
 
 
 def steps_reward(prompts: Sequence, completions: Sequence, answer: Sequence | None = None, **kw) -> list[float]:
     """Share of the question's chain of steps the completion writes right (see `step_score`)."""
-    return [step_score(content(c), parse_problem(content(p))) for p, c in zip(prompts, completions)]
+    return [step_score(completion_text(c), parse_problem(completion_text(p))) for p, c in zip(prompts, completions)]
 
 
 REWARDS = {"correct": correct_reward, "format": format_reward, "steps": steps_reward}
