@@ -4,7 +4,7 @@ Each test runs a recipe from `recipes/` as committed (steps, batch, learning rat
 the `id` split (300 prompts, greedy, 48 new tokens) before and after, and reads `summary.json`'s
 `eval.before` / `eval.after`. A run is deterministic on one machine, but another CPU's kernels round
 differently and the trajectory drifts, so thresholds are set below the worst of three recipe seeds (MEASURED,
-one quiet 2-core machine, torch single-threaded) with a margin of about one standard error of the
+a 2-core machine, two single-threaded runs at a time) with a margin of about one standard error of the
 difference (~3 points at n=300), not from the seed-0 run alone.
 """
 import json
