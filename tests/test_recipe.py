@@ -74,6 +74,7 @@ def test_override_parsing():
 
 def test_missing_recipe_file(tmp_path):
     assert "does not exist" in error_of(str(tmp_path / "nope.yaml"))
+    assert "no built-in recipe builtin:grpoo; the built-in recipes: dapo, dft" in error_of("builtin:grpoo")
 
 
 def test_cli_train_reports_recipe_errors_before_loading(tmp_path, capsys):
@@ -109,3 +110,4 @@ def test_shipped_recipes_validate():
     for path in recipes:
         r = load_recipe(path)
         assert r.model and r.stages, path
+        assert load_recipe(f"builtin:{path.stem}") == r  # the repository's recipes/ is the package's

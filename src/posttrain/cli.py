@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="run a recipe", description="Run a recipe (YAML). Writes config.yaml, "
                        "metrics.jsonl, tb/, summary.json and final/ into the run directory.")
-    t.add_argument("recipe", help="path to a recipe YAML file")
+    t.add_argument("recipe", help="path to a recipe YAML file, or builtin:NAME for a shipped one "
+                   "(builtin:sft, builtin:grpo, builtin:sft_then_grpo, ...; the repository's recipes/)")
     t.add_argument("--out", help="run directory (default runs/run-TIMESTAMP)")
     t.add_argument("--max-steps", type=int, help="cap every stage at N optimizer steps (smoke runs)")
     t.add_argument("overrides", nargs="*", metavar="key.path=value",

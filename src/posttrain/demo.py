@@ -15,16 +15,8 @@ from .recipe import load_recipe
 
 log = logging.getLogger("posttrain")
 
-RECIPES = Path(__file__).resolve().parent / "recipes"
 DEMO_RUNS = ("sft", "grpo", "sft_then_grpo")
 SPLITS = ("id", "ood")
-
-
-def _recipe_path(name: str) -> Path:
-    for root in (RECIPES, Path(__file__).resolve().parents[2] / "recipes"):
-        if (root / f"{name}.yaml").is_file():
-            return root / f"{name}.yaml"
-    raise FileNotFoundError(f"recipe {name}.yaml not found in the package or the repository")
 
 
 def _evaluate(model_dir: str, n: int, max_new_tokens: int) -> dict:
@@ -59,7 +51,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> int:
     base = _evaluate("builtin:tiny", n, max_new)
     results = {"base": {"eval": base, "wall_s": 0.0}}
     for name in DEMO_RUNS:
-        recipe = load_recipe(_recipe_path(name))
+        recipe = load_recipe(f"builtin:{name}")
         data = _quick(recipe) if quick else recipe.model_dump(mode="json")
         data.pop("eval", None)  # evaluated below, once per run, against the same base numbers
         log.info("training %s", name)

@@ -6,6 +6,7 @@ naming the key path and the closest valid key, raised before any model is loaded
 """
 from __future__ import annotations
 
+import copy
 import difflib
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -276,28 +277,44 @@ def _index(node: list, key: str, path: str) -> int:
     return int(key)
 
 
-def load_recipe(source: str | Path | dict | Recipe, overrides: list[str] | dict[str, Any] | None = None) -> Recipe:
-    """Load, override, validate and resolve a recipe from a YAML path, a dict, or a Recipe."""
-    if isinstance(source, Recipe):
-        data = source.model_dump(mode="json", exclude_none=True)
-        origin = "<recipe>"
-    elif isinstance(source, dict):
-        data, origin = dict(source), "<dict>"
-    else:
-        origin = str(source)
-        path = Path(source)
-        if not path.is_file():
-            raise RecipeError(f"recipe file {origin} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise RecipeError(f"{origin}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise RecipeError(f"{origin}: a recipe is a mapping with keys {', '.join(Recipe.model_fields)}")
-    if overrides:
-        import copy
+BUILTIN_RECIPES = Path(__file__).resolve().parent / "recipes"
 
-        data = apply_overrides(copy.deepcopy(data), overrides)
+
+def builtin_recipe(name: str) -> Path:
+    """The recipe shipped in the package as `builtin:NAME` (the repository's `recipes/NAME.yaml`)."""
+    path = BUILTIN_RECIPES / f"{name}.yaml"
+    if not path.is_file():
+        names = ", ".join(sorted(p.stem for p in BUILTIN_RECIPES.glob("*.yaml")))
+        raise RecipeError(f"no built-in recipe builtin:{name}; the built-in recipes: {names}")
+    return path
+
+
+def recipe_data(source: str | Path | dict | Recipe) -> tuple[dict, str]:
+    """The raw (unvalidated) mapping of a recipe given as a YAML path, `builtin:NAME` (a shipped recipe), a
+    dict or a Recipe, and where it came from (for error messages). The mapping is the caller's to change."""
+    if isinstance(source, Recipe):
+        return source.model_dump(mode="json", exclude_none=True), "<recipe>"
+    if isinstance(source, dict):
+        return copy.deepcopy(source), "<dict>"
+    origin = str(source)
+    path = builtin_recipe(origin.removeprefix("builtin:")) if origin.startswith("builtin:") else Path(source)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {origin} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{origin}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{origin}: a recipe is a mapping with keys {', '.join(Recipe.model_fields)}")
+    return data, origin
+
+
+def load_recipe(source: str | Path | dict | Recipe, overrides: list[str] | dict[str, Any] | None = None) -> Recipe:
+    """Load, override, validate and resolve a recipe from a YAML path, `builtin:NAME` (a shipped recipe),
+    a dict, or a Recipe."""
+    data, origin = recipe_data(source)
+    if overrides:
+        data = apply_overrides(data, overrides)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:

@@ -19,7 +19,7 @@ from .data import detect_format, encode_dataset, load_rows, validate
 from .data.loading import RowSet
 from .models import choose_dtype, load_policy, pick_device, save_pretrained, stop_token_ids
 from .objective.presets import get_preset
-from .recipe import Recipe, RecipeError, dump_recipe, load_recipe
+from .recipe import Recipe, RecipeError, dump_recipe, load_recipe, recipe_data
 from .training.loop import new_state, run_stage
 from .training.metrics import JsonlSink, Progress, Sinks, TensorBoardSink
 from .training.rollouts import RolloutMaker
@@ -41,7 +41,7 @@ def train(recipe: str | Path | dict | Recipe, *, out: str | Path | None = None, 
     they replace the recipe's `rewards` for those stages.
     overrides: dotted keys, e.g. {"stages.0.steps": 5} or ["stages.0.clip.eps_high=0.28"].
     """
-    raw = _as_dict(recipe)
+    raw, _ = recipe_data(recipe)
     data_map = _per_stage(data, raw)
     reward_map = _per_stage(rewards, raw)
     for i, st in enumerate(raw.get("stages", [])):
@@ -55,22 +55,6 @@ def train(recipe: str | Path | dict | Recipe, *, out: str | Path | None = None, 
                              for j, f in enumerate(reward_map[key])]
     cfg = load_recipe(raw, overrides)
     return Run(cfg, out=out, max_steps=max_steps, data=data_map, rewards=reward_map, progress=progress).execute()
-
-
-def _as_dict(recipe) -> dict:
-    if isinstance(recipe, Recipe):
-        return recipe.model_dump(mode="json", exclude_none=True)
-    if isinstance(recipe, dict):
-        return copy.deepcopy(recipe)
-    import yaml
-
-    path = Path(recipe)
-    if not path.is_file():
-        raise RecipeError(f"recipe file {path} does not exist")
-    loaded = yaml.safe_load(path.read_text())
-    if not isinstance(loaded, dict):
-        raise RecipeError(f"{path}: a recipe is a YAML mapping (model, stages, ...)")
-    return loaded
 
 
 def _per_stage(value, raw: dict) -> dict:
