@@ -1,6 +1,6 @@
 """Learning on the built-in `arith` task from the shipped base model, through the shipped recipes.
 
-Each test runs a recipe from `recipes/` as committed (steps, batch, learning rate, seed 0), evaluating only
+Each test runs a recipe from `recipes/` (by its `builtin:` name) as committed (steps, batch, learning rate, seed 0), evaluating only
 the `id` split (300 prompts, greedy, 48 new tokens) before and after, and reads `summary.json`'s
 `eval.before` / `eval.after`. A run is deterministic on one machine, but another CPU's kernels round
 differently and the trajectory drifts, so thresholds are set below the worst of three recipe seeds (MEASURED,
@@ -15,7 +15,6 @@ from posttrain.run import train
 
 pytestmark = pytest.mark.slow
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 BASE_ID_ACCURACY = 0.26  # builtin:tiny, greedy, first 300 `id` prompts
 
 # Greedy `id` accuracy after each recipe, seeds 0 / 1 / 2 (the recipe with `seed=S`); wall time 60-120 s per
@@ -32,34 +31,17 @@ RL_GAIN = 0.24
 
 
 def run(name: str, tmp_path: Path) -> tuple[dict, dict]:
-    summary = train(RECIPES / f"{name}.yaml", out=tmp_path / name,
+    summary = train(f"builtin:{name}", out=tmp_path / name,
                     overrides={"eval.splits": ["id"], "eval.n": 300}, progress=False)
     before, after = summary["eval"]["before"]["id"], summary["eval"]["after"]["id"]
     assert before["accuracy"] == pytest.approx(BASE_ID_ACCURACY, abs=0.02)  # the shipped base, as measured
     return before, after
 
 
-def test_grpo_raises_id_accuracy_by_15_points(tmp_path):
-    """Worst measured seed +32.0 points; threshold +24."""
-    before, after = run("grpo", tmp_path)
-    assert after["accuracy"] - before["accuracy"] >= RL_GAIN, (before, after)
-
-
-def test_dapo_raises_id_accuracy(tmp_path):
-    """Worst measured seed +31.7 points; threshold +24."""
-    before, after = run("dapo", tmp_path)
-    assert after["accuracy"] - before["accuracy"] >= RL_GAIN, (before, after)
-
-
-def test_dr_grpo_raises_id_accuracy(tmp_path):
-    """Worst measured seed +33.3 points; threshold +24."""
-    before, after = run("dr_grpo", tmp_path)
-    assert after["accuracy"] - before["accuracy"] >= RL_GAIN, (before, after)
-
-
-def test_sft_then_grpo_ends_above_the_base(tmp_path):
-    """Worst measured seed +32.3 points; threshold +24."""
-    before, after = run("sft_then_grpo", tmp_path)
+@pytest.mark.parametrize("name", ["grpo", "dapo", "dr_grpo", "sft_then_grpo"])
+def test_rl_recipes_raise_id_accuracy_by_15_points(name, tmp_path):
+    """Worst measured seed: grpo +32.0, dapo +31.7, dr_grpo +33.3, sft_then_grpo +32.3 points; threshold +24."""
+    before, after = run(name, tmp_path)
     assert after["accuracy"] - before["accuracy"] >= RL_GAIN, (before, after)
 
 
