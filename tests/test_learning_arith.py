@@ -1,11 +1,11 @@
 """Learning on the built-in `arith` task from the shipped base model, through the shipped recipes.
 
-Each test runs a recipe from `recipes/` (by its `builtin:` name) as committed (steps, batch, learning rate, seed 0), evaluating only
-the `id` split (300 prompts, greedy, 48 new tokens) before and after, and reads `summary.json`'s
-`eval.before` / `eval.after`. A run is deterministic on one machine, but another CPU's kernels round
-differently and the trajectory drifts, so thresholds are set below the worst of three recipe seeds (MEASURED,
-a 2-core machine, two single-threaded runs at a time) with a margin of about one standard error of the
-difference (~3 points at n=300), not from the seed-0 run alone.
+Each test runs a shipped recipe (`builtin:NAME`, the repository's `recipes/`) as committed (steps, batch,
+learning rate, seed 0), evaluating only the `id` split (300 prompts, greedy, 48 new tokens) before and after,
+and reads `summary.json`'s `eval.before` / `eval.after`. A run is deterministic on one machine, but another
+CPU's kernels round differently and the trajectory drifts, so thresholds are set below the worst of three
+recipe seeds (MEASURED, a 2-core machine, two single-threaded runs at a time) with a margin of about two
+standard errors of the difference, not from the seed-0 run alone.
 """
 from pathlib import Path
 
