@@ -108,16 +108,14 @@ class Selector:
     def evaluate(self, step: int) -> float:
         accuracy = self.dev_accuracy()
         self.history.append({"step": step, "dev_accuracy": accuracy})
-        self._consider(step, accuracy, copy.deepcopy(self.model.state_dict()))
-        crossed = len(self.history) > 1 and self.history[-2]["dev_accuracy"] < TARGET <= accuracy
-        if crossed:
-            current = copy.deepcopy(self.model.state_dict())
+        current = copy.deepcopy(self.model.state_dict())
+        self._consider(step, accuracy, current)
+        if len(self.history) > 1 and self.history[-2]["dev_accuracy"] < TARGET <= accuracy:  # crossed
             for s, weights in self.snapshots:
-                if s != step:
-                    self.model.load_state_dict(weights)
-                    a = self.dev_accuracy()
-                    self.history[-1].setdefault("between", []).append({"step": s, "dev_accuracy": a})
-                    self._consider(s, a, weights)
+                self.model.load_state_dict(weights)
+                a = self.dev_accuracy()
+                self.history[-1].setdefault("between", []).append({"step": s, "dev_accuracy": a})
+                self._consider(s, a, weights)
             self.model.load_state_dict(current)
         self.snapshots = []
         return accuracy
@@ -147,9 +145,9 @@ def build(recipe: Recipe, seed: int, out: Path, *, threads: int, n_id: int | Non
     selector = Selector(model, dev_accuracy)
 
     def on_step(state, record) -> bool:
-        if state.step % recipe.snapshot_every == 0:
-            selector.snapshot(state.step)
         if state.step % recipe.eval_every and state.step != recipe.steps:
+            if state.step % recipe.snapshot_every == 0:
+                selector.snapshot(state.step)
             return False
         accuracy = selector.evaluate(state.step)
         selector.history[-1].update(loss=round(record["loss"], 4), seconds=round(time.time() - t0, 1))

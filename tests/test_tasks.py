@@ -187,7 +187,7 @@ def test_corpus_mix_follows_the_recipe():
     assert abs(len(chat) / len(corpus) - mix.chat) < 0.03
     worked = sum("\n#### " in t for t in chat) / len(chat)
     assert abs(worked - dict(mix.styles)["worked"]) < 0.03  # the task's format is a small minority
-    ood = sum(len(_question(t).split()) == 9 for t in chat) / len(chat)  # "What is a + b - c + d?"
+    ood = sum(len(_question(t).split()) == 9 for t in chat) / len(chat)  # "a + b - c + d = ?"
     assert abs(ood - dict(mix.operands)[4]) < 0.02  # the ood axis is present, but rare
     assert pretraining_corpus("arith", 50, seed=1) == pretraining_corpus("arith", 50, seed=1)
     assert pretraining_corpus("arith", 50, seed=1) != pretraining_corpus("arith", 50, seed=2)
