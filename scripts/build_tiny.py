@@ -41,7 +41,9 @@ from posttrain.models import save_pretrained  # noqa: E402
 from posttrain.recipe import StageConfig, resolve_stage  # noqa: E402
 from posttrain.tasks import arith, pretraining_corpus  # noqa: E402
 from posttrain.tiny import IM_END, IM_START, tiny_model, train_tokenizer  # noqa: E402
+from posttrain.training.experience import Experience  # noqa: E402
 from posttrain.training.loop import new_state, run_stage  # noqa: E402
+from posttrain.training.sources import Demonstrations  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "src" / "posttrain" / "assets" / "tiny"
@@ -136,7 +138,9 @@ def build(recipe: Recipe, seed: int, out: Path, *, threads: int, n_id: int | Non
 
     stage = sft_stage(recipe)
     examples, _ = encode_dataset(RowSet(corpus, "pretraining corpus"), "text", tok, max_len=256)
-    state = new_state(model, stage, seed, len(examples))
+    experience = Experience(stage, tok, pad_id=tok.pad_token_id, seed=seed,
+                            demos=Demonstrations(examples, seed, stage.data.shuffle))
+    state = new_state(model, stage, seed, experience)
 
     def dev_accuracy() -> float:
         return evaluate_task(model, tok, TASK, "dev", n=recipe.dev_size, max_new_tokens=recipe.max_new_tokens,
@@ -154,7 +158,7 @@ def build(recipe: Recipe, seed: int, out: Path, *, threads: int, n_id: int | Non
         print(json.dumps(selector.history[-1]), flush=True)
         return accuracy > STOP_ABOVE
 
-    run_stage(state, stage, examples=examples, pad_id=tok.pad_token_id, device="cpu", on_step=on_step)
+    run_stage(state, stage, device="cpu", on_step=on_step)
     best, history = selector.best, selector.history
     model.load_state_dict(best["state"])
     train_seconds = time.time() - t0

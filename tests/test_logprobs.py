@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from posttrain.training.logprobs import position_ids_from_mask, token_logprobs
+from posttrain.logprobs import position_ids_from_mask, token_logprobs
 
 
 def _batch(vocab: int, lengths: list[int], seed: int = 0, pad_value: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,7 @@ import torch
 from oracle_policy import TabularBatch, assert_close, grad, log_ratio_offsets, make_batch, token_logp
 from torch import Tensor
 
+from posttrain.objective import advantages as ADV
 from posttrain.objective import components as C
 from posttrain.objective import estimator as E
 
@@ -20,9 +21,10 @@ MAX_LEN = 8  # L_max of the CONST normaliser, larger than any micro-batch's padd
 REWARDS = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.5, -1.0, 2.0, 0.0]], dtype=torch.float64)
 AGGREGATIONS = ("tok", "seq", "const", "sum")
 SETTINGS = {  # advantage, estimator keywords
-    "grpo": ("group_zscore", dict(weight="ratio", clip="token", kl_estimator="k3")),
-    "dr_grpo": ("group_center", dict(weight="ratio", clip="token", kl_estimator="k2")),
-    "dapo": ("group_zscore", dict(weight="ratio", clip="token", eps_high=0.28, kl_estimator="k3_ratio")),
+    "grpo": ("group_zscore", dict(weight="ratio", clip="token", eps_low=0.2, eps_high=0.2, kl_estimator="k3")),
+    "dr_grpo": ("group_center", dict(weight="ratio", clip="token", eps_low=0.2, eps_high=0.2, kl_estimator="k2")),
+    "dapo": ("group_zscore", dict(weight="ratio", clip="token", eps_low=0.2, eps_high=0.28,
+                                  kl_estimator="k3_ratio")),
     "sft": ("one", dict(weight="one", clip="none", kl_estimator="k3")),
 }
 
@@ -49,7 +51,8 @@ def micro_loss(b: TabularBatch, rows: slice, width: int, adv: Tensor, old_logp: 
 def check_accumulation(setting: str, mode: str) -> None:
     adv_kind, kw = SETTINGS[setting]
     b, old_logp, ref_logp = step_inputs(seed=20)
-    adv = C.SEQUENCE_ADVANTAGES[adv_kind](REWARDS).reshape(-1, 1) * b.mask  # advantages of the whole step
+    group = torch.arange(REWARDS.shape[0]).repeat_interleave(REWARDS.shape[1])
+    adv = ADV.advantages(adv_kind, REWARDS.reshape(-1), group, b.mask)  # advantages of the whole step
     whole = micro_loss(b, slice(None), b.mask.shape[1], adv, old_logp, ref_logp, mode, kw)
     if kw["clip"] != "none":
         assert 0 < whole.clipped_tokens < b.num_tokens, "the step must exercise the clip"

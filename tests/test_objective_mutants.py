@@ -13,23 +13,29 @@ from typing import Callable
 import pytest
 import torch
 from test_objective_accumulation import ACCUMULATION_CHECKS
+from test_objective_hybrids import HYBRID_CHECKS
 from test_objective_oracles import ALL_CHECKS
 from torch import Tensor
 
+from posttrain.objective import advantages as A
 from posttrain.objective import components as C
 from posttrain.objective import estimator as E
+from posttrain.objective import mixers as MX
 
-ORIG = {name: getattr(C, name) for name in dir(C) if callable(getattr(C, name))}
-CHECKS = ALL_CHECKS + ACCUMULATION_CHECKS
+MODULES = (C, A, MX)
+ORIG = {name: getattr(m, name) for m in MODULES for name in dir(m) if callable(getattr(m, name))}
+CHECKS = ALL_CHECKS + ACCUMULATION_CHECKS + HYBRID_CHECKS
 
 
 def patch(mp: pytest.MonkeyPatch, name: str, fn: Callable) -> None:
-    """Replace component `name` wherever the estimator can reach it: the module, the estimator's own import,
+    """Replace component `name` wherever the trainer can reach it: its module, the estimator's own import,
     and the WEIGHTS / SEQUENCE_ADVANTAGES tables."""
-    mp.setattr(C, name, fn)
+    for m in MODULES:
+        if hasattr(m, name):
+            mp.setattr(m, name, fn)
     if hasattr(E, name):
         mp.setattr(E, name, fn)
-    for table in (C.WEIGHTS, C.SEQUENCE_ADVANTAGES):
+    for table in (C.WEIGHTS, A.SEQUENCE_ADVANTAGES):
         for key, value in list(table.items()):
             if value is ORIG[name]:
                 mp.setitem(table, key, fn)
@@ -63,20 +69,25 @@ def agg_tok_microbatch_count(mask: Tensor, mode: str, **kw) -> Tensor:
     return ORIG["aggregation_weights"](mask, mode, **{**kw, "num_tokens": float(mask.sum())})
 
 
-def zscore_without_eps(rewards: Tensor, *, std_eps: float = 1e-4, bessel: bool = True) -> Tensor:
-    return ORIG["advantage_group_zscore"](rewards, std_eps=0.0, bessel=bessel)
+def zscore_without_eps(rewards: Tensor, group: Tensor, *, std_eps: float, bessel: bool = True) -> Tensor:
+    return ORIG["advantage_group_zscore"](rewards, group, std_eps=0.0, bessel=bessel)
 
 
-def zscore_population_std(rewards: Tensor, *, std_eps: float = 1e-4, bessel: bool = True) -> Tensor:
-    return ORIG["advantage_group_zscore"](rewards, std_eps=std_eps, bessel=False)
+def zscore_population_std(rewards: Tensor, group: Tensor, *, std_eps: float, bessel: bool = True) -> Tensor:
+    return ORIG["advantage_group_zscore"](rewards, group, std_eps=std_eps, bessel=False)
 
 
-def center_is_raw(rewards: Tensor) -> Tensor:
+def center_is_raw(rewards: Tensor, group: Tensor) -> Tensor:
     return torch.nan_to_num(rewards, nan=0.0)
 
 
-def loo_without_scale(rewards: Tensor) -> Tensor:
-    return ORIG["advantage_group_center"](rewards)
+def loo_without_scale(rewards: Tensor, group: Tensor) -> Tensor:
+    return ORIG["advantage_group_center"](rewards, group)
+
+
+def groups_by_row_order(rewards: Tensor, group: Tensor) -> Tensor:
+    """Statistics over consecutive blocks of 4 rows, as code that assumes contiguous groups would compute."""
+    return ORIG["group_sum"](rewards, torch.arange(len(rewards)) // 4)
 
 
 def ratio_inverted(logp: Tensor, old_logp: Tensor, **_: float) -> Tensor:
@@ -91,9 +102,45 @@ def prob_weight_is_one(logp: Tensor, old_logp: Tensor, **_: float) -> Tensor:
     return torch.ones_like(logp)
 
 
-def shaped_weight_unsquared(logp: Tensor, old_logp: Tensor, *, gamma: float = 0.1, **_: float) -> Tensor:
+def shaped_weight_unsquared(logp: Tensor, old_logp: Tensor, *, shaping_gamma: float, **_: float) -> Tensor:
     p = torch.exp(logp)
-    return gamma * p / (p + gamma)
+    return shaping_gamma * p / (p + shaping_gamma)
+
+
+def shaping_dropped(logp: Tensor, old_logp: Tensor, **_: float) -> Tensor:
+    """LUFFY's demonstration tokens weighted like plain SFT tokens (w = 1): the shaping forgotten."""
+    return torch.ones_like(logp)
+
+
+def schedule_off_by_one(step: int, **kw) -> float:
+    return ORIG["cosine_schedule"](step + 1, **kw)
+
+
+def hpt_gate_inverted(successes: Tensor, count: Tensor, stream: Tensor, *, gamma: float, sft_coef: float):
+    acc = successes / count.clamp(min=1)
+    switched = (acc > gamma) & (count > 0)
+    mix = torch.where(stream == 1, (~switched).to(acc.dtype), switched.to(acc.dtype) * sft_coef)
+    return mix, switched
+
+
+def hpt_gate_strict(successes: Tensor, count: Tensor, stream: Tensor, *, gamma: float, sft_coef: float):
+    """k / n < gamma instead of <=: SuperRL (gamma = 0) never switches."""
+    acc = successes / count.clamp(min=1)
+    switched = (acc < gamma) & (count > 0)
+    mix = torch.where(stream == 1, (~switched).to(acc.dtype), switched.to(acc.dtype) * sft_coef)
+    return mix, switched
+
+
+def chord_mix_swapped(stream: Tensor, mu: float) -> Tensor:
+    return ORIG["stream_weights"](stream, demo=1.0 - mu, rollout=mu)
+
+
+def srft_signs_swapped(row_entropy: Tensor, stream: Tensor, positive: Tensor, *, w_sft: float, w_rl: float) -> Tensor:
+    return ORIG["srft"](-row_entropy, stream, positive, w_sft=w_sft, w_rl=w_rl)
+
+
+def indicator_keeps_everything(rewards: Tensor, group: Tensor, *, threshold: float) -> Tensor:
+    return (~torch.isnan(rewards)).to(rewards.dtype)
 
 
 def sequence_ratio_of_sums(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
@@ -152,7 +199,15 @@ MUTANTS: dict[str, tuple[str, Callable, tuple[str, ...]]] = {
     "ratio_inverted": ("weight_ratio", ratio_inverted, ("o6", "o1[grpo]")),
     "truncation_ignored": ("weight_truncated", truncation_ignored, ("o1[cispo]",)),
     "dft_weight_is_one": ("weight_prob", prob_weight_is_one, ("o1[dft]", "o3", "o4")),
-    "shaped_weight_unsquared": ("weight_shaped", shaped_weight_unsquared, ("o3",)),
+    "shaped_weight_unsquared": ("weight_shaped", shaped_weight_unsquared, ("o3", "o17")),
+    "luffy_shaping_dropped": ("weight_shaped", shaping_dropped, ("o17",)),
+    "group_stats_by_row_order": ("group_sum", groups_by_row_order, ("o8", "groups")),
+    "mu_schedule_off_by_one": ("cosine_schedule", schedule_off_by_one, ("o18",)),
+    "chord_mu_on_the_wrong_stream": ("chord", chord_mix_swapped, ("o18",)),
+    "hpt_gate_inverted": ("hpt_gate", hpt_gate_inverted, ("o19",)),
+    "hpt_gate_strict_inequality": ("hpt_gate", hpt_gate_strict, ("o19",)),
+    "srft_entropy_sign_flipped": ("srft", srft_signs_swapped, ("srft",)),
+    "rft_keeps_unverified": ("advantage_indicator", indicator_keeps_everything, ("o20",)),
     "gspo_ratio_of_sums": ("sequence_ratio", sequence_ratio_of_sums, ("o1[gspo]", "o6")),
     "kl_sign_flipped": ("kl_penalty", kl_sign_flipped, ("o1[grpo]", "o12")),
     "kl_k2_without_half": ("kl_penalty", kl_k2_without_half, ("o12",)),

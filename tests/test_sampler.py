@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from posttrain.rollout.sampler import sample, top_p_filter
-from posttrain.training.logprobs import token_logprobs
+from posttrain.logprobs import token_logprobs
 
 PROMPTS = [[5, 17, 33, 8, 90, 12], [41], [7, 7, 200, 64]]
 # Many stop ids, so that rows of a random model finish at different steps and the batch shrinks mid-decode.

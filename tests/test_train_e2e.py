@@ -12,11 +12,13 @@ from letter_rewards import answer_is_a, fails_on_q1, varied
 from posttrain.models import save_pretrained
 from posttrain.objective.presets import PRESETS
 from posttrain.tiny import ARCHITECTURES, tiny_model
-from posttrain.training.experience import rollout_batch
+from posttrain.data.batch import ROLLOUT, rollout_batch
+from posttrain.objective.estimator import StreamComponents
 from posttrain.training.update import ObjectiveSpec, accumulate_gradients
 
 PROMPT = [{"role": "user", "content": "Answer with the letter A."}]
-RL_ROWS = [{"prompt": PROMPT, "answer": "A", "id": f"q{i}"} for i in range(8)]
+ANSWER = [{"role": "assistant", "content": "A"}]
+RL_ROWS = [{"prompt": PROMPT, "answer": "A", "completion": ANSWER, "id": f"q{i}"} for i in range(8)]
 SFT_ROWS = [{"messages": PROMPT + [{"role": "assistant", "content": "A"}]} for _ in range(8)]
 
 
@@ -41,7 +43,7 @@ def recipe(model_dir, method, steps=3, **stage):
 
 
 def run(tmp_path, model_dir, method, **stage):
-    rl = PRESETS[method].data == "rollouts"
+    rl = PRESETS[method].needs_rewards
     return posttrain.train(recipe(model_dir, method, **stage), out=tmp_path / "run",
                            data=RL_ROWS if rl else SFT_ROWS, rewards=[varied] if rl else None, progress=False)
 
@@ -50,19 +52,21 @@ def metrics(path):
     return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
 
 
-FAST = [(m, "llama") for m in PRESETS] + [(m, a) for a in ARCHITECTURES if a != "llama" for m in ("sft", "grpo")]
+FAST = [(m, a) for m in PRESETS for a in ("llama", "qwen2")] + [(m, a) for a in ("mistral", "gpt2") for m in ("sft", "grpo")]
 SLOW = [(m, a) for a in ARCHITECTURES for m in PRESETS if (m, a) not in FAST]
 
 
 def _check_run(tmp_path, model_dir, method):
     # A random tiny model never stops within 6 tokens: DAPO would mask every (truncated) completion.
     extra = {"overlong": {"mask_truncated": False}} if method == "dapo" else {}
+    if method == "rft":  # verify every sample whose reward is at least 0.1 (varied() gives 0.1 .. 0.6)
+        extra = {"success_threshold": 0.1}
     summary = run(tmp_path, model_dir, method, **extra)
     rows = metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:
         assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) and r["stage"] == method
-    if PRESETS[method].data == "rollouts":
+    if PRESETS[method].needs_rewards and method != "rft":
         assert {"reward_mean", "accuracy", "response_len", "entropy", "t_rollout"} <= set(rows[0])
     assert summary["stages"][method]["steps"] == 3
 
@@ -105,7 +109,8 @@ def test_multi_stage_sft_then_grpo_and_columns_reach_rewards(tmp_path, model_dir
     rows = metrics(tmp_path / "run")
     assert [r["stage"] for r in rows] == ["sft", "sft", "rl", "rl"]
     assert [r["global_step"] for r in rows] == [1, 2, 3, 4]
-    assert rows[-1]["reward_errors"] == 0 and "reward/answer_is_a" in rows[-1]
+    assert rows[2]["reward_errors"] == 0 and "reward/answer_is_a" in rows[2]  # on the batch's first update
+    assert "reward_errors" not in rows[3]  # ... and only there: counted once per rollout batch
     # two updates per rollout batch: old_logp comes from a trainer pass, so the first update's ratio is 1
     assert abs(rows[2]["ratio_mean"] - 1.0) < 1e-5 and rows[2]["clipfrac"] == 0.0
 
@@ -121,9 +126,9 @@ def test_reward_errors_are_masked_counted_and_logged(tmp_path, model_dirs, caplo
 
 
 def test_dapo_logs_fill_ratio_and_rloo_kl_in_reward(tmp_path, model_dirs):
-    run(tmp_path, model_dirs["llama"], "dapo")  # every completion is truncated and masked: no update
+    run(tmp_path, model_dirs["llama"], "dapo")  # (nearly) every completion is truncated and masked: no group left
     rows = metrics(tmp_path / "run")
-    assert all(r["skipped"] == 1 and "fill_ratio" in r and r["truncated_frac"] == 1.0 for r in rows)
+    assert all(r["skipped"] == 1 and r["fill_ratio"] == 0 and r["truncated_frac"] > 0.9 for r in rows)
     run(tmp_path / "b", model_dirs["llama"], "rloo")
     kls = [r["kl"] for r in metrics(tmp_path / "b" / "run")]
     assert kls[0] == 0.0  # the reference is the policy at the stage's start
@@ -136,7 +141,8 @@ def _grads(model):
 
 @pytest.mark.parametrize("aggregation", ["tok", "seq", "const", "sum"])
 def test_gradient_accumulation_invariant_through_model(tokenizer, aggregation):
-    """micro-batch 1 x 8 accumulation == 8 x 1, with ragged padding, clip and a KL term on (fp32, 1e-5)."""
+    """micro-batches of one group (2 rows) x 4 == one batch of 8, with ragged padding, clip and a KL term on
+    (fp32, 1e-5)."""
     model = tiny_model("llama", tokenizer, seed=1)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(5, 200, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist()
@@ -144,12 +150,13 @@ def test_gradient_accumulation_invariant_through_model(tokenizer, aggregation):
     comps = [torch.randint(5, 200, (int(torch.randint(1, 7, (1,), generator=g)),), generator=g).tolist()
              for _ in range(8)]
     adv = torch.randn(8, generator=g)
-    batch = rollout_batch(prompts, comps, adv, torch.ones(8, dtype=torch.bool), pad_id=0)
+    batch = rollout_batch(prompts, comps, adv, torch.ones(8, dtype=torch.bool), pad_id=0, group=[0, 0, 1, 1, 2, 2, 3, 3])
     batch.old_logp = (torch.randn(batch.loss_mask.shape, generator=g) * 0.2 - 4) * batch.loss_mask
     batch.ref_logp = (torch.randn(batch.loss_mask.shape, generator=g) * 0.2 - 4) * batch.loss_mask
-    spec = ObjectiveSpec(weight="ratio", clip="token", aggregation=aggregation, eps_low=0.2, eps_high=0.28,
-                         eps_max=5.0, gamma=0.1, kl_beta_loss=0.05, kl_estimator="k3", entropy_coef=0.01,
-                         max_len=6, temperature=1.0, with_entropy=True)
+    rollout = StreamComponents(weight="ratio", clip="token", aggregation=aggregation, eps_low=0.2, eps_high=0.28,
+                               eps_max=5.0, shaping_gamma=0.1, max_len=6, kl=True)
+    spec = ObjectiveSpec(streams={ROLLOUT: rollout}, joint=False, kl_beta_loss=0.05, kl_estimator="k3",
+                         entropy_coef=0.01, temperature=1.0, with_entropy=True)
     accumulate_gradients(model, batch, spec, micro_size=8, device="cpu")
     full = _grads(model)
     model.zero_grad(set_to_none=True)

@@ -26,14 +26,15 @@ def cmd_methods(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    cols = ("name", "data", "advantage", "weight", "mask", "aggregation", "regularizers")
+    cols = ("name", "sources", "advantage", "weight", "mask", "aggregation", "mix", "regularizers")
     widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
     print("  ".join(c.ljust(widths[c]) for c in cols))
     print("  ".join("-" * widths[c] for c in cols))
     for r in rows:
         print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
-    print("\nweight w = sg(p / D): one (D = p), ratio (D = q, old policy), prob (D = 1), ...; "
-          "`posttrain methods --json` lists sources and defaults.")
+    print("\nweight w = sg(p / D): one (D = p), ratio (D = q, old policy), prob (D = 1), shaped (LUFFY), "
+          "phi (CHORD), ...;\nper-stream entries name the stream (demo, rollout, prefix); `posttrain methods "
+          "--json` lists every default and its reference.")
     return 0
 
 

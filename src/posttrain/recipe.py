@@ -14,8 +14,9 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .objective.advantages import ADVANTAGES, GROUP_ADVANTAGES
 from .objective.components import AGGREGATIONS, KL_ESTIMATORS, WEIGHTS
-from .objective.presets import ADVANTAGES, CLIPS, PRESETS, Preset, get_preset
+from .objective.presets import CLIPS, PRESETS, STREAM_ADVANTAGES, STREAM_NAMES, Preset, get_preset
 
 DATA_FORMATS = ("auto", "text", "messages", "prompt_completion", "prompt_answer", "prompt_only")
 
@@ -33,6 +34,7 @@ class DataConfig(Strict):
 
     path: Optional[str] = None  # JSONL / JSON / Parquet file, dataset directory, or hub id
     task: Optional[str] = None  # a built-in task name (`posttrain tasks`), instead of `path`
+    from_stage: Optional[str] = None  # the data an earlier stage of this run made (RFT's verified samples)
     split: str = "train"
     format: Literal[DATA_FORMATS] = "auto"  # type: ignore[valid-type]
     max_len: int = Field(1024, gt=0)  # longest tokenised demonstration / prompt kept
@@ -42,8 +44,9 @@ class DataConfig(Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataConfig":
-        if self.path is not None and self.task is not None:
-            raise ValueError("give either data.path or data.task, not both")
+        given = [k for k in ("path", "task", "from_stage") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of path, task or from_stage, not {' and '.join(given)}")
         return self
 
 
@@ -106,6 +109,48 @@ class DynamicSamplingConfig(Strict):
     max_rounds: int = Field(4, gt=0)  # extra sampling rounds allowed to refill the batch with mixed groups
 
 
+class StreamConfig(Strict):
+    """Overrides of one stream's components (the preset's choice when unset)."""
+
+    weight: Optional[Literal[tuple(WEIGHTS)]] = None  # type: ignore[valid-type]
+    clip_level: Optional[Literal[CLIPS]] = None  # type: ignore[valid-type]
+    aggregation: Optional[Literal[AGGREGATIONS]] = None  # type: ignore[valid-type]
+    advantage: Optional[Literal[STREAM_ADVANTAGES]] = None  # type: ignore[valid-type]
+
+
+class StreamsConfig(Strict):
+    demo: Optional[StreamConfig] = None
+    rollout: Optional[StreamConfig] = None
+    prefix: Optional[StreamConfig] = None
+
+
+class SourcesConfig(Strict):
+    """How many rows each source adds per step (defaults from the preset)."""
+
+    demos_per_group: Optional[int] = Field(None, ge=0)  # LUFFY: demonstrations inside each group of G
+    demo_share: Optional[float] = Field(None, ge=0)  # CHORD / SRFT: demonstration rows per rollout row
+    buffer_size: Optional[int] = Field(None, ge=1)  # ReLIFT: buffered questions that trigger an SFT term
+    prefixed_rows: Optional[int] = Field(None, ge=0)  # prefix-guided RL: prefixed rows per group
+    prefix_start: Optional[float] = Field(None, ge=0, le=1)  # prefix share of the demonstration at step 0
+    prefix_end: Optional[float] = Field(None, ge=0, le=1)  # ... at the last step (cosine in between)
+    rounds: Optional[int] = Field(None, ge=1)  # RFT: sample / verify / fine-tune rounds
+    round_prompts: Optional[int] = Field(None, ge=1)  # RFT: prompts sampled per round (default: every row)
+
+
+class MixConfig(Strict):
+    """The mixer's constants (defaults from the preset)."""
+
+    mu_peak: Optional[float] = Field(None, ge=0, le=1)  # CHORD
+    mu_valley: Optional[float] = Field(None, ge=0, le=1)
+    mu_warmup: Optional[int] = Field(None, ge=0)
+    mu_decay: Optional[int] = Field(None, ge=0)
+    hpt_gamma: Optional[float] = Field(None, le=1)  # HPT: SFT iff accuracy <= hpt_gamma (< 0: never)
+    sft_coef: Optional[float] = Field(None, ge=0)  # HPT / ReLIFT: weight of the SFT term
+    soft_table: Optional[list[tuple[float, float, float]]] = None  # HPT soft: (max accuracy, rl, sft) rows
+    w_sft: Optional[float] = Field(None, ge=0)  # SRFT
+    w_rl: Optional[float] = Field(None, ge=0)
+
+
 class OverlongConfig(Strict):
     mask_truncated: Optional[bool] = None
     soft_penalty: Optional[bool] = None
@@ -116,6 +161,7 @@ class StageConfig(Strict):
     name: Optional[str] = None
     method: str
     data: DataConfig
+    demos: Optional[DataConfig] = None  # demonstrations from a separate dataset (CHORD, ReLIFT, LUFFY, ...)
     rewards: list[RewardConfig] = Field(default_factory=list)
     steps: int = Field(100, gt=0)  # optimizer steps
     optim: OptimConfig = Field(default_factory=OptimConfig)
@@ -124,9 +170,16 @@ class StageConfig(Strict):
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     ppo_epochs: int = Field(1, gt=0)  # passes over each rollout batch
     minibatches: int = Field(1, gt=0)  # optimizer steps per pass
+    # Components of the preset's main stream (rollout for RL methods, demo for SFT methods); `streams` sets any.
     weight: Optional[Literal[tuple(WEIGHTS)]] = None  # type: ignore[valid-type]
     clip_level: Optional[Literal[CLIPS]] = None  # type: ignore[valid-type]
     aggregation: Optional[Literal[AGGREGATIONS]] = None  # type: ignore[valid-type]
+    streams: StreamsConfig = Field(default_factory=StreamsConfig)
+    normaliser: Optional[Literal["stream", "joint"]] = None
+    shaping_gamma: Optional[float] = Field(None, gt=0)  # LUFFY's f(p) = p / (p + gamma)
+    success_threshold: Optional[float] = None  # total reward at which a sample counts as correct
+    sources: SourcesConfig = Field(default_factory=SourcesConfig)
+    mix: MixConfig = Field(default_factory=MixConfig)
     clip: ClipConfig = Field(default_factory=ClipConfig)
     kl: KLConfig = Field(default_factory=KLConfig)
     entropy: EntropyConfig = Field(default_factory=EntropyConfig)
@@ -171,9 +224,18 @@ def resolve_stage(stage: StageConfig) -> StageConfig:
     p: Preset = get_preset(stage.method)
     s = stage.model_copy(deep=True)
     s.name = s.name or s.method
-    s.weight = s.weight or p.weight
-    s.clip_level = s.clip_level or p.clip
-    s.aggregation = s.aggregation or p.aggregation
+    _resolve_streams(s, p)
+    if s.normaliser is None:
+        s.normaliser = p.normaliser
+    if s.shaping_gamma is None:
+        s.shaping_gamma = p.shaping_gamma
+    if s.success_threshold is None:
+        s.success_threshold = p.success_threshold
+    _fill(s.sources, demos_per_group=p.demos_per_group, demo_share=p.demo_share, buffer_size=p.buffer_size or 1,
+          prefixed_rows=p.prefixed_rows, prefix_start=p.prefix_start, prefix_end=p.prefix_end, rounds=p.rounds or 1)
+    _fill(s.mix, mu_peak=p.mu_peak, mu_valley=p.mu_valley, mu_warmup=p.mu_warmup, mu_decay=p.mu_decay,
+          hpt_gamma=p.hpt_gamma, sft_coef=p.sft_coef, soft_table=[list(r) for r in p.soft_table], w_sft=p.w_sft,
+          w_rl=p.w_rl)
     _fill(s.clip, eps_low=p.eps_low, eps_high=p.eps_high, eps_max=p.eps_max)
     _fill(s.kl, beta=p.kl_beta, estimator=p.kl_estimator, placement=p.kl_placement)
     _fill(s.entropy, coef=p.entropy_coef)
@@ -185,6 +247,32 @@ def resolve_stage(stage: StageConfig) -> StageConfig:
     return s
 
 
+def _resolve_streams(s: StageConfig, p: Preset) -> None:
+    """Every stream of the preset gets all four components: the recipe's `streams.NAME`, then (for the main
+    stream) the stage's `weight` / `clip_level` / `aggregation`, then the preset. Other streams are refused."""
+    main = p.primary()
+    for name in STREAM_NAMES:
+        given = getattr(s.streams, name)
+        if given is not None and name not in p.streams:
+            raise RecipeError(f"stage {s.name!r}: method {s.method!r} has no {name!r} stream (its streams: "
+                              f"{', '.join(p.streams)}); remove streams.{name}")
+    for name, spec in p.streams.items():
+        cfg = getattr(s.streams, name) or StreamConfig()
+        if name == main:
+            cfg.weight = cfg.weight or s.weight
+            cfg.clip_level = cfg.clip_level or s.clip_level
+            cfg.aggregation = cfg.aggregation or s.aggregation
+        _fill(cfg, weight=spec.weight, clip_level=spec.clip, aggregation=spec.aggregation, advantage=spec.advantage)
+        setattr(s.streams, name, cfg)
+    m = getattr(s.streams, main)
+    s.weight, s.clip_level, s.aggregation = m.weight, m.clip_level, m.aggregation
+
+
+def stage_streams(s: StageConfig) -> dict[str, StreamConfig]:
+    """The resolved streams of a stage, by name."""
+    return {n: getattr(s.streams, n) for n in STREAM_NAMES if getattr(s.streams, n) is not None}
+
+
 def _fill(section: BaseModel, **defaults: Any) -> None:
     for key, value in defaults.items():
         if getattr(section, key) is None:
@@ -193,6 +281,10 @@ def _fill(section: BaseModel, **defaults: Any) -> None:
 
 def _check_combination(s: StageConfig, p: Preset) -> None:
     where = f"stage {s.name!r}"
+    if s.demos is not None and not ({"demonstrations", "paired", "prefixed", "buffer"} & set(p.sources)) \
+            or s.demos is not None and p.data == "demonstrations":
+        raise RecipeError(f"{where}: method {s.method!r} reads no separate demonstrations; remove `demos` "
+                          "(SFT methods read their demonstrations from `data`)")
     if p.data == "demonstrations":
         if s.rewards:
             raise RecipeError(f"{where}: method {s.method!r} trains on demonstrations and uses no rewards; "
@@ -206,23 +298,34 @@ def _check_combination(s: StageConfig, p: Preset) -> None:
                           "use k2 or k3 in the loss, or kl.placement: reward for k1")
     if s.kl.placement == "reward" and s.kl.estimator != "k1" and s.kl.beta:
         raise RecipeError(f"{where}: a KL penalty in the reward uses the k1 estimator; set kl.estimator: k1")
-    group_based = s.advantage.kind in ("group_zscore", "group_center", "loo")
+    group_based = s.advantage.kind in GROUP_ADVANTAGES
     if group_based and s.rollout.group_size < 2:
         raise RecipeError(f"{where}: advantage {s.advantage.kind!r} compares samples within a group; "
                           f"rollout.group_size must be >= 2 (got {s.rollout.group_size})")
+    in_group = s.sources.demos_per_group + s.sources.prefixed_rows
+    if in_group >= s.rollout.group_size and "verified" not in p.sources:
+        raise RecipeError(f"{where}: sources.demos_per_group + sources.prefixed_rows ({in_group}) must leave at "
+                          f"least one free rollout in each group of rollout.group_size={s.rollout.group_size}")
+    if p.mixer == "hpt_soft":
+        table = s.mix.soft_table
+        if not table or any(a[0] > b[0] for a, b in zip(table, table[1:])) or table[-1][0] < 1:
+            raise RecipeError(f"{where}: mix.soft_table rows are (max_accuracy, rl_weight, sft_weight) sorted by "
+                              "max_accuracy, the last covering accuracy 1.0")
     if s.dynamic_sampling.enabled and not group_based:
         raise RecipeError(f"{where}: dynamic_sampling keeps groups of mixed outcome; it needs a group advantage")
     updates = s.ppo_epochs * s.minibatches
-    if updates > 1 and s.weight == "one":
+    if updates > 1 and s.streams.rollout is not None and s.streams.rollout.weight == "one":
         raise RecipeError(f"{where}: weight 'one' assumes the data come from the current policy, which stops being "
                           f"true after the first of {updates} updates per rollout batch; use a ratio-weighted "
                           "method (grpo, dr_grpo, dapo, ...) or ppo_epochs: 1, minibatches: 1")
     if s.overlong.soft_penalty and s.overlong.cache > s.rollout.max_new_tokens:
         raise RecipeError(f"{where}: overlong.cache ({s.overlong.cache}) must be <= rollout.max_new_tokens "
                           f"({s.rollout.max_new_tokens}): the penalty ramps over the last `cache` tokens")
-    if (s.weight, s.clip_level) in (("ratio", "sequence"), ("seq_ratio", "token")):
-        raise RecipeError(f"{where}: weight {s.weight!r} with clip_level {s.clip_level!r} mixes token and sequence "
-                          "ratios; use weight ratio + clip_level token, or seq_ratio + sequence")
+    for name, st in stage_streams(s).items():
+        if (st.weight, st.clip_level) in (("ratio", "sequence"), ("seq_ratio", "token")):
+            raise RecipeError(f"{where}: stream {name!r}: weight {st.weight!r} with clip_level {st.clip_level!r} "
+                              "mixes token and sequence ratios; use weight ratio + clip_level token, or seq_ratio "
+                              "+ sequence")
     if s.minibatches > s.batch.size * s.rollout.group_size:
         raise RecipeError(f"{where}: minibatches ({s.minibatches}) exceeds the sequences per rollout batch")
     if s.clip.eps_high is not None and s.clip.eps_low is not None and s.clip_level != "none" \
@@ -236,6 +339,15 @@ def resolve(recipe: Recipe) -> Recipe:
     names = [s.name for s in r.stages]
     if len(set(names)) != len(names):
         raise RecipeError(f"stage names must be unique, got {names}; set `name:` on each stage")
+    for i, s in enumerate(r.stages):
+        for d in (s.data, s.demos):
+            if d is not None and d.from_stage is not None and d.from_stage not in names[:i]:
+                raise RecipeError(f"stage {s.name!r}: from_stage {d.from_stage!r} is not an earlier stage "
+                                  f"(earlier: {', '.join(names[:i]) or 'none'})")
+            if d is not None and d.from_stage is not None and \
+                    "verified" not in get_preset(r.stages[names.index(d.from_stage)].method).sources:
+                raise RecipeError(f"stage {s.name!r}: stage {d.from_stage!r} makes no data (only rft stages write "
+                                  "their verified samples)")
     return r
 
 

@@ -1,15 +1,20 @@
 """A run: recipe -> stages -> run directory. `posttrain.train(...)` and `posttrain train` both land here.
 
 Run directory (DESIGN.md §3): config.yaml (fully resolved), metrics.jsonl, tb/ (TensorBoard),
-summary.json, final/ (model + tokenizer + chat template + generation config), run.log.
+summary.json, final/ (model + tokenizer + chat template + generation config), run.log, progress.json and
+stages/NAME/ (each finished stage's policy in model/, and data it made, e.g. verified.jsonl).
 Each stage starts from the previous stage's policy; its reference model is the policy at its start.
+A failed stage leaves the finished stages' outputs intact; rerunning the same command on the same
+directory skips them (step-level resume inside a stage is the checkpoint's job).
 """
 from __future__ import annotations
 
 import copy
 import json
 import logging
+import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -22,13 +27,13 @@ from .objective.presets import get_preset
 from .recipe import Recipe, RecipeError, dump_recipe, load_recipe, recipe_data
 from .training.loop import new_state, run_stage
 from .training.metrics import JsonlSink, Progress, Sinks, TensorBoardSink
-from .training.rollouts import RolloutMaker
 
 log = logging.getLogger("posttrain")
 
 DEMO_FORMATS = ("messages", "prompt_completion", "text")
 RL_FORMATS = ("prompt_answer", "prompt_only")
 IN_MEMORY = "<in-memory>"
+VERIFIED_FILE = "verified.jsonl"  # what a rejection-sampling stage writes for later stages (data.from_stage)
 
 
 def train(recipe: str | Path | dict | Recipe, *, out: str | Path | None = None, max_steps: int | None = None,
@@ -88,33 +93,47 @@ class Run:
 
     def _execute(self) -> dict:
         cfg = self.cfg
+        progress = StageProgress(self.out, dump_recipe(cfg), self.max_steps)
         (self.out / "config.yaml").write_text(dump_recipe(cfg))
         torch.manual_seed(cfg.seed)
         device = pick_device(cfg.device)
         # Everything that can be checked without the model is checked before it loads.
-        stage_rows = [self._load_stage_rows(s) for s in cfg.stages]
-        model, tok = load_policy(cfg.model, dtype=choose_dtype(cfg.dtype, device), device=device)
+        stage_data = [self._load_stage_data(s) for s in cfg.stages]
+        resume_from = progress.last_model()
+        model, tok = load_policy(str(resume_from) if resume_from else cfg.model,
+                                 dtype=choose_dtype(cfg.dtype, device), device=device)
         stop_ids = stop_token_ids(tok, model)
         pad_id = tok.pad_token_id
         summary: dict[str, Any] = {"model": cfg.model, "out": str(self.out), "device": device,
                                    "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
                                    "stages": {}}
         log.info("model %s on %s (%s)", cfg.model, device, summary["dtype"])
-        sinks = Sinks(JsonlSink(self.out / "metrics.jsonl"), TensorBoardSink(self.out / "tb"))
+        if progress.done:
+            log.info("resuming %s: stages %s finished, skipped", self.out, ", ".join(progress.done))
+        sinks = Sinks(JsonlSink(self.out / "metrics.jsonl", keep=lambda r: r.get("stage") in progress.done),
+                      TensorBoardSink(self.out / "tb"))
         t_run = time.perf_counter()
         try:
             hooks = EvalHooks(cfg, tok, stop_ids, pad_id, device)
-            summary["eval"] = {"before": hooks.evaluate(model)} if hooks.active else {}
+            if hooks.active:
+                if "eval_before" not in progress.record:
+                    progress.save_eval_before(hooks.evaluate(model))
+                summary["eval"] = {"before": progress.record["eval_before"]}
             global_step = 0
-            for i, (stage, (rowset, fmt)) in enumerate(zip(cfg.stages, stage_rows)):
+            for i, (stage, sd) in enumerate(zip(cfg.stages, stage_data)):
+                if stage.name in progress.done:
+                    result = progress.done[stage.name]
+                    summary["stages"][stage.name] = result
+                    global_step += result["steps"]
+                    continue
                 t0 = time.perf_counter()
-                result = self._run_stage(i, stage, rowset, fmt, model, tok, stop_ids, pad_id, device, sinks,
-                                         global_step)
+                result = self._run_stage(i, stage, sd, model, tok, stop_ids, pad_id, device, sinks, global_step)
                 global_step += result["steps"]
                 result["wall_s"] = round(time.perf_counter() - t0, 3)
                 if hooks.active:
                     result["eval"] = hooks.evaluate(model)
                 summary["stages"][stage.name] = result
+                progress.finish_stage(stage.name, result, model, tok, stop_ids)
             if hooks.active:
                 summary["eval"]["after"] = summary["stages"][cfg.stages[-1].name]["eval"]
             save_pretrained(model, tok, self.out / "final", stop_ids=stop_ids)
@@ -125,28 +144,58 @@ class Run:
         log.info("run finished in %.1fs: %s", summary["wall_s"], self.out)
         return summary
 
-    def _load_stage_rows(self, stage) -> tuple[RowSet, str]:
-        preset = get_preset(stage.method)
-        if stage.data.task:
+    def _rowset(self, stage, d) -> RowSet | None:
+        """The rows `d` (a stage's `data` or `demos` section) names; None for data an earlier stage makes."""
+        if d.task:
             from .tasks import get_task
 
-            rows = get_task(stage.data.task).rows(stage.data.split)
-            rowset = RowSet(rows, f"task:{stage.data.task}/{stage.data.split}")
-        elif stage.data.path == IN_MEMORY or (stage.data.path is None and stage.name in self.data):
-            rowset = load_rows(self.data[stage.name], split=stage.data.split)
-        elif stage.data.path:
-            rowset = load_rows(stage.data.path, split=stage.data.split)
+            rows = get_task(d.task).rows(d.split)
+            rowset = RowSet(rows, f"task:{d.task}/{d.split}")
+        elif d.from_stage:
+            return None
+        elif d.path == IN_MEMORY or (d.path is None and stage.name in self.data and d is stage.data):
+            rowset = load_rows(self.data[stage.name], split=d.split)
+        elif d.path:
+            rowset = load_rows(d.path, split=d.split)
         else:
-            raise RecipeError(f"stage {stage.name!r}: set data.path (a file, directory or hub id) or data.task")
-        if stage.data.limit:
-            rowset = RowSet(rowset.rows[: stage.data.limit], rowset.origin)
-        allowed = DEMO_FORMATS if preset.data == "demonstrations" else RL_FORMATS
-        fmt = detect_format(rowset, allowed) if stage.data.format == "auto" else stage.data.format
+            raise RecipeError(f"stage {stage.name!r}: set data.path (a file, directory or hub id), data.task or "
+                              "data.from_stage")
+        if d.limit:
+            rowset = RowSet(rowset.rows[: d.limit], rowset.origin)
+        return rowset
+
+    def _load_stage_data(self, stage) -> "StageData":
+        preset = get_preset(stage.method)
+        sd = StageData(self._rowset(stage, stage.data), None, None, None)
+        if sd.rows is not None:
+            sd.fmt = self._check_rows(stage, sd.rows, stage.data.format, preset.data)
+        if stage.demos is not None:
+            sd.demos = self._rowset(stage, stage.demos)
+            if sd.demos is not None:
+                sd.demos_fmt = self._check_rows(stage, sd.demos, stage.demos.format, "demonstrations")
+        if sd.rows is not None and (preset.needs_demonstrations or _reads_row_demos(preset, stage)):
+            self._check_paired(stage, sd)
+        return sd
+
+    def _check_rows(self, stage, rowset: RowSet, fmt: str, kind: str) -> str:
+        allowed = DEMO_FORMATS if kind == "demonstrations" else RL_FORMATS
+        fmt = detect_format(rowset, allowed) if fmt == "auto" else fmt
         if fmt not in allowed:
-            raise RecipeError(f"stage {stage.name!r}: method {stage.method!r} reads {', '.join(allowed)} data, "
-                              f"not {fmt!r}")
+            raise RecipeError(f"stage {stage.name!r}: method {stage.method!r} reads {', '.join(allowed)} data "
+                              f"here, not {fmt!r} ({rowset.origin})")
         validate(rowset, fmt)
-        return rowset, fmt
+        return fmt
+
+    def _check_paired(self, stage, sd: "StageData") -> None:
+        from .training.sources import PairedDemos
+
+        if sd.demos is not None and get_preset(stage.method).needs_demonstrations and sd.demos_fmt != \
+                "prompt_completion":
+            raise RecipeError(f"stage {stage.name!r}: demonstrations paired with prompts are matched by prompt, so "
+                              f"`demos` needs prompt + completion rows, not {sd.demos_fmt!r} ({sd.demos.origin})")
+        paired = PairedDemos(None, sd.demos if get_preset(stage.method).needs_demonstrations else None,
+                             sd.demos_fmt)
+        paired.check(sd.rows, stage.method)
 
     def _scorer(self, stage):
         from .rewards import RewardScorer, RewardSpec
@@ -163,8 +212,29 @@ class Run:
             specs.append(RewardSpec(fn=fn, weight=r.weight, kwargs=dict(r.kwargs), name=r.name))
         return RewardScorer(specs, timeout_s=stage.reward_timeout_s)
 
-    def _run_stage(self, i, stage, rowset, fmt, model, tok, stop_ids, pad_id, device, sinks, global_step) -> dict:
+    def _resolve_late(self, stage, sd: "StageData") -> None:
+        """Data made by an earlier stage of this run (`from_stage`) exists only now: load and check it."""
+        for attr, section, kind in (("rows", stage.data, get_preset(stage.method).data), ("demos", stage.demos,
+                                                                                          "demonstrations")):
+            if section is not None and section.from_stage:
+                path = self.out / "stages" / section.from_stage / VERIFIED_FILE
+                rowset = load_rows(str(path))
+                if section.limit:
+                    rowset = RowSet(rowset.rows[: section.limit], rowset.origin)
+                setattr(sd, attr, rowset)
+                setattr(sd, "fmt" if attr == "rows" else "demos_fmt",
+                        self._check_rows(stage, rowset, section.format, kind))
+                preset = get_preset(stage.method)
+                if preset.needs_demonstrations or _reads_row_demos(preset, stage):
+                    self._check_paired(stage, sd)
+
+    def _run_stage(self, i, stage, sd: "StageData", model, tok, stop_ids, pad_id, device, sinks,
+                   global_step) -> dict:
+        from .training.experience import Experience
+        from .training.sources import Demonstrations, PairedDemos
+
         preset = get_preset(stage.method)
+        self._resolve_late(stage, sd)
         seed = self.cfg.seed + 7919 * i
         ref_model = None
         if stage.kl.beta:  # the reference is the policy at this stage's start
@@ -172,34 +242,115 @@ class Run:
         n_steps = min(stage.steps, self.max_steps) if self.max_steps else stage.steps
         progress = Progress(n_steps, stage.name, stage.log_every, tty=self.progress)
         sink = _StageSink(Sinks(sinks, progress), global_step)
-        result: dict[str, Any] = {"method": stage.method, "format": fmt, "rows": len(rowset.rows)}
+        result: dict[str, Any] = {"method": stage.method, "format": sd.fmt, "rows": len(sd.rows.rows)}
+        kw: dict[str, Any] = dict(pad_id=pad_id, stop_ids=stop_ids, device=device, seed=seed, ref_model=ref_model,
+                                  total_steps=n_steps)
+        if preset.data == "demonstrations" or "demonstrations" in preset.sources:
+            demos_rows, fmt = (sd.demos, sd.demos_fmt) if sd.demos is not None else (sd.rows, sd.fmt)
+            if preset.data != "demonstrations" and sd.demos is None:
+                fmt = "prompt_answer"  # the rows' own completion / solution column
+            kw["demos"] = Demonstrations(self._encode(stage, demos_rows, fmt, tok, result), seed + 1,
+                                         stage.data.shuffle)
+        if preset.needs_demonstrations:
+            kw["paired"] = PairedDemos(tok, sd.demos, sd.demos_fmt)
+        if "verified" in preset.sources:
+            kw["on_data"] = self._data_writer(stage)
         try:
             if preset.data == "demonstrations":
-                examples, dropped = encode_dataset(rowset, fmt, tok, max_len=stage.data.max_len,
-                                                   on_overlong=stage.data.on_overlong)
-                if dropped:
-                    log.warning("stage %s: dropped %d rows longer than data.max_len=%d (first rows: %s)",
-                                stage.name, len(dropped), stage.data.max_len, dropped[:10])
-                if not examples:
-                    raise RecipeError(f"stage {stage.name!r}: no rows left after dropping over-long ones; "
-                                      "raise data.max_len")
-                result["dropped_overlong"] = len(dropped)
-                state = new_state(model, stage, seed, len(examples))
-                last = run_stage(state, stage, examples=examples, pad_id=pad_id, device=device, sink=sink,
-                                 max_steps=self.max_steps)
+                experience = Experience(stage, tok, **kw)
+                state = new_state(model, stage, seed, experience)
+                last = run_stage(state, stage, device=device, sink=sink, max_steps=self.max_steps)
             else:
                 with self._scorer(stage) as scorer:
-                    maker = RolloutMaker(stage, tok, scorer, stop_ids=stop_ids, pad_id=pad_id, device=device,
-                                         ref_model=ref_model)
-                    state = new_state(model, stage, seed, len(rowset.rows))
-                    last = run_stage(state, stage, rows=rowset.rows, maker=maker, pad_id=pad_id, device=device,
-                                     sink=sink, max_steps=self.max_steps)
+                    experience = Experience(stage, tok, rows=sd.rows.rows, scorer=scorer, **kw)
+                    state = new_state(model, stage, seed, experience)
+                    last = run_stage(state, stage, device=device, sink=sink, max_steps=self.max_steps)
                     result["reward_errors"] = sink.reward_errors
         finally:
             progress.close()
         result["steps"] = state.step
         result["final"] = {k: v for k, v in last.items() if k not in ("stage", "step", "global_step")}
         return result
+
+    def _encode(self, stage, rowset: RowSet, fmt: str, tok, result: dict) -> list:
+        examples, dropped = encode_dataset(rowset, fmt, tok, max_len=stage.data.max_len,
+                                           on_overlong=stage.data.on_overlong)
+        if dropped:
+            log.warning("stage %s: dropped %d rows longer than data.max_len=%d (first rows: %s)",
+                        stage.name, len(dropped), stage.data.max_len, dropped[:10])
+        if not examples:
+            raise RecipeError(f"stage {stage.name!r}: no rows left after dropping over-long ones; raise data.max_len")
+        result["dropped_overlong"] = len(dropped)
+        return examples
+
+    def _data_writer(self, stage):
+        """Where a stage's generated data goes: OUT/stages/NAME/verified.jsonl (every round appended)."""
+        path = self.out / "stages" / stage.name / VERIFIED_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
+
+        def write(round_: int, rows: list[dict]) -> None:
+            with open(path, "a", encoding="utf-8") as f:
+                for r in rows:
+                    f.write(json.dumps({**r, "round": round_}, default=str) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            log.info("stage %s round %d: %d verified samples -> %s", stage.name, round_, len(rows), path)
+
+        return write
+
+
+@dataclass
+class StageData:
+    rows: RowSet | None
+    fmt: str | None
+    demos: RowSet | None
+    demos_fmt: str | None
+
+
+def _reads_row_demos(preset, stage) -> bool:
+    """CHORD-style stages without a `demos:` dataset read their demonstrations from the prompt rows."""
+    return "demonstrations" in preset.sources and preset.data != "demonstrations" and stage.demos is None
+
+
+class StageProgress:
+    """Which stages of a run directory finished: OUT/progress.json plus each finished stage's policy in
+    OUT/stages/NAME/model/. Rerunning the same recipe on the same directory skips the finished stages
+    and continues from the last finished stage's policy; a different recipe is refused."""
+
+    def __init__(self, out: Path, config: str, max_steps: int | None):
+        self.out = out
+        self.path = out / "progress.json"
+        key = {"config": config, "max_steps": max_steps}
+        self.record: dict = {**key, "stages": {}}
+        if self.path.exists():
+            old = json.loads(self.path.read_text())
+            if {k: old.get(k) for k in key} != key:
+                raise RecipeError(f"{out} holds a run of a different recipe (or --max-steps); use another --out, "
+                                  "or delete the directory to start again")
+            self.record = old
+        self.done: dict = {n: r for n, r in self.record["stages"].items()
+                           if (out / "stages" / n / "model" / "config.json").exists()}
+
+    def last_model(self) -> Path | None:
+        return self.out / "stages" / list(self.done)[-1] / "model" if self.done else None
+
+    def save_eval_before(self, result: dict) -> None:
+        self.record["eval_before"] = result
+        self._write()
+
+    def finish_stage(self, name: str, result: dict, model, tok, stop_ids) -> None:
+        save_pretrained(model, tok, self.out / "stages" / name / "model", stop_ids=stop_ids)
+        self.record["stages"][name] = result
+        self.done[name] = result
+        self._write()
+
+    def _write(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.record, indent=2, default=_jsonable))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
 
 
 class _StageSink:

@@ -40,8 +40,8 @@ def reward_metrics(model, tok, rows: list[dict], rewards: dict[str, Callable], p
 @torch.no_grad()
 def mean_nll(model, encoded: Sequence, pad_id: int, batch_size: int = 32) -> tuple[float, int]:
     """Mean negative log-likelihood per supervised token of encoded examples -> (nll, tokens)."""
-    from ..training.experience import demo_batch
-    from ..training.logprobs import token_logprobs
+    from ..data.batch import demo_batch
+    from ..logprobs import token_logprobs
 
     device = next(model.parameters()).device
     was_training = model.training

@@ -1,10 +1,11 @@
 """The interchangeable parts of the one estimator (DESIGN.md §1), as pure functions of tensors.
 
-Shapes: N sequences, T token positions, G samples per prompt (groups are contiguous, N = P * G).
+Shapes: N sequences, T token positions. Advantages, keyed by group ids, live in `advantages.py`;
+the per-row stream weights (`mix`) in `mixers.py`.
 Token tensors are aligned with `input_ids`: position t holds the quantity for predicting token t.
 `mask` (N, T) is 1 on the tokens the loss may touch (response / demonstration tokens), else 0.
 Everything here except `kl_penalty` and `entropy` runs under no-grad on detached inputs: these build
-the detached coefficient c = W * lam * M * A * w of
+the detached coefficient c = W * mix * M * A * w of
 
     loss = - sum_{i,t} c_it * logp_it
 
@@ -14,86 +15,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-
-# ----------------------------------------------------------------------------------------------
-# Advantages (sequence level): rewards (P, G) with NaN for masked samples -> (P, G), 0 where masked.
-# ----------------------------------------------------------------------------------------------
-
-
-def _group_stats(rewards: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(valid (P, G) bool, count (P, 1), mean (P, 1)) ignoring NaN rewards."""
-    valid = ~torch.isnan(rewards)
-    count = valid.sum(dim=1, keepdim=True)
-    r0 = torch.where(valid, rewards, torch.zeros_like(rewards))
-    mean = r0.sum(dim=1, keepdim=True) / count.clamp(min=1)
-    return valid, count, mean
-
-
-def advantage_one(rewards: Tensor) -> Tensor:
-    """A = 1 on every valid sample (demonstrations: SFT, DFT)."""
-    return (~torch.isnan(rewards)).to(rewards.dtype)
-
-
-def advantage_raw(rewards: Tensor) -> Tensor:
-    """A = R (REINFORCE without a baseline)."""
-    return torch.nan_to_num(rewards, nan=0.0)
-
-
-def advantage_group_center(rewards: Tensor) -> Tensor:
-    """A_i = R_i - mean_G R (Dr. GRPO: no std, no difficulty bias)."""
-    valid, _, mean = _group_stats(rewards)
-    return torch.where(valid, rewards - mean, torch.zeros_like(rewards))
-
-
-def advantage_group_zscore(rewards: Tensor, *, std_eps: float = 1e-4, bessel: bool = True) -> Tensor:
-    """A_i = (R_i - mean_G R) / (std_G R + eps) (GRPO). Bessel-corrected std by default (as TRL).
-
-    A group with a single valid sample has std 0 under either convention (we define it so), hence A = 0.
-    """
-    valid, count, mean = _group_stats(rewards)
-    dev = torch.where(valid, rewards - mean, torch.zeros_like(rewards))
-    denom = (count - 1 if bessel else count).clamp(min=1)
-    std = (dev.pow(2).sum(dim=1, keepdim=True) / denom).sqrt()
-    return dev / (std + std_eps)
-
-
-def advantage_loo(rewards: Tensor) -> Tensor:
-    """A_i = R_i - mean_{j != i} R_j = (G/(G-1)) (R_i - mean_G R) (RLOO). Needs >= 2 valid samples per group."""
-    valid, count, mean = _group_stats(rewards)
-    n = count.to(rewards.dtype)  # int / int would divide in float32 and round G/(G-1) even for float64 rewards
-    scale = n / (n - 1).clamp(min=1)
-    adv = torch.where(valid, (rewards - mean) * scale, torch.zeros_like(rewards))
-    return torch.where(count > 1, adv, torch.zeros_like(adv))
-
-
-SEQUENCE_ADVANTAGES = {
-    "one": advantage_one,
-    "raw": advantage_raw,
-    "group_center": advantage_group_center,
-    "group_zscore": advantage_group_zscore,
-    "loo": advantage_loo,
-}
-
-
-def token_returns(seq_adv: Tensor, kl_tokens: Tensor, mask: Tensor, beta: float) -> Tensor:
-    """Per-token return with a k1 penalty in the reward (REINFORCE++):  A_it = a_i - beta * sum_{t' >= t} k1_it'.
-
-    seq_adv (N,), kl_tokens (N, T) detached k1 = old_logp - ref_logp, mask (N, T) -> (N, T).
-    """
-    pen = (kl_tokens * mask).flip(1).cumsum(1).flip(1)  # (N, T) reverse cumulative sum
-    return (seq_adv[:, None] - beta * pen) * mask
-
-
-def global_normalize(adv: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
-    """Whiten token advantages over every response token of the batch (REINFORCE++).
-
-    After it, the masked mean is 0 and the masked population std (no Bessel correction) is 1.
-    """
-    n = mask.sum().clamp(min=1)
-    mean = (adv * mask).sum() / n
-    var = (((adv - mean) * mask) ** 2).sum() / n
-    return (adv - mean) / (var.sqrt() + eps) * mask
-
 
 # ----------------------------------------------------------------------------------------------
 # Weights w = sg(p / D): the reference denominator. Inputs detached (N, T) log-probs.
@@ -116,10 +37,10 @@ def weight_prob(logp: Tensor, old_logp: Tensor, **_: float) -> Tensor:
     return torch.exp(logp)
 
 
-def weight_shaped(logp: Tensor, old_logp: Tensor, *, gamma: float = 0.1, **_: float) -> Tensor:
+def weight_shaped(logp: Tensor, old_logp: Tensor, *, shaping_gamma: float, **_: float) -> Tensor:
     """LUFFY policy shaping, T(p) = p / (p + gamma):  w = p T'(p) = gamma p / (p + gamma)^2."""
     p = torch.exp(logp)
-    return gamma * p / (p + gamma) ** 2
+    return shaping_gamma * p / (p + shaping_gamma) ** 2
 
 
 def weight_phi(logp: Tensor, old_logp: Tensor, **_: float) -> Tensor:
@@ -128,7 +49,7 @@ def weight_phi(logp: Tensor, old_logp: Tensor, **_: float) -> Tensor:
     return p * (1 - p)
 
 
-def weight_truncated(logp: Tensor, old_logp: Tensor, *, eps_max: float = 5.0, **_: float) -> Tensor:
+def weight_truncated(logp: Tensor, old_logp: Tensor, *, eps_max: float, **_: float) -> Tensor:
     """CISPO: w = min(r, eps_max): the importance weight is truncated, never masked."""
     return torch.exp(logp - old_logp).clamp(max=eps_max)
 
@@ -155,8 +76,8 @@ WEIGHTS = {
 }
 
 
-def likelihood_value(kind: str, logp: Tensor, old_logp: Tensor, mask: Tensor, gamma: float = 0.1,
-                     eps_max: float = 5.0) -> Tensor:
+def likelihood_value(kind: str, logp: Tensor, old_logp: Tensor, mask: Tensor, *, shaping_gamma: float,
+                     eps_max: float) -> Tensor:
     """T(p) per token, the value whose gradient w * grad(logp) the weight stands for (for the logged loss)."""
     if kind == "one":
         return logp
@@ -166,7 +87,7 @@ def likelihood_value(kind: str, logp: Tensor, old_logp: Tensor, mask: Tensor, ga
         return torch.exp(logp)
     if kind == "shaped":
         p = torch.exp(logp)
-        return p / (p + gamma)
+        return p / (p + shaping_gamma)
     if kind == "phi":
         p = torch.exp(logp)
         return p - p * p / 2

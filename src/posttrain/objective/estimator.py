@@ -1,9 +1,12 @@
 """The one estimator: every method's loss on one micro-batch (DESIGN.md §1).
 
-    loss = - sum_{i,t} W_it * lam_it * M_it * A_it * w_it * logp_it  +  beta * sum W_it kl_it  -  alpha * sum W_it H_it
+    loss = - sum_{i,t} W_it * mix_it * M_it * A_it * w_it * logp_it  +  beta * sum W_it kl_it  -  alpha * sum W_it H_it
 
 with w = sg(p / D) the reference-denominator weight, A the advantage, M the stabilisation mask, W the
-aggregation weights (global normalisers, so gradient accumulation is invariant) and lam the stream mixer.
+aggregation weights (global normalisers, so gradient accumulation is invariant) and mix the stream mixer.
+`estimator_loss` is this formula for one choice of components; `objective_loss` applies each stream's
+own choice (weight, mask, aggregation) to that stream's tokens and sums: LUFFY's demonstration tokens are
+shaped and unclipped while its rollout tokens are ratio-clipped, in one batch.
 Only `logp` (and `entropy`, when the bonus is on) carry gradient; the coefficient is detached.
 
 The gradient is the contract. The *value* of the returned loss is the method's familiar surrogate
@@ -13,7 +16,7 @@ Tests prove the familiar surrogate, differentiated by autograd, gives the same g
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -40,13 +43,13 @@ def estimator_loss(
     mask: Tensor,
     agg_weights: Tensor,
     old_logp: Tensor | None = None,
-    lam: Tensor | None = None,
+    mix: Tensor | None = None,
     weight: str = "one",
     clip: str = "none",
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    eps_max: float = 5.0,
-    gamma: float = 0.1,
+    eps_low: float | None = None,
+    eps_high: float | None = None,
+    eps_max: float | None = None,
+    shaping_gamma: float | None = None,
     ref_logp: Tensor | None = None,
     kl_estimator: str = "k3",
     kl_beta: float = 0.0,
@@ -59,17 +62,20 @@ def estimator_loss(
       logp: log pi_theta of each token (differentiable).
       advantages: A (detached). mask: 1 on tokens the loss may touch. agg_weights: W from `aggregation_weights`.
       old_logp: log q of the policy that produced the data; None means q = sg(p) (one update per batch).
-      lam: stream mixer weights (default 1). weight: a key of WEIGHTS. clip: "none" | "token" | "sequence".
+      mix: the mixer's weights, (N, T) or (N, 1) (default 1). weight: a key of WEIGHTS.
+      clip: "none" | "token" | "sequence" (needs eps_low, eps_high). eps_max: CISPO's truncation (weight
+      "truncated"); shaping_gamma: LUFFY's gamma (weight "shaped"). Their defaults live in the presets.
       ref_logp: log b of the reference model, needed when kl_beta > 0 (KL in the loss).
       entropy: per-token entropy (differentiable), needed when entropy_coef > 0.
     """
     if weight not in WEIGHTS:
         raise ValueError(f"unknown weight {weight!r}; choose one of {', '.join(WEIGHTS)}")
+    _require(weight, clip, eps_low, eps_high, eps_max, shaping_gamma)
     lp = logp.detach()
     q = lp if old_logp is None else old_logp
-    lam = torch.ones_like(lp) if lam is None else lam
+    mix = torch.ones_like(lp) if mix is None else mix
     with torch.no_grad():
-        w = WEIGHTS[weight](lp, q, eps_max=eps_max, gamma=gamma, mask=mask)  # (N, T)
+        w = WEIGHTS[weight](lp, q, eps_max=eps_max, shaping_gamma=shaping_gamma, mask=mask)  # (N, T)
         if clip == "none":
             M = torch.ones_like(lp)
             ratio_for_clip = None
@@ -81,14 +87,14 @@ def estimator_loss(
             M = clip_mask(ratio_for_clip, advantages, eps_low, eps_high)
         else:
             raise ValueError(f"unknown clip {clip!r}; choose one of none, token, sequence")
-        coef = agg_weights * lam * M * advantages * w  # (N, T) detached
-        # The familiar surrogate value: -sum W lam min(T A, clip(T) A) for clipped ratios, else -sum W lam M A T.
-        T = likelihood_value(weight, lp, q, mask, gamma, eps_max)
+        coef = agg_weights * mix * M * advantages * w  # (N, T) detached
+        # The familiar surrogate value: -sum W mix min(T A, clip(T) A) for clipped ratios, else -sum W mix M A T.
+        T = likelihood_value(weight, lp, q, mask, shaping_gamma=shaping_gamma, eps_max=eps_max)
         if ratio_for_clip is not None and weight in ("ratio", "seq_ratio"):
             tok = torch.minimum(T * advantages, T.clamp(1 - eps_low, 1 + eps_high) * advantages)
         else:
             tok = M * advantages * T
-        pg_value = -(agg_weights * lam * tok).sum()
+        pg_value = -(agg_weights * mix * tok).sum()
         clipped = ((1 - M) * mask).sum()
         ratio_sum = (torch.exp(lp - q) * mask).sum()
 
@@ -109,3 +115,84 @@ def estimator_loss(
             loss = loss - entropy_coef * ent_term
         ent = ent_term.detach()
     return EstimatorTerms(loss, pg_value, kl, ent, clipped, ratio_sum)
+
+
+def _require(weight: str, clip: str, eps_low, eps_high, eps_max, shaping_gamma) -> None:
+    """The constants a component needs must be given (no silent defaults: they live in the presets)."""
+    missing = []
+    if clip != "none" and (eps_low is None or eps_high is None):
+        missing.append("eps_low and eps_high (for the clip)")
+    if weight == "truncated" and eps_max is None:
+        missing.append("eps_max (for the truncated weight)")
+    if weight == "shaped" and shaping_gamma is None:
+        missing.append("shaping_gamma (for the shaped weight)")
+    if missing:
+        raise ValueError("estimator_loss needs " + "; ".join(missing))
+
+
+# ---- several streams in one batch -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StreamComponents:
+    """One stream's choice of the estimator's parts (resolved from a preset and a recipe)."""
+
+    weight: str
+    clip: str
+    aggregation: str
+    eps_low: float
+    eps_high: float
+    eps_max: float
+    shaping_gamma: float
+    max_len: int  # L_max of the CONST aggregation
+    kl: bool = False  # the KL-in-loss term applies to this stream's tokens (samples of the policy)
+
+
+@dataclass(frozen=True)
+class ObjectiveTerms:
+    loss: Tensor  # () differentiable, summed over streams
+    streams: dict = field(default_factory=dict)  # stream id -> EstimatorTerms
+
+
+def stream_counts(mask: Tensor, token_stream: Tensor, streams, *, joint: bool) -> dict[int, tuple[float, float]]:
+    """{stream: (tokens, sequences)} over the optimizer step's whole batch, the normalisers of W.
+
+    A sequence counts for a stream when it has at least one of that stream's loss tokens. With `joint`
+    every stream is normalised by the totals over all streams (one token mean over the mixed batch, as
+    LUFFY); otherwise each by its own counts (CHORD: (1 - mu) GRPO + mu SFT, each its own mean).
+    """
+    out = {}
+    for k in streams:
+        m = mask * (token_stream == k) if not joint else mask
+        out[k] = (float(m.sum()), float((m.sum(1) > 0).sum()))
+    return out
+
+
+def objective_loss(logp: Tensor, *, token_stream: Tensor, mask: Tensor, advantages: Tensor, mix: Tensor,
+                   streams: dict, counts: dict, old_logp: Tensor | None = None, ref_logp: Tensor | None = None,
+                   kl_estimator: str = "k3", kl_beta: float = 0.0, entropy: Tensor | None = None,
+                   entropy_coef: float = 0.0) -> ObjectiveTerms:
+    """The estimator applied stream by stream: sum_k estimator(tokens of stream k, components_k, W_k).
+
+    token_stream (N, T) long: each token's stream; streams {k: StreamComponents}; counts {k: (tokens, seqs)}
+    over the global batch (`stream_counts`); mix (N,) per row. Streams absent from the micro-batch add 0.
+    """
+    from .components import aggregation_weights
+
+    total = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    out = {}
+    mix_tok = mix[:, None].to(logp.dtype).expand_as(logp)
+    for k, c in streams.items():
+        m = mask * (token_stream == k)  # (N, T)
+        if not bool(m.any()):
+            continue
+        tokens, seqs = counts[k]
+        W = aggregation_weights(m, c.aggregation, num_tokens=tokens, num_seqs=seqs, max_len=c.max_len)
+        terms = estimator_loss(
+            logp, advantages=advantages * m, mask=m, agg_weights=W, old_logp=old_logp, mix=mix_tok, weight=c.weight,
+            clip=c.clip, eps_low=c.eps_low, eps_high=c.eps_high, eps_max=c.eps_max, shaping_gamma=c.shaping_gamma,
+            ref_logp=ref_logp, kl_estimator=kl_estimator, kl_beta=kl_beta if c.kl else 0.0, entropy=entropy,
+            entropy_coef=entropy_coef)
+        total = total + terms.loss
+        out[k] = terms
+    return ObjectiveTerms(total, out)

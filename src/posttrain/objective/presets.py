@@ -1,31 +1,59 @@
 """Named presets: each method is a frozen choice of the estimator's components (DESIGN.md §1, algorithms.md §5.3).
 
+A preset names its **sources** (where a step's rows come from), its advantage, and per **stream** the
+weight, mask and aggregation applied to that stream's tokens, plus the mixer that weighs the streams.
 Adding a method means adding a row here (and, if needed, one new component), never a new trainer.
-Every default below says where it comes from; `[?]` marks a value from memory or secondary sources.
+Every default lives here and says where it comes from; `[?]` marks a value from memory or secondary sources.
+
+Sources:
+  demonstrations  offline y* (the stage's rows, or a separate `demos:` dataset)
+  rollouts        G samples per prompt from the policy, scored by the rewards
+  paired          the demonstration of each prompt in the step, in its question's group (LUFFY) or gated
+                  by the group's accuracy (HPT), or beside the group (SRFT)
+  prefixed        rollouts that continue a demonstration prefix (prefix-guided RL)
+  buffer          ReLIFT: questions whose rollouts all failed, replayed as demonstrations when full
+  verified        rejection sampling: K samples per prompt, the verified ones become demonstrations
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
-from .components import AGGREGATIONS, KL_ESTIMATORS, SEQUENCE_ADVANTAGES, WEIGHTS
+from .advantages import ADVANTAGES
+from .components import AGGREGATIONS, KL_ESTIMATORS, WEIGHTS
 
-ADVANTAGES = tuple(SEQUENCE_ADVANTAGES) + ("reinforce_pp",)
 CLIPS = ("none", "token", "sequence")
+SOURCES = ("demonstrations", "rollouts", "paired", "prefixed", "buffer", "verified")
+MIXERS = ("none", "chord", "hpt", "hpt_soft", "srft")
+STREAM_NAMES = ("demo", "rollout", "prefix")
+STREAM_ADVANTAGES = ("group", "one")  # the preset's advantage over the row's group, or A = 1
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """How one stream's tokens enter the estimator."""
+
+    weight: str  # key of WEIGHTS: w = sg(p / D)
+    clip: str = "none"  # none | token | sequence
+    aggregation: str = "tok"  # tok | seq | const | sum
+    advantage: str = "group"  # "group": the preset's advantage; "one": A = 1 (a demonstration's SFT term)
+
+
+SFT_STREAM = StreamSpec("one", "none", "tok", "one")
+HPT_SOFT_TABLE = ((0.125, 0.0, 1.0), (0.375, 0.25, 0.25), (1.0, 1.0, 0.0))
 
 
 @dataclass(frozen=True)
 class Preset:
     name: str
     summary: str
-    data: str  # "demonstrations" (offline y*) | "rollouts" (sampled from the policy, scored by rewards)
-    advantage: str  # key of SEQUENCE_ADVANTAGES, or "reinforce_pp" (k1-penalised token returns, globally whitened)
-    weight: str  # key of WEIGHTS: w = sg(p / D)
-    clip: str  # stabilisation mask: none | token | sequence
-    aggregation: str  # tok | seq | const | sum
+    sources: tuple[str, ...]
+    advantage: str  # key of advantages.ADVANTAGES (used by streams whose advantage is "group")
+    streams: dict[str, StreamSpec] = field(default_factory=dict)
+    normaliser: str = "stream"  # "stream": each stream its own W counts; "joint": one set over all streams
     eps_low: float = 0.2
     eps_high: float = 0.2
     eps_max: float = 5.0  # CISPO truncation
-    gamma: float = 0.1  # LUFFY shaping
+    shaping_gamma: float = 0.1  # LUFFY policy shaping f(p) = p / (p + gamma)
     kl_beta: float = 0.0
     kl_estimator: str = "k3"
     kl_placement: str = "loss"  # "loss" (k2/k3 aggregated like the PG term) | "reward" (R -= beta * sum k1)
@@ -34,7 +62,45 @@ class Preset:
     dynamic_sampling: bool = False  # DAPO: refill the batch with groups of mixed outcome
     mask_truncated: bool = False  # DAPO overlong filtering: truncated completions get no gradient
     overlong_penalty: bool = False  # DAPO soft overlong punishment added to R
-    sources: str = ""
+    success_threshold: float = 1.0  # a sample with total reward >= this counts as correct (HPT, ReLIFT, RFT)
+    # sources
+    demos_per_group: int = 0  # LUFFY: k demonstrations inside each group of G (G - k rollouts)
+    demo_share: float = 0.0  # CHORD / SRFT: demonstration rows per step as a share of the rollout rows
+    buffer_size: int = 0  # ReLIFT: SFT on the buffered questions once it holds this many
+    prefixed_rows: int = 0  # prefix-guided RL: rows of each group that continue a demonstration prefix
+    prefix_start: float = 0.0  # share of the demonstration copied at step 0 ...
+    prefix_end: float = 0.0  # ... decaying by a cosine to this share at the end of the stage
+    rounds: int = 0  # RFT: sample / verify / fine-tune rounds in the stage
+    # mixer
+    mixer: str = "none"
+    mu_peak: float = 0.0  # CHORD mu(t): warm-up to mu_peak, cosine to mu_valley
+    mu_valley: float = 0.0
+    mu_warmup: int = 0
+    mu_decay: int = 0
+    hpt_gamma: float = 0.0  # HPT: SFT iff the question's accuracy <= hpt_gamma
+    sft_coef: float = 1.0  # weight of the SFT term of a switched (HPT) or buffered (ReLIFT) question
+    soft_table: tuple = HPT_SOFT_TABLE  # HPT soft mode: (max accuracy, rl weight, sft weight) rows
+    w_sft: float = 0.5  # SRFT: demonstration weight w_sft * exp(-H)
+    w_rl: float = 0.1  # SRFT: positive-rollout weight w_rl * exp(H)
+    references: str = ""
+
+    @property
+    def data(self) -> str:
+        """What a stage's rows must hold: "demonstrations" (SFT-style rows) or "prompts" (prompt + answer)."""
+        return "demonstrations" if self.sources == ("demonstrations",) else "prompts"
+
+    @property
+    def needs_demonstrations(self) -> bool:
+        """Whether every prompt row must carry a demonstration (its own, or one from `demos:`)."""
+        return bool(set(self.sources) & {"paired", "prefixed", "buffer"})
+
+    @property
+    def needs_rewards(self) -> bool:
+        return self.data == "prompts"
+
+    def primary(self) -> str:
+        """The main stream: the one the stage-level `weight` / `clip_level` / `aggregation` keys set."""
+        return "rollout" if "rollout" in self.streams else next(iter(self.streams))
 
     def regularizers(self) -> str:
         parts = []
@@ -48,59 +114,155 @@ class Preset:
 
     def mask_description(self) -> str:
         parts = []
-        if self.clip != "none":
-            lo, hi = self.eps_low, self.eps_high
-            parts.append(f"clip {self.clip} {lo:g}" + (f"/{hi:g}" if hi != lo else ""))
-        if self.weight == "truncated":
-            parts.append(f"truncate w<={self.eps_max:g}")
+        for name, s in self.streams.items():
+            if s.clip != "none":
+                lo, hi = self.eps_low, self.eps_high
+                parts.append(f"{name}: clip {s.clip} {lo:g}" + (f"/{hi:g}" if hi != lo else ""))
+            if s.weight == "truncated":
+                parts.append(f"{name}: truncate w<={self.eps_max:g}")
         if self.mask_truncated:
             parts.append("drop truncated")
         if self.dynamic_sampling:
             parts.append("dynamic sampling")
         return ", ".join(parts) or "-"
 
+    def mixer_description(self) -> str:
+        if self.mixer == "chord":
+            if self.mu_peak == self.mu_valley:
+                return f"mu={self.mu_peak:g}"
+            return f"mu {self.mu_peak:g}->{self.mu_valley:g} (warm-up {self.mu_warmup}, cosine {self.mu_decay})"
+        if self.mixer == "hpt":
+            return f"switch to SFT iff accuracy <= {self.hpt_gamma:g}"
+        if self.mixer == "hpt_soft":
+            return "soft table by accuracy"
+        if self.mixer == "srft":
+            return f"entropy weights w_sft={self.w_sft:g} w_rl={self.w_rl:g}"
+        if "buffer" in self.sources:
+            return f"buffer of {self.buffer_size} failed questions -> SFT"
+        if "prefixed" in self.sources:
+            return f"prefix share {self.prefix_start:g}->{self.prefix_end:g}"
+        if "verified" in self.sources:
+            return f"{self.rounds} rounds of sample / verify / SFT"
+        return "-"
+
+    def _per_stream(self, attr: str) -> str:
+        vals = {n: getattr(s, attr) for n, s in self.streams.items()}
+        if len(set(vals.values())) == 1:
+            return next(iter(vals.values()))
+        return ", ".join(f"{n}: {v}" for n, v in vals.items())
+
     def table_row(self) -> dict:
         row = asdict(self)
-        row.update(mask=self.mask_description(), regularizers=self.regularizers())
+        row["streams"] = {n: asdict(s) for n, s in self.streams.items()}
+        row.update(sources=", ".join(self.sources), data=self.data, mask=self.mask_description(),
+                   regularizers=self.regularizers(), weight=self._per_stream("weight"),
+                   aggregation=self._per_stream("aggregation"), mix=self.mixer_description())
         return row
 
 
+def _rl(weight: str = "ratio", clip: str = "token", aggregation: str = "seq") -> dict[str, StreamSpec]:
+    return {"rollout": StreamSpec(weight, clip, aggregation)}
+
+
 _P = [
-    Preset("sft", "supervised fine-tuning: NLL of demonstrations", "demonstrations", "one", "one", "none", "tok",
-           sources="token mean over the global batch, as TRL SFTTrainer (nll)"),
-    Preset("dft", "dynamic fine-tuning: NLL re-weighted by sg(p) (arXiv 2508.05629)", "demonstrations", "one",
-           "prob", "none", "tok", sources="DFT paper/README; TRL SFTConfig(loss_type='dft')"),
-    Preset("reinforce", "REINFORCE with the raw reward, on-policy", "rollouts", "raw", "one", "none", "sum",
-           sources="Williams 1992; sum over tokens, mean over sequences"),
-    Preset("rloo", "REINFORCE leave-one-out baseline (Ahmadian et al. 2024)", "rollouts", "loo", "ratio", "token",
-           "sum", kl_beta=0.05, kl_estimator="k1", kl_placement="reward",
-           sources="TRL RLOO defaults: beta 0.05 (k1 in reward), eps 0.2; TRL uses a sequence ratio of token "
-                   "sums, identical to the token ratio at one update per batch"),
-    Preset("reinforce_pp", "REINFORCE++: k1-penalised returns, global advantage whitening (arXiv 2501.03262)",
-           "rollouts", "reinforce_pp", "ratio", "token", "tok", kl_beta=0.01, kl_estimator="k1",
-           kl_placement="reward", sources="paper/OpenRLHF: eps 0.2, token mean; beta 0.01 [?]"),
-    Preset("grpo", "GRPO: group z-scored rewards, clipped ratio, k3 KL in the loss (DeepSeekMath)", "rollouts",
-           "group_zscore", "ratio", "token", "seq", kl_beta=0.04, kl_estimator="k3",
-           sources="DeepSeekMath: beta 0.04 [?], eps 0.2, per-sequence mean; std eps 1e-4 and Bessel as TRL"),
-    Preset("dr_grpo", "Dr. GRPO: centred rewards, constant normaliser (arXiv 2503.20783)", "rollouts",
-           "group_center", "ratio", "token", "const", sources="paper: no std, sum / (N * L_max), no KL"),
+    Preset("sft", "supervised fine-tuning: NLL of demonstrations", ("demonstrations",), "one",
+           {"demo": SFT_STREAM}, references="token mean over the global batch, as TRL SFTTrainer (nll)"),
+    Preset("dft", "dynamic fine-tuning: NLL re-weighted by sg(p) (arXiv 2508.05629)", ("demonstrations",), "one",
+           {"demo": StreamSpec("prob", "none", "tok", "one")},
+           references="DFT paper/README; TRL SFTConfig(loss_type='dft')"),
+    Preset("reinforce", "REINFORCE with the raw reward, on-policy", ("rollouts",), "raw", _rl("one", "none", "sum"),
+           references="Williams 1992; sum over tokens, mean over sequences"),
+    Preset("rloo", "REINFORCE leave-one-out baseline (Ahmadian et al. 2024)", ("rollouts",), "loo",
+           _rl("ratio", "token", "sum"), kl_beta=0.05, kl_estimator="k1", kl_placement="reward",
+           references="TRL RLOO defaults: beta 0.05 (k1 in reward), eps 0.2; TRL uses a sequence ratio of token "
+                      "sums, identical to the token ratio at one update per batch"),
+    Preset("reinforce_pp", "REINFORCE++ (group-mean baseline): k1-penalised returns, global whitening "
+           "(arXiv 2501.03262)", ("rollouts",), "reinforce_pp", _rl("ratio", "token", "tok"), kl_beta=0.01,
+           kl_estimator="k1", kl_placement="reward",
+           references="paper/OpenRLHF: eps 0.2, token mean; the 'baseline' variant for G > 1 samples per prompt "
+                      "(group mean subtracted before the returns); beta 0.01 [?]"),
+    Preset("grpo", "GRPO: group z-scored rewards, clipped ratio, k3 KL in the loss (DeepSeekMath)", ("rollouts",),
+           "group_zscore", _rl("ratio", "token", "seq"), kl_beta=0.04, kl_estimator="k3",
+           references="DeepSeekMath: beta 0.04 [?], eps 0.2, per-sequence mean; std eps 1e-4 and Bessel as TRL"),
+    Preset("dr_grpo", "Dr. GRPO: centred rewards, constant normaliser (arXiv 2503.20783)", ("rollouts",),
+           "group_center", _rl("ratio", "token", "const"), references="paper: no std, sum / (N * L_max), no KL"),
     Preset("dapo", "DAPO: clip-higher, dynamic sampling, token mean, overlong shaping (arXiv 2503.14476)",
-           "rollouts", "group_zscore", "ratio", "token", "tok", eps_low=0.2, eps_high=0.28,
+           ("rollouts",), "group_zscore", _rl("ratio", "token", "tok"), eps_low=0.2, eps_high=0.28,
            dynamic_sampling=True, mask_truncated=True, overlong_penalty=True,
-           sources="paper / TRL docs: eps 0.2/0.28, token mean, no KL; soft overlong cache = 20% of L_max "
-                   "(4096 of 20480 in the paper)"),
-    Preset("gspo", "GSPO: sequence-level ratio and clip (arXiv 2507.18071)", "rollouts", "group_zscore",
-           "seq_ratio", "sequence", "seq", eps_low=3e-4, eps_high=4e-4,
-           sources="paper: eps 3e-4 / 4e-4 [2nd]"),
-    Preset("cispo", "CISPO: truncated importance weight, never masked (MiniMax-M1)", "rollouts", "group_zscore",
-           "truncated", "none", "tok", eps_max=5.0, sources="TRL suggests eps_max 5.0"),
+           references="paper / TRL docs: eps 0.2/0.28, token mean, no KL; soft overlong cache = 20% of L_max "
+                      "(4096 of 20480 in the paper)"),
+    Preset("gspo", "GSPO: sequence-level ratio and clip (arXiv 2507.18071)", ("rollouts",), "group_zscore",
+           _rl("seq_ratio", "sequence", "seq"), eps_low=3e-4, eps_high=4e-4,
+           references="paper: eps 3e-4 / 4e-4 [2nd]"),
+    Preset("cispo", "CISPO: truncated importance weight, never masked (MiniMax-M1)", ("rollouts",), "group_zscore",
+           _rl("truncated", "none", "tok"), eps_max=5.0, references="TRL suggests eps_max 5.0"),
+    # ---- hybrids: demonstrations and rollouts in one step ----------------------------------------------------
+    Preset("luffy", "LUFFY: G-k rollouts + k demonstrations per group, advantages over the mixed group, "
+           "shaped weight p/(p+gamma) on demonstration tokens (arXiv 2504.14945)", ("rollouts", "paired"),
+           "group_zscore", {"rollout": StreamSpec("ratio", "token", "tok"),
+                            "demo": StreamSpec("shaped", "none", "tok", "group")},
+           normaliser="joint", demos_per_group=1, shaping_gamma=0.1, entropy_coef=0.001,
+           references="LUFFY code: 7 rollouts + 1 trace per group of 8, gamma 0.1, entropy 0.001, no KL, one token "
+                      "mean over the mixed batch; the paper's z-score over the mixed group (the released script "
+                      "centres only); the rollout ratio clip kept (the script removes it)"),
+    Preset("hpt", "HPT: per question, RL on its rollouts, or SFT on its demonstration when the group's accuracy "
+           "<= gamma (arXiv 2509.04419); gamma = 0 is SuperRL", ("rollouts", "paired"), "group_center",
+           {"rollout": StreamSpec("ratio", "token", "const"), "demo": SFT_STREAM}, mixer="hpt", hpt_gamma=0.0,
+           sft_coef=1.0, entropy_coef=0.001,
+           references="HPT code (Qwen2.5-Math-7B): SFT iff #correct = 0, c_sft 1.0, Dr. GRPO-like RL part, entropy "
+                      "0.001, no KL; the CONST normaliser counts switched rollouts, so gamma = 0 adds exactly the SFT "
+                      "term of the all-wrong questions to the RL gradient (O19)"),
+    Preset("hpt_soft", "HPT soft mode: each question's RL and SFT weights from a table of its group's accuracy",
+           ("rollouts", "paired"), "group_center",
+           {"rollout": StreamSpec("ratio", "token", "const"), "demo": SFT_STREAM}, mixer="hpt_soft",
+           entropy_coef=0.001,
+           references="HPT code soft_type 1 points (1 of 8 correct -> (rl 0, sft 1), 3 -> (0.25, 0.25), >= 5 -> "
+                      "(1, 0)); the rows between are ours"),
+    Preset("srft", "SRFT: entropy-weighted SFT on demonstrations plus RL on rollouts in one stage "
+           "(arXiv 2506.19767)", ("rollouts", "paired"), "group_center",
+           {"rollout": StreamSpec("ratio", "token", "tok"), "demo": SFT_STREAM}, mixer="srft", w_sft=0.5, w_rl=0.1,
+           references="SRFT port: w_sft = 0.5 exp(-H), w_rl = 0.1 exp(H) on positive rollouts, H the policy's mean "
+                      "token entropy (here per row, same forward pass); the LUFFY-style off-policy demo term of "
+                      "the paper is left out (use luffy for it)"),
+    Preset("chord_mu", "CHORD-mu: (1 - mu) GRPO + mu SFT, mu from 0.9 to 0.05 by a cosine over 200 steps "
+           "(arXiv 2508.11408)", ("rollouts", "demonstrations"), "group_zscore",
+           {"rollout": StreamSpec("ratio", "token", "tok"), "demo": SFT_STREAM}, mixer="chord", mu_peak=0.9,
+           mu_valley=0.05, mu_warmup=0, mu_decay=200, demo_share=0.2,
+           references="Trinity-RFT CHORD yaml: mu 0.9 -> 0.05 over 200 steps, no warm-up, ~20% expert rows, "
+                      "clip 0.2, no KL, token mean per stream"),
+    Preset("chord_phi", "CHORD-phi: GRPO + mu SFT with the token weight phi = p (1 - p), mu = 0.1 "
+           "(arXiv 2508.11408)", ("rollouts", "demonstrations"), "group_zscore",
+           {"rollout": StreamSpec("ratio", "token", "tok"), "demo": StreamSpec("phi", "none", "tok", "one")},
+           mixer="chord", mu_peak=0.1, mu_valley=0.1, demo_share=0.2,
+           references="Trinity-RFT CHORD yaml: mu = 0.1 constant, phi on, ~20% expert rows, clip 0.2, no KL"),
+    Preset("relift", "ReLIFT: RL, plus SFT on the demonstrations of questions whose rollouts all failed, once "
+           "a buffer of them is full (arXiv 2506.07527)", ("rollouts", "buffer"), "group_zscore",
+           {"rollout": StreamSpec("ratio", "token", "seq"), "demo": SFT_STREAM}, buffer_size=16, sft_coef=1.0,
+           references="paper: RL main loop, buffer size = the SFT batch size; here the SFT update on the buffer "
+                      "is taken in the same optimizer step as that step's RL update (its own token mean)"),
+    Preset("prefix_rft", "Prefix-guided RL (Prefix-RFT / UFT): some rollouts of each group continue a "
+           "demonstration prefix whose share decays to zero (arXiv 2507.01679, 2505.16984)", ("rollouts", "prefixed"),
+           "group_center", {"rollout": StreamSpec("ratio", "token", "const"),
+                            "prefix": StreamSpec("one", "none", "const", "group")},
+           normaliser="joint", prefixed_rows=2, prefix_start=0.95, prefix_end=0.0,
+           references="Prefix-RFT: Dr. GRPO update over the mixed group, prefix share cosine 0.95 -> 0.05 [2nd] "
+                      "(here -> 0, the issue's schedule); prefix tokens carry the row's advantage with weight 1; "
+                      "its top-20% entropy mask on prefix tokens is left out"),
+    Preset("rft", "Rejection-sampling fine-tuning (RFT / STaR / expert iteration): K samples per prompt, "
+           "SFT on the verified ones, for R rounds", ("verified",), "indicator", {"demo": SFT_STREAM}, rounds=1,
+           references="RFT (Yuan et al. 2023), STaR, RAFT: keep samples whose reward >= success_threshold, token "
+                      "mean NLL over the kept tokens (O20); no restart from the base between rounds"),
 ]
 PRESETS: dict[str, Preset] = {p.name: p for p in _P}
 
 
 def _check(p: Preset) -> None:
-    assert p.advantage in ADVANTAGES and p.weight in WEIGHTS and p.clip in CLIPS, p
-    assert p.aggregation in AGGREGATIONS and p.kl_estimator in KL_ESTIMATORS, p
+    assert p.advantage in ADVANTAGES and p.kl_estimator in KL_ESTIMATORS, p
+    assert set(p.sources) <= set(SOURCES) and p.mixer in MIXERS and p.normaliser in ("stream", "joint"), p
+    assert p.streams and set(p.streams) <= set(STREAM_NAMES), p
+    for s in p.streams.values():
+        assert s.weight in WEIGHTS and s.clip in CLIPS and s.aggregation in AGGREGATIONS, p
+        assert s.advantage in STREAM_ADVANTAGES, p
 
 
 for _p in _P:

@@ -1,83 +1,457 @@
-"""Experience: demonstrations and rollouts turned into the padded tensors the estimator reads.
+"""One step's experience: the stage's sources -> rows -> rewards -> advantages and mix -> Batch.
 
-All token tensors are (N, T), right-padded and aligned with `input_ids`: position t of `loss_mask`,
-`advantages`, `old_logp`, ... refers to token t. Masks come from lengths, never from `id == pad`.
+Order of operations (algorithms.md §3, §4):
+  prompts -> [free rollouts, prefixed rollouts, in-group demonstrations] per question (one group id each)
+  -> rewards (errors masked) -> + soft overlong penalty -> dynamic-sampling filter (refill rounds)
+  -> per-question gates and extra rows (HPT's switch, SRFT's and CHORD's demonstrations, ReLIFT's buffer)
+  -> Batch (+ old_logp, ref_logp) -> [k1 in the reward] -> advantages (by group id) and mix.
+Demonstration-only stages (SFT, DFT) draw a batch of demonstrations; rejection sampling (RFT) refills
+its pool of verified samples once per round. The loop calls `make` and never asks which method runs.
+The sampler's ids are used as they are: text is decoded only for the reward functions.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
-from typing import Optional, Sequence
+import math
+import time
+from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+
+from ..data.batch import DEMO, PREFIX, ROLLOUT, Batch, Row, collate, demo_batch
+from ..data.encode import completion_text, encode_prompt
+from ..logprobs import token_logprobs
+from ..objective import mixers
+from ..objective import advantages as adv_fns
+from ..objective.advantages import advantages, group_success, mixed_outcome
+from ..objective.components import overlong_penalty
+from ..objective.presets import get_preset
+from ..recipe import stage_streams
+from ..rollout.sampler import sample
+from .sources import Buffer, DataCursor, Demonstrations, PairedDemos, VerifiedPool
+
+STREAM_IDS = {"demo": DEMO, "rollout": ROLLOUT, "prefix": PREFIX}
 
 
 @dataclass
-class Batch:
-    input_ids: Tensor  # (N, T) long
-    attention_mask: Tensor  # (N, T) long, 1 on real tokens
-    loss_mask: Tensor  # (N, T) float, 1 on tokens the loss may touch
-    advantages: Tensor  # (N, T) float
-    old_logp: Optional[Tensor] = None  # (N, T) log q, None when q = sg(p) (one update per batch)
-    ref_logp: Optional[Tensor] = None  # (N, T) log b for a KL term in the loss
-    sampler_logp: Optional[Tensor] = None  # (N, T) the sampler's log-probs, only to log the mismatch
+class StepData:
+    """What `Experience.make` returns: the batch (None when nothing is left to learn from), the step's
+    experience metrics, and the reward errors to report."""
 
-    @property
-    def size(self) -> int:
-        return self.input_ids.shape[0]
-
-    def select(self, idx: Tensor | slice) -> "Batch":
-        """Rows `idx`, trimmed to their longest real length (less padding per micro-batch)."""
-        kw = {f.name: (getattr(self, f.name)[idx] if getattr(self, f.name) is not None else None) for f in fields(self)}
-        t = int(kw["attention_mask"].sum(1).max().item()) if kw["attention_mask"].numel() else 0
-        return Batch(**{k: (v[:, :t] if v is not None else None) for k, v in kw.items()})
-
-    def to(self, device: str | torch.device) -> "Batch":
-        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
-                                if getattr(self, f.name) is not None})
+    batch: Batch | None
+    values: dict[str, float] = field(default_factory=dict)
+    errors: list = field(default_factory=list)
 
 
-def _pad(rows: Sequence[Sequence[float]], value: float, dtype: torch.dtype) -> Tensor:
-    t = max((len(r) for r in rows), default=0)
-    out = torch.full((len(rows), t), value, dtype=dtype)  # (N, T)
-    for i, r in enumerate(rows):
-        if len(r):
-            out[i, : len(r)] = torch.as_tensor(r, dtype=dtype)
+@dataclass
+class _Rows:
+    """Rows of one sampling round with their rewards; `scored` rows enter their group's statistics."""
+
+    rows: list[Row] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)
+    scored: list[bool] = field(default_factory=list)
+    free: list[bool] = field(default_factory=list)  # free rollouts: the policy's own samples (metrics)
+    per_fn: dict[str, list[float]] = field(default_factory=dict)
+    errors: list = field(default_factory=list)
+
+    def extend(self, other: "_Rows", keep: list[bool] | None = None) -> None:
+        keep = keep or [True] * len(other.rows)
+        for i, k in enumerate(keep):
+            if k:
+                self.rows.append(other.rows[i])
+                self.rewards.append(other.rewards[i])
+                self.scored.append(other.scored[i])
+                self.free.append(other.free[i])
+        for name, v in other.per_fn.items():
+            self.per_fn.setdefault(name, []).extend(x for x, k in zip(v, keep) if k)
+        self.errors.extend(other.errors)
+
+    def add(self, row: Row, *, reward: float = math.nan, scored: bool = False) -> None:
+        self.rows.append(row)
+        self.rewards.append(reward)
+        self.scored.append(scored)
+        self.free.append(False)
+        for v in self.per_fn.values():
+            v.append(math.nan)
+
+
+class Experience:
+    """Builds one Batch per step from a stage's sources. Holds no model: the policy is passed in."""
+
+    def __init__(self, stage, tokenizer, *, pad_id: int, stop_ids=(), device="cpu", seed: int = 0, rows=None,
+                 demos: Demonstrations | None = None, paired: PairedDemos | None = None, scorer=None,
+                 ref_model=None, total_steps: int = 1, on_data=None):
+        self.s, self.p = stage, get_preset(stage.method)
+        self.tok, self.pad_id, self.stop_ids, self.device = tokenizer, pad_id, list(stop_ids), device
+        self.rows = rows or []
+        self.prompts = DataCursor(len(self.rows), seed, stage.data.shuffle)
+        self.demos, self.paired, self.scorer, self.ref_model = demos, paired, scorer, ref_model
+        self.buffer = Buffer(stage.sources.buffer_size) if "buffer" in self.p.sources else None
+        self.pool = VerifiedPool(math.ceil(total_steps / stage.sources.rounds), seed) \
+            if "verified" in self.p.sources else None
+        self.total_steps = total_steps
+        self.on_data = on_data
+        self.streams = {STREAM_IDS[n]: c for n, c in stage_streams(stage).items()}
+        self._prompt_cache: dict[int, list[int]] = {}
+
+    # ---- state ----------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        out = {"prompts": self.prompts.state_dict()}
+        for name in ("demos", "buffer", "pool"):
+            src = getattr(self, name)
+            if src is not None:
+                out[name] = src.state_dict()
+        return out
+
+    def load_state_dict(self, d: dict) -> None:
+        self.prompts.load_state_dict(d["prompts"])
+        for name in ("demos", "buffer", "pool"):
+            if name in d:
+                getattr(self, name).load_state_dict(d[name])
+
+    # ---- one step -------------------------------------------------------------------------------------
+
+    def make(self, model, step: int, generator) -> StepData:
+        """The experience of optimizer step `step` (0-based count of the steps already taken)."""
+        if self.p.sources == ("demonstrations",):
+            return StepData(demo_batch(self.demos.take(self.s.batch.size), self.pad_id))
+        if self.pool is not None:
+            return self._verified(model, generator)
+        return self._rollouts(model, step, generator)
+
+    def _prompt_ids(self, key: int) -> list[int]:
+        if key not in self._prompt_cache:
+            self._prompt_cache[key] = encode_prompt(self.rows[key]["prompt"], self.tok)
+        return self._prompt_cache[key]
+
+    def _sample(self, model, prompts: list[list[int]], n: int, generator):
+        r = self.s.rollout
+        return sample(model, prompts, num_samples=n, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                      top_p=r.top_p, stop_ids=self.stop_ids, pad_id=self.pad_id, generator=generator)
+
+    def _demo_row(self, key: int, group: int) -> Row:
+        enc = self.paired.get(key, self.rows[key])
+        return Row(list(enc.input_ids), list(enc.loss_mask), DEMO, group, meta={"key": key})
+
+    def _score(self, part: _Rows, keys: list[int]) -> None:
+        """Rewards of `part.rows` (row i answers the prompt of keys[i]); fills rewards, per_fn, errors."""
+        rows = [self.rows[k] for k in keys]
+        prompts = [r["prompt"] for r in rows]
+        comp_ids = []
+        for row in part.rows:
+            a, b = row.completion_span()
+            comp_ids.append(row.input_ids[a:b])
+        completions = [completion_text(p, c, self.tok) for p, c in zip(prompts, comp_ids)]
+        columns = {k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"} if rows else {}
+        row_ids = [r.get("id", k) for r, k in zip(rows, keys)]
+        scored = self.scorer(prompts, completions, columns=columns, completion_ids=comp_ids, row_ids=row_ids)
+        part.rewards = scored.total.tolist()
+        part.per_fn = {name: v.tolist() for name, v in scored.per_fn.items()}
+        part.errors = list(scored.errors)
+
+    def _question_rows(self, model, keys: list[int], g0: int, step: int, generator, timing: dict) -> _Rows:
+        """Every scored row of the questions `keys` (group ids g0, g0 + 1, ...): free rollouts, prefixed
+        rollouts and in-group demonstrations."""
+        src, G = self.s.sources, self.s.rollout.group_size
+        n_prefixed = src.prefixed_rows
+        n_free = G - src.demos_per_group - n_prefixed
+        part, owners = _Rows(), []
+        t0 = time.perf_counter()
+        ro = self._sample(model, [self._prompt_ids(k) for k in keys], n_free, generator)
+        for i, j in enumerate(ro.prompt_index):
+            p, c = ro.prompt_ids[i], ro.completion_ids[i]
+            part.rows.append(Row(p + c, [0] * len(p) + [1] * len(c), ROLLOUT, g0 + j, sampler_logp=ro.sampler_logp[i],
+                                 truncated=ro.truncated[i], meta={"key": keys[j], "sampled": len(c)}))
+            part.free.append(True)
+            owners.append(keys[j])
+        if n_prefixed:
+            self._prefixed(model, keys, g0, step, generator, part, owners)
+        for j, k in enumerate(keys):
+            for _ in range(src.demos_per_group):
+                part.rows.append(self._demo_row(k, g0 + j))
+                part.free.append(False)
+                owners.append(k)
+        timing["t_rollout"] += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        self._score(part, owners)
+        timing["t_reward"] += time.perf_counter() - t1
+        part.scored = [True] * len(part.rows)
+        return part
+
+    def prefix_share(self, step: int) -> float:
+        """The share of each demonstration copied as a prefix at `step`: a cosine from prefix_start to prefix_end."""
+        src = self.s.sources
+        return mixers.cosine_schedule(step, start=src.prefix_start, end=src.prefix_end, warmup=0,
+                                      decay=max(1, self.total_steps - 1))
+
+    def _prefixed(self, model, keys, g0, step, generator, part: _Rows, owners: list[int]) -> None:
+        share = self.prefix_share(step)
+        prompts, lens = [], []
+        for k in keys:
+            enc = self.paired.get(k, self.rows[k])
+            a, b = Row(enc.input_ids, enc.loss_mask, DEMO, 0).completion_span()
+            n = min(int(share * (b - a)), b - a - 1)  # the policy always writes at least the last token
+            prompts.append(list(enc.input_ids[:a + n]))
+            lens.append((a, n))
+        ro = self._sample(model, prompts, self.s.sources.prefixed_rows, generator)
+        for i, j in enumerate(ro.prompt_index):
+            a, n = lens[j]
+            p, c = ro.prompt_ids[i], ro.completion_ids[i]
+            part.rows.append(Row(p + c, [0] * a + [1] * (n + len(c)), ROLLOUT, g0 + j, prefix_len=n,
+                                 sampler_logp=ro.sampler_logp[i], truncated=ro.truncated[i],
+                                 meta={"key": keys[j], "sampled": len(c)}))
+            part.free.append(False)
+            owners.append(keys[j])
+
+    def _rollouts(self, model, step: int, generator) -> StepData:
+        s, p = self.s, self.p
+        P = s.batch.size
+        timing = {"t_rollout": 0.0, "t_reward": 0.0}
+        kept, all_rows, g0, rounds, n_groups = _Rows(), _Rows(), 0, 0, 0
+        keys = self.prompts.take(P)
+        while True:
+            part = self._question_rows(model, keys, g0, step, generator, timing)
+            rounds += 1
+            self._shape_rewards(part)
+            all_rows.extend(part)
+            keep = [True] * len(part.rows)
+            if s.dynamic_sampling.enabled:
+                R = torch.tensor(part.rewards, dtype=torch.float64)
+                group = torch.tensor([r.group for r in part.rows])
+                mixed = mixed_outcome(R, group)
+                room, order = P - n_groups, []
+                for g in sorted(set(group.tolist())):  # keep the first `room` mixed groups
+                    if bool(mixed[group == g].any()) and len(order) < room:
+                        order.append(g)
+                keep = [r.group in order for r in part.rows]
+                n_groups += len(order)
+            else:
+                n_groups += len(keys)
+            kept.extend(part, keep)
+            g0 += len(keys)
+            if not s.dynamic_sampling.enabled or n_groups >= P or rounds > s.dynamic_sampling.max_rounds:
+                break
+            keys = self.prompts.take(P - n_groups)
+        values = dict(timing)
+        if s.dynamic_sampling.enabled:
+            values.update(fill_ratio=n_groups / P, sample_rounds=rounds)
+        values.update(self._rollout_metrics(all_rows))
+        values["reward_errors"] = len(all_rows.errors)
+        if not kept.rows:  # every group filtered: an empty batch (the loop skips the update and logs it)
+            return StepData(None, values, all_rows.errors)
+        mix = self._add_demonstrations(kept, step, g0, values)
+        batch = self._assemble(model, kept, mix, values)
+        return StepData(batch, values, all_rows.errors)
+
+    def _shape_rewards(self, part: _Rows) -> None:
+        """Soft overlong penalty on sampled rows' lengths; DAPO's overlong filter masks truncated rows."""
+        o = self.s.overlong
+        for i, row in enumerate(part.rows):
+            if row.stream != ROLLOUT:
+                continue
+            if o.soft_penalty:
+                pen = overlong_penalty(torch.tensor([row.meta["sampled"]]), self.s.rollout.max_new_tokens, o.cache)
+                part.rewards[i] += float(pen)
+            if o.mask_truncated and row.truncated:
+                part.rewards[i] = math.nan  # no gradient, and out of the group statistics
+
+    def _rollout_metrics(self, part: _Rows) -> dict[str, float]:
+        free = [i for i, f in enumerate(part.free) if f]
+        R = torch.tensor([part.rewards[i] for i in free], dtype=torch.float64)
+        ok = ~torch.isnan(R)
+        out = {"reward_mean": float(R[ok].mean()) if ok.any() else float("nan"),
+               "reward_std": float(R[ok].std()) if ok.sum() > 1 else 0.0,
+               "response_len": sum(part.rows[i].meta["sampled"] for i in free) / max(len(free), 1),
+               "truncated_frac": sum(part.rows[i].truncated for i in free) / max(len(free), 1)}
+        for n, (name, vals) in enumerate(part.per_fn.items()):
+            v = torch.tensor([vals[i] for i in free], dtype=torch.float64)
+            v = v[~torch.isnan(v)]
+            out[f"reward/{name}"] = float(v.mean()) if len(v) else float("nan")
+            if n == 0:
+                out["accuracy"] = out[f"reward/{name}"]
+        return out
+
+    # ---- per-question gates and extra rows ------------------------------------------------------------
+
+    def _add_demonstrations(self, part: _Rows, step: int, g_next: int, values: dict) -> torch.Tensor:
+        """Demonstration rows decided after scoring (HPT, SRFT, CHORD, ReLIFT), and every row's mix."""
+        s, p = self.s, self.p
+        n = len(part.rows)
+        R = torch.tensor(part.rewards, dtype=torch.float64)
+        group = torch.tensor([r.group for r in part.rows])
+        stream = torch.tensor([r.stream for r in part.rows])
+        rollout_R = torch.where(stream == ROLLOUT, R, torch.full_like(R, math.nan))
+        hits, count = group_success(rollout_R, group, s.success_threshold)
+        mix = torch.ones(n, dtype=torch.float64)
+        questions = {r.group: r.meta["key"] for r in part.rows}
+        fresh = iter(range(g_next, g_next + 10 ** 9))  # group ids of rows outside the questions' groups
+        if p.mixer in ("hpt", "hpt_soft"):
+            if p.mixer == "hpt":
+                mix, switched = mixers.hpt_gate(hits, count, stream, gamma=s.mix.hpt_gamma, sft_coef=s.mix.sft_coef)
+                demo_w = {g: s.mix.sft_coef for g in set(group[switched].tolist())}
+            else:
+                table = tuple(tuple(r) for r in s.mix.soft_table)
+                mix = mixers.hpt_soft(hits, count, stream, table=table)
+                sft_w = mixers.hpt_soft(hits, count, torch.full_like(stream, DEMO), table=table)
+                first = {}
+                for g, w, c in zip(group.tolist(), sft_w.tolist(), count.tolist()):
+                    first.setdefault(g, (w, c))
+                demo_w = {g: w for g, (w, c) in first.items() if w > 0 and c > 0}
+            for g, w in sorted(demo_w.items()):
+                part.add(self._demo_row(questions[g], g))
+                mix = torch.cat([mix, torch.tensor([w], dtype=mix.dtype)])
+            values["switch_frac"] = len(demo_w) / max(len(questions), 1)
+        elif p.mixer == "srft":
+            for g, k in sorted(questions.items()):
+                part.add(self._demo_row(k, g))
+            mix = torch.ones(len(part.rows), dtype=torch.float64)  # SRFT's weights come from the update's entropy
+        elif p.mixer == "chord":
+            mu = mixers.cosine_schedule(step, start=s.mix.mu_peak, end=s.mix.mu_valley, warmup=s.mix.mu_warmup,
+                                        decay=s.mix.mu_decay)
+            k = max(1, round(s.sources.demo_share * n)) if s.sources.demo_share > 0 else 0
+            for enc in self.demos.take(k):
+                part.add(Row(list(enc.input_ids), list(enc.loss_mask), DEMO, next(fresh)))
+            mix = mixers.chord(torch.tensor([r.stream for r in part.rows]), mu).to(torch.float64)
+            values["mu"] = mu
+        if self.buffer is not None:
+            failed = [questions[g] for g in sorted(questions) if hits[group == g][0] == 0 and count[group == g][0] > 0]
+            self.buffer.add(failed)
+            values["buffer_fill"] = len(self.buffer.keys) / self.buffer.size
+            if self.buffer.full():
+                for k in self.buffer.drain():
+                    part.add(self._demo_row(k, next(fresh)))
+                mix = torch.cat([mix, torch.full((len(part.rows) - len(mix),), s.mix.sft_coef, dtype=mix.dtype)])
+                values["buffer_sft"] = 1.0
+        if "prefixed" in p.sources:
+            lens = [r.prefix_len for r in part.rows if r.prefix_len]
+            values["prefix_share"] = self.prefix_share(step)
+            values["prefix_len"] = sum(lens) / len(lens) if lens else 0.0
+        return mix
+
+    def _assemble(self, model, part: _Rows, mix: torch.Tensor, values: dict) -> Batch:
+        """Rows -> Batch with old / reference log-probs, advantages and mix."""
+        s = self.s
+        batch = rows_to_batch(part.rows, part.rewards, part.scored, mix, self.pad_id)
+        needs_old = s.ppo_epochs * s.minibatches > 1 or (s.kl.beta and s.kl.placement == "reward")
+        if needs_old:
+            batch.old_logp = self._logp(model, batch)
+        if s.kl.beta:
+            batch.ref_logp = self._logp(self.ref_model, batch)
+        batch.advantages, kl = token_advantages(batch, torch.tensor(part.rewards, dtype=torch.float64), s)
+        if kl is not None:
+            values["kl"] = kl
+        return batch
+
+    @torch.no_grad()
+    def _logp(self, model, batch: Batch) -> torch.Tensor:
+        out = torch.zeros_like(batch.loss_mask)
+        micro = self.s.batch.micro_size or batch.size
+        for rows in batch.split(micro):
+            mb = batch.select(rows).to(self.device)
+            lp, _ = token_logprobs(model, mb.input_ids, mb.attention_mask, temperature=self.s.rollout.temperature)
+            out[rows, : lp.shape[1]] = lp.float().cpu()
+        return out
+
+    # ---- rejection sampling -------------------------------------------------------------------------
+
+    def _verified(self, model, generator) -> StepData:
+        values: dict[str, float] = {}
+        errors: list = []
+        if self.pool.needs_round():
+            errors = self._rft_round(model, generator, values)
+        rows = self.pool.take(self.s.batch.size)
+        values["pool_size"] = len(self.pool.pool)
+        if not rows:
+            return StepData(None, values, errors)
+        batch = collate(rows, self.pad_id)
+        batch.advantages = batch.loss_mask.clone()
+        return StepData(batch, values, errors)
+
+    def _rft_round(self, model, generator, values: dict) -> list:
+        """Sample K per prompt for `round_prompts` prompts, keep the verified samples (distinct per prompt)."""
+        s = self.s
+        n = s.sources.round_prompts or len(self.rows)
+        keys = self.prompts.take(n)
+        timing = {"t_rollout": 0.0, "t_reward": 0.0}
+        pool, seen, out_rows, all_rows = [], set(), [], _Rows()
+        chunk = max(1, 256 // s.rollout.group_size)
+        for start in range(0, len(keys), chunk):
+            ks = keys[start:start + chunk]
+            t0 = time.perf_counter()
+            ro = self._sample(model, [self._prompt_ids(k) for k in ks], s.rollout.group_size, generator)
+            part = _Rows()
+            for i, j in enumerate(ro.prompt_index):
+                p, c = ro.prompt_ids[i], ro.completion_ids[i]
+                part.rows.append(Row(p + c, [0] * len(p) + [1] * len(c), ROLLOUT, j, truncated=ro.truncated[i],
+                                     meta={"key": ks[j], "sampled": len(c)}))
+                part.free.append(True)
+            timing["t_rollout"] += time.perf_counter() - t0
+            t1 = time.perf_counter()
+            self._score(part, [r.meta["key"] for r in part.rows])
+            timing["t_reward"] += time.perf_counter() - t1
+            part.scored = [True] * len(part.rows)
+            all_rows.extend(part)
+            for row, r in verified(part.rows, part.rewards, s.success_threshold, seen):
+                pool.append((row.input_ids, row.loss_mask))
+                a, b = row.completion_span()
+                src = self.rows[row.meta["key"]]
+                answer = {"answer": src["answer"]} if "answer" in src else {}
+                out_rows.append({"prompt": src["prompt"], "completion": completion_text(
+                    src["prompt"], row.input_ids[a:b], self.tok), **answer, "id": src.get("id", row.meta["key"]),
+                    "reward": r})
+        self.pool.start_round(pool)
+        if self.on_data is not None:
+            self.on_data(self.pool.round, out_rows)
+        values.update(timing)
+        values.update(self._rollout_metrics(all_rows))
+        values.update(rft_round=self.pool.round, verified_frac=len(pool) / max(len(all_rows.rows), 1),
+                      reward_errors=len(all_rows.errors))
+        return all_rows.errors
+
+
+def verified(rows: list[Row], rewards: list[float], threshold: float, seen: set) -> list[tuple[Row, float]]:
+    """Rejection sampling's filter: the rows whose indicator advantage 1{R >= threshold} is 1, not truncated,
+    and not already in `seen` (a (question, ids) pair kept earlier; updated)."""
+    R = torch.tensor(rewards, dtype=torch.float64)
+    keep = adv_fns.advantage_indicator(R, torch.zeros(len(rows), dtype=torch.long), threshold=threshold)
+    out = []
+    for row, r, k in zip(rows, rewards, keep.tolist()):
+        ident = (row.meta.get("key"), tuple(row.input_ids))
+        if k and not row.truncated and ident not in seen:
+            seen.add(ident)
+            out.append((row, r))
     return out
 
 
-def demo_batch(examples: Sequence, pad_id: int, dtype: torch.dtype = torch.float32) -> Batch:
-    """Demonstrations (objects with input_ids, loss_mask) -> Batch with A = 1 on supervised tokens."""
-    ids = _pad([e.input_ids for e in examples], pad_id, torch.long)
-    attn = _pad([[1] * len(e.input_ids) for e in examples], 0, torch.long)
-    mask = _pad([e.loss_mask for e in examples], 0, dtype)
-    mask[:, 0] = 0  # token 0 has no prediction (no logp)
-    return Batch(ids, attn, mask, mask.clone())
+def rows_to_batch(rows: list[Row], rewards: list[float], scored: list[bool], mix: torch.Tensor, pad_id: int,
+                  dtype: torch.dtype = torch.float32) -> Batch:
+    """Collate rows; a scored row whose reward failed (or was masked) stays in the batch with no loss token."""
+    for row, r, sc in zip(rows, rewards, scored):
+        if sc and math.isnan(r):
+            row.valid = False
+    batch = collate(rows, pad_id, dtype)
+    batch.mix = mix.to(dtype)
+    return batch
 
 
-def rollout_batch(
-    prompt_ids: Sequence[Sequence[int]],
-    completion_ids: Sequence[Sequence[int]],
-    advantages: Tensor,
-    valid: Tensor,
-    pad_id: int,
-    sampler_logp: Sequence[Tensor] | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> Batch:
-    """Rollouts -> Batch. advantages: (N,) sequence-level or (N, Tc) token-level over completion tokens;
-    valid (N,) bool: False rows (reward error, filtered, truncated-and-masked) get no gradient."""
-    seqs = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
-    ids = _pad(seqs, pad_id, torch.long)
-    attn = _pad([[1] * len(s) for s in seqs], 0, torch.long)
-    n, t = ids.shape
-    mask = torch.zeros(n, t, dtype=dtype)
-    adv = torch.zeros(n, t, dtype=dtype)
-    slp = torch.zeros(n, t, dtype=dtype) if sampler_logp is not None else None
-    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
-        a, b = len(p), len(p) + len(c)
-        if valid[i] and len(c):
-            mask[i, a:b] = 1
-        adv[i, a:b] = advantages[i] if advantages.dim() == 1 else advantages[i, : len(c)].to(dtype)
-        if slp is not None:
-            slp[i, a:b] = sampler_logp[i].to(dtype)
-    return Batch(ids, attn, mask, adv * mask, sampler_logp=slp)
+def token_advantages(batch: Batch, rewards: torch.Tensor, stage) -> tuple[torch.Tensor, float | None]:
+    """(A (N, T), mean k1 or None) of a batch whose rows have `rewards` (N,) (NaN: outside the group statistics).
+
+    Tokens of streams whose advantage is "group" get the stage's advantage over their row's group (with the
+    k1 penalty in the reward when the stage puts its KL there, k1 = old_logp - ref_logp on rollout tokens);
+    tokens of "one" streams (a demonstration's SFT term) get A = 1. The trainer and the oracles call this.
+    """
+    ts = batch.token_stream()
+    group_tokens = torch.zeros_like(batch.loss_mask)
+    for name, c in stage_streams(stage).items():
+        if c.advantage == "group":
+            group_tokens += batch.loss_mask * (ts == STREAM_IDS[name])
+    k1, kl = None, None
+    kl_reward = bool(stage.kl.beta) and stage.kl.placement == "reward"
+    if kl_reward:
+        own = batch.loss_mask * (ts == ROLLOUT)
+        k1 = (batch.old_logp - batch.ref_logp) * own  # (N, T) detached, q in place of p
+        kl = float(k1.sum() / own.sum().clamp(min=1))
+    A = advantages(stage.advantage.kind, rewards, batch.group, group_tokens, std_eps=stage.advantage.std_eps,
+                   threshold=stage.success_threshold, k1=k1, kl_beta=stage.kl.beta if kl_reward else 0.0)
+    return A + (batch.loss_mask - group_tokens), kl

@@ -25,8 +25,17 @@ class NullSink:
 class JsonlSink(NullSink):
     """One JSON object per line; flushed every write so a crash loses nothing already logged."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, keep=None):
+        """A new file, or with `keep(record) -> bool` the kept records of an existing one, then appends."""
+        old = path.read_text(encoding="utf-8").splitlines() if keep is not None and path.exists() else []
         self.f = open(path, "w", encoding="utf-8")
+        for line in old:
+            try:
+                if keep(json.loads(line)):
+                    self.f.write(line + "\n")
+            except json.JSONDecodeError:  # a torn last line of a killed run
+                continue
+        self.f.flush()
 
     def write(self, record: dict) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}

@@ -1,8 +1,9 @@
 """One optimizer step over one global batch: micro-batches, the estimator, backward, clip, step.
 
 This is the hot loop. It does forward, backward and step, accumulates diagnostics as tensors, and
-syncs once (one `.tolist()`) at the end. Aggregation normalisers (tokens, sequences) are counted over
-the whole global batch first, so splitting it into micro-batches leaves the gradient unchanged.
+syncs once (one `.tolist()`) at the end. Aggregation normalisers (tokens, sequences, per stream) are
+counted over the whole global batch first, so splitting it into micro-batches leaves the gradient
+unchanged; micro-batches hold whole groups.
 """
 from __future__ import annotations
 
@@ -10,72 +11,101 @@ from dataclasses import dataclass
 
 import torch
 
-from ..objective.components import aggregation_weights
-from ..objective.estimator import estimator_loss
-from .experience import Batch
-from .logprobs import token_logprobs
+from ..data.batch import DEMO, PREFIX, ROLLOUT, STREAMS, Batch
+from ..logprobs import token_logprobs
+from ..objective import mixers
+from ..objective.estimator import StreamComponents, objective_loss, stream_counts
 
 
 @dataclass(frozen=True)
 class ObjectiveSpec:
-    """The resolved components of a stage, as plain values for `estimator_loss`."""
+    """The resolved components of a stage, as plain values for `objective_loss`."""
 
-    weight: str
-    clip: str
-    aggregation: str
-    eps_low: float
-    eps_high: float
-    eps_max: float
-    gamma: float
+    streams: dict  # stream id (DEMO / ROLLOUT / PREFIX) -> StreamComponents
+    joint: bool  # one normaliser over all streams (else one per stream)
     kl_beta_loss: float  # beta of a KL term in the loss (0 when the KL sits in the reward)
     kl_estimator: str
     entropy_coef: float
-    max_len: int  # L_max of CONST aggregation
-    temperature: float  # logits are scaled like the sampler's (1 for demonstrations)
-    with_entropy: bool  # compute per-token entropy (bonus, or logged for RL)
+    temperature: float  # logits are scaled like the sampler's (1 for demonstration-only stages)
+    with_entropy: bool  # compute per-token entropy (bonus, SRFT's mixer, or logged for RL)
+    srft: tuple[float, float] | None = None  # (w_sft, w_rl) when the mixer reads the forward pass's entropy
 
     @classmethod
-    def from_stage(cls, s, *, max_len: int, temperature: float, log_entropy: bool = False) -> "ObjectiveSpec":
-        return cls(
-            weight=s.weight, clip=s.clip_level, aggregation=s.aggregation, eps_low=s.clip.eps_low,
-            eps_high=s.clip.eps_high, eps_max=s.clip.eps_max, gamma=0.1,
-            kl_beta_loss=s.kl.beta if s.kl.placement == "loss" else 0.0, kl_estimator=s.kl.estimator,
-            entropy_coef=s.entropy.coef, max_len=max_len, temperature=temperature,
-            with_entropy=s.entropy.coef > 0 or log_entropy,
-        )
+    def from_stage(cls, s, *, log_entropy: bool = False) -> "ObjectiveSpec":
+        from ..recipe import stage_streams
+
+        rl = s.rewards != []
+        ids = {"demo": DEMO, "rollout": ROLLOUT, "prefix": PREFIX}
+        streams = {}
+        for name, st in stage_streams(s).items():
+            max_len = s.data.max_len if name == "demo" else s.rollout.max_new_tokens
+            streams[ids[name]] = StreamComponents(
+                weight=st.weight, clip=st.clip_level, aggregation=st.aggregation, eps_low=s.clip.eps_low,
+                eps_high=s.clip.eps_high, eps_max=s.clip.eps_max, shaping_gamma=s.shaping_gamma, max_len=max_len,
+                kl=name == "rollout")
+        from ..objective.presets import get_preset
+
+        srft = (s.mix.w_sft, s.mix.w_rl) if get_preset(s.method).mixer == "srft" else None
+        return cls(streams=streams, joint=s.normaliser == "joint",
+                   kl_beta_loss=s.kl.beta if s.kl.placement == "loss" else 0.0, kl_estimator=s.kl.estimator,
+                   entropy_coef=s.entropy.coef, temperature=s.rollout.temperature if rl else 1.0,
+                   with_entropy=s.entropy.coef > 0 or (log_entropy and rl) or srft is not None, srft=srft)
 
 
-STAT_KEYS = ("loss", "pg_loss", "kl", "entropy", "clipped", "ratio_sum", "tokens", "mismatch_sum")
+# Diagnostics accumulated per micro-batch, in this order; then a (pg value, tokens) pair per stream.
+STAT_KEYS = ("loss", "kl", "entropy", "clipped", "clip_tokens", "ratio_sum", "ratio_tokens", "tokens",
+             "mismatch_sum", "mismatch_tokens")
+STREAM_KEYS = tuple(f"{k}/{n}" for n in STREAMS for k in ("pg", "tokens"))
+
+
+def micro_loss(logp, entropy, mb: Batch, spec: ObjectiveSpec, counts: dict):
+    """The objective of one micro-batch from its forward pass: the function the oracles call too."""
+    mix = mb.mix.to(logp.dtype)
+    if spec.srft is not None:  # SRFT: weights from each row's mean entropy under the current policy (detached)
+        m = mb.loss_mask
+        row_h = (entropy.detach() * m).sum(1) / m.sum(1).clamp(min=1)
+        positive = (mb.advantages * m).sum(1) > 0
+        mix = mix * mixers.srft(row_h, mb.stream, positive, w_sft=spec.srft[0], w_rl=spec.srft[1]).to(mix)
+    return objective_loss(
+        logp, token_stream=mb.token_stream(), mask=mb.loss_mask, advantages=mb.advantages, mix=mix,
+        streams=spec.streams, counts=counts, old_logp=mb.old_logp, ref_logp=mb.ref_logp,
+        kl_estimator=spec.kl_estimator, kl_beta=spec.kl_beta_loss, entropy=entropy, entropy_coef=spec.entropy_coef)
 
 
 def accumulate_gradients(model, batch: Batch, spec: ObjectiveSpec, *, micro_size: int, device) -> torch.Tensor:
-    """Backpropagate the estimator over micro-batches of `batch` into `.grad`; returns summed diagnostics
-    (a tensor ordered as STAT_KEYS, still on the device: no sync here)."""
-    num_tokens = float(batch.loss_mask.sum())
-    num_seqs = float((batch.loss_mask.sum(1) > 0).sum())
-    acc = torch.zeros(len(STAT_KEYS), dtype=torch.float64, device=device)
+    """Backpropagate the estimator over micro-batches (whole groups) of `batch` into `.grad`; returns summed
+    diagnostics (a tensor ordered as STAT_KEYS + STREAM_KEYS, still on the device: no sync here)."""
+    counts = stream_counts(batch.loss_mask, batch.token_stream(), spec.streams, joint=spec.joint)
+    acc = torch.zeros(len(STAT_KEYS) + len(STREAM_KEYS), dtype=torch.float64, device=device)
+    zero = torch.zeros((), device=device)
+    main = ROLLOUT if ROLLOUT in spec.streams else DEMO  # the stream whose entropy is logged
     model.train()
-    for start in range(0, batch.size, micro_size):
-        mb = batch.select(slice(start, start + micro_size)).to(device)
+    for rows in batch.split(micro_size):
+        mb = batch.select(rows).to(device)
         # ---- forward / backward -------------------------------------------------------------------
         logp, entropy = token_logprobs(model, mb.input_ids, mb.attention_mask, temperature=spec.temperature,
                                        with_entropy=spec.with_entropy)
         logp = logp.float()  # the estimator's math runs in fp32 even when the model is bf16
-        W = aggregation_weights(mb.loss_mask, spec.aggregation, num_tokens=num_tokens, num_seqs=num_seqs,
-                                max_len=spec.max_len)
-        terms = estimator_loss(
-            logp, advantages=mb.advantages, mask=mb.loss_mask, agg_weights=W, old_logp=mb.old_logp,
-            weight=spec.weight, clip=spec.clip, eps_low=spec.eps_low, eps_high=spec.eps_high,
-            eps_max=spec.eps_max, gamma=spec.gamma, ref_logp=mb.ref_logp, kl_estimator=spec.kl_estimator,
-            kl_beta=spec.kl_beta_loss, entropy=entropy, entropy_coef=spec.entropy_coef,
-        )
+        entropy = entropy.float() if entropy is not None else None
+        terms = micro_loss(logp, entropy, mb, spec, counts)
         terms.loss.backward()
         # -------------------------------------------------------------------------------------------
         with torch.no_grad():
-            mism = ((logp.detach() - mb.sampler_logp).abs() * mb.loss_mask).sum() if mb.sampler_logp is not None \
-                else torch.zeros((), device=device)
-            acc += torch.stack([terms.loss.detach(), terms.pg_value, terms.kl, terms.entropy, terms.clipped_tokens,
-                                terms.ratio_sum, mb.loss_mask.sum(), mism]).to(acc)
+            ts = mb.token_stream()
+            own = mb.loss_mask * (ts == ROLLOUT)  # sampled tokens
+            clipped_streams = [k for k, c in spec.streams.items() if c.clip != "none"]
+            clip_tok = sum((mb.loss_mask * (ts == k)).sum() for k in clipped_streams) if clipped_streams else zero
+            t = terms.streams
+            mism = ((logp.detach() - mb.sampler_logp).abs() * own).sum() if mb.sampler_logp is not None else zero
+            parts = [terms.loss.detach(),
+                     sum((x.kl for x in t.values()), zero),
+                     t[main].entropy if main in t else zero,
+                     sum((x.clipped_tokens for x in t.values()), zero), clip_tok,
+                     t[ROLLOUT].ratio_sum if ROLLOUT in t else zero, own.sum(), mb.loss_mask.sum(), mism,
+                     own.sum() if mb.sampler_logp is not None else zero]
+            for k in range(len(STREAMS)):
+                parts += [t[k].pg_value if k in t else zero, (mb.loss_mask * (ts == k)).sum()]
+            acc += torch.stack([torch.as_tensor(p, device=device).reshape(()) for p in parts]).to(acc)
     return acc
 
 
@@ -93,15 +123,28 @@ def optimizer_step(model, optimizer, scheduler, batch: Batch, spec: ObjectiveSpe
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     values = torch.cat([acc, grad_norm.detach().reshape(1).to(acc)]).tolist()  # the one sync of the step
-    stats = dict(zip(STAT_KEYS + ("grad_norm",), values))
-    tokens = max(stats.pop("tokens"), 1.0)
-    out = {"loss": stats["loss"], "pg_loss": stats["pg_loss"], "lr": lr, "grad_norm": stats["grad_norm"]}
-    if spec.clip != "none" or spec.weight != "one":
-        out.update(clipfrac=stats["clipped"] / tokens, ratio_mean=stats["ratio_sum"] / tokens)
+    return step_record(dict(zip(STAT_KEYS + STREAM_KEYS + ("grad_norm",), values)), spec, lr,
+                       has_sampler=batch.sampler_logp is not None)
+
+
+def step_record(stats: dict, spec: ObjectiveSpec, lr: float, *, has_sampler: bool) -> dict[str, float]:
+    """The metrics of one optimizer step from the summed diagnostics."""
+    pg = sum(stats[f"pg/{n}"] for n in STREAMS)
+    out = {"loss": stats["loss"], "pg_loss": pg, "lr": lr, "grad_norm": stats["grad_norm"]}
+    if stats["clip_tokens"]:
+        out["clipfrac"] = stats["clipped"] / stats["clip_tokens"]
+    if stats["ratio_tokens"] and any(c.weight != "one" or c.clip != "none" for c in spec.streams.values()):
+        out["ratio_mean"] = stats["ratio_sum"] / stats["ratio_tokens"]
     if spec.kl_beta_loss:
         out["kl"] = stats["kl"]
     if spec.with_entropy:
         out["entropy"] = stats["entropy"]
-    if batch.sampler_logp is not None:
-        out["sampler_mismatch"] = stats["mismatch_sum"] / tokens
+    if has_sampler and stats["mismatch_tokens"]:
+        out["sampler_mismatch"] = stats["mismatch_sum"] / stats["mismatch_tokens"]
+    if len(spec.streams) > 1:
+        tokens = max(stats["tokens"], 1.0)
+        for k, n in enumerate(STREAMS):
+            if k in spec.streams:
+                out[f"loss/{n}"] = stats[f"pg/{n}"]
+        out["demo_token_share"] = (stats["tokens/demo"] + stats["tokens/prefix"]) / tokens
     return out
