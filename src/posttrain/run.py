@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+import yaml
 
 from .data import detect_format, encode_dataset, load_rows, validate
 from .data.loading import RowSet
@@ -93,7 +94,7 @@ class Run:
 
     def _execute(self) -> dict:
         cfg = self.cfg
-        progress = StageProgress(self.out, dump_recipe(cfg), self.max_steps)
+        progress = StageProgress(self.out, cfg, self.max_steps)
         (self.out / "config.yaml").write_text(dump_recipe(cfg))
         torch.manual_seed(cfg.seed)
         device = pick_device(cfg.device)
@@ -315,22 +316,33 @@ def _reads_row_demos(preset, stage) -> bool:
 
 class StageProgress:
     """Which stages of a run directory finished: OUT/progress.json plus each finished stage's policy in
-    OUT/stages/NAME/model/. Rerunning the same recipe on the same directory skips the finished stages
-    and continues from the last finished stage's policy; a different recipe is refused."""
+    OUT/stages/NAME/model/. Rerunning on the same directory skips the leading stages that finished with the
+    same configuration and continues from the last one's policy (a stage that failed may be changed before
+    the rerun); a different model or seed, or a finished stage whose configuration changed, is refused."""
 
-    def __init__(self, out: Path, config: str, max_steps: int | None):
+    def __init__(self, out: Path, cfg: Recipe, max_steps: int | None):
         self.out = out
         self.path = out / "progress.json"
-        key = {"config": config, "max_steps": max_steps}
-        self.record: dict = {**key, "stages": {}}
+        run = {"model": cfg.model, "seed": cfg.seed, "dtype": cfg.dtype, "max_steps": max_steps,
+               "eval": cfg.eval.model_dump(mode="json") if cfg.eval else None}
+        configs = {s.name: yaml.safe_dump(s.model_dump(mode="json"), sort_keys=True) for s in cfg.stages}
+        self.record: dict = {"run": run, "stages": {}}
         if self.path.exists():
             old = json.loads(self.path.read_text())
-            if {k: old.get(k) for k in key} != key:
-                raise RecipeError(f"{out} holds a run of a different recipe (or --max-steps); use another --out, "
-                                  "or delete the directory to start again")
+            if old.get("run") != run:
+                raise RecipeError(f"{out} holds a run with another model, seed, dtype, eval or --max-steps; use "
+                                  "another --out, or delete the directory to start again")
             self.record = old
-        self.done: dict = {n: r for n, r in self.record["stages"].items()
-                           if (out / "stages" / n / "model" / "config.json").exists()}
+        self.done: dict = {}
+        for name, config in configs.items():  # the leading finished stages, in recipe order
+            rec = self.record["stages"].get(name)
+            if rec is None or not (out / "stages" / name / "model" / "config.json").exists():
+                break
+            if rec["config"] != config:
+                raise RecipeError(f"{out}: stage {name!r} finished with another configuration; use another "
+                                  "--out, or delete the directory to start again")
+            self.done[name] = rec["result"]
+        self.configs = configs
 
     def last_model(self) -> Path | None:
         return self.out / "stages" / list(self.done)[-1] / "model" if self.done else None
@@ -341,7 +353,7 @@ class StageProgress:
 
     def finish_stage(self, name: str, result: dict, model, tok, stop_ids) -> None:
         save_pretrained(model, tok, self.out / "stages" / name / "model", stop_ids=stop_ids)
-        self.record["stages"][name] = result
+        self.record["stages"][name] = {"config": self.configs[name], "result": result}
         self.done[name] = result
         self._write()
 
