@@ -74,7 +74,8 @@ def test_override_parsing():
 
 def test_missing_recipe_file(tmp_path):
     assert "does not exist" in error_of(str(tmp_path / "nope.yaml"))
-    assert "no built-in recipe builtin:grpoo; the built-in recipes: dapo, dft" in error_of("builtin:grpoo")
+    msg = error_of("builtin:grpoo")
+    assert "no built-in recipe builtin:grpoo (did you mean builtin:grpo?)" in msg and "dapo, dft" in msg
 
 
 def test_cli_train_reports_recipe_errors_before_loading(tmp_path, capsys):
@@ -111,3 +112,37 @@ def test_shipped_recipes_validate():
         r = load_recipe(path)
         assert r.model and r.stages, path
         assert load_recipe(f"builtin:{path.stem}") == r  # the repository's recipes/ is the package's
+
+
+def test_streams_sources_and_mix_resolve_from_the_preset_and_overrides_win():
+    r = load_recipe(base(method="luffy"), ["stages.0.streams.demo.weight=phi", "stages.0.shaping_gamma=0.2",
+                                           "stages.0.sources.demos_per_group=2"])
+    s = r.stages[0]
+    assert (s.streams.rollout.weight, s.streams.rollout.clip_level, s.streams.demo.weight) == ("ratio", "token", "phi")
+    assert (s.shaping_gamma, s.sources.demos_per_group, s.normaliser) == (0.2, 2, "joint")
+    c = load_recipe(base(method="chord_mu")).stages[0]
+    assert (c.mix.mu_peak, c.mix.mu_valley, c.mix.mu_decay, c.sources.demo_share) == (0.9, 0.05, 200, 0.2)
+    assert c.streams.demo.advantage == "one" and c.streams.rollout.advantage == "group"
+
+
+@pytest.mark.parametrize("stage,needle", [
+    ({"method": "grpo", "streams": {"demo": {"weight": "one"}}}, "has no 'demo' stream"),
+    ({"method": "luffy", "sources": {"demos_per_group": 8}}, "at least one free rollout"),
+    ({"method": "hpt_soft", "mix": {"soft_table": [[0.5, 1, 0], [0.2, 0, 1]]}}, "sorted by max_accuracy"),
+    ({"method": "hpt_soft", "mix": {"soft_table": [[0.5, 1, 0]]}}, "covering accuracy 1.0"),
+    ({"method": "grpo", "demos": {"path": "d.jsonl"}}, "reads no separate demonstrations"),
+    ({"method": "luffy", "streams": {"rollout": {"weight": "seq_ratio"}}}, "mixes token and sequence"),
+])
+def test_impossible_hybrid_combinations_are_refused(stage, needle):
+    assert needle in error_of(base(**stage))
+
+
+def test_from_stage_must_name_an_earlier_data_making_stage():
+    first = {"name": "a", "method": "grpo", "data": {"path": "x.jsonl"}, "rewards": [{"fn": "math"}]}
+    later = {"name": "b", "method": "sft", "data": {"from_stage": "a"}}
+    assert "makes no data" in error_of({"model": "m", "stages": [first, later]})
+    assert "not an earlier stage" in error_of({"model": "m", "stages": [later, {**first, "name": "c"}]})
+    rft = {**first, "method": "rft"}
+    assert load_recipe({"model": "m", "stages": [rft, later]}).stages[1].data.from_stage == "a"
+    assert "give one of path, task or from_stage" in error_of(
+        {"model": "m", "stages": [rft, {**later, "data": {"from_stage": "a", "path": "y"}}]})

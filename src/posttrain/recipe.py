@@ -396,8 +396,10 @@ def builtin_recipe(name: str) -> Path:
     """The recipe shipped in the package as `builtin:NAME` (the repository's `recipes/NAME.yaml`)."""
     path = BUILTIN_RECIPES / f"{name}.yaml"
     if not path.is_file():
-        names = ", ".join(sorted(p.stem for p in BUILTIN_RECIPES.glob("*.yaml")))
-        raise RecipeError(f"no built-in recipe builtin:{name}; the built-in recipes: {names}")
+        stems = sorted(p.stem for p in BUILTIN_RECIPES.glob("*.yaml"))
+        close = difflib.get_close_matches(name, stems, n=1)
+        hint = f" (did you mean builtin:{close[0]}?)" if close else ""
+        raise RecipeError(f"no built-in recipe builtin:{name}{hint}; the built-in recipes: {', '.join(stems)}")
     return path
 
 

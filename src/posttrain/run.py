@@ -52,7 +52,7 @@ def train(recipe: str | Path | dict | Recipe, *, out: str | Path | None = None, 
     reward_map = _per_stage(rewards, raw)
     for i, st in enumerate(raw.get("stages", [])):
         key = st.get("name") or st.get("method")
-        if key in data_map:
+        if key in data_map and not (st.get("data") or {}).get("from_stage"):
             st.setdefault("data", {})["path"] = IN_MEMORY if not isinstance(data_map[key], (str, Path)) \
                 else str(data_map[key])
             st["data"].pop("task", None)
