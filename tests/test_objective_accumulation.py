@@ -52,7 +52,7 @@ def check_accumulation(setting: str, mode: str) -> None:
     adv_kind, kw = SETTINGS[setting]
     b, old_logp, ref_logp = step_inputs(seed=20)
     group = torch.arange(REWARDS.shape[0]).repeat_interleave(REWARDS.shape[1])
-    adv = ADV.advantages(adv_kind, REWARDS.reshape(-1), group, b.mask)  # advantages of the whole step
+    adv = ADV.advantages(adv_kind, REWARDS.reshape(-1), group, b.mask, std_eps=1e-4, threshold=1.0)
     whole = micro_loss(b, slice(None), b.mask.shape[1], adv, old_logp, ref_logp, mode, kw)
     if kw["clip"] != "none":
         assert 0 < whole.clipped_tokens < b.num_tokens, "the step must exercise the clip"

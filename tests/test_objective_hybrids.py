@@ -115,14 +115,7 @@ def check_o18() -> None:
     demo_rows = [i for i, s in enumerate(tb.batch.stream.tolist()) if s == DEMO]
     assert len(demo_rows) == 2, "O18: 20% of 8 rollout rows is 2 expert rows"
     sft = TP.stage("sft")
-    part = _Rows()
-    for i in demo_rows:
-        m = tb.sel[i]
-        part.rows.append(tb.pool.row(m, DEMO, 100 + i, key=0))
-        part.rewards.append(math.nan)
-        part.scored.append(False)
-        part.free.append(False)
-    tb_sft = TP.build(sft, part, tb.pool)
+    tb_sft = TP.build(sft, TP.demo_rows(tb.pool, [tb.sel[i] for i in demo_rows]), tb.pool)
     grads_equal(TP.loss(tb, st).loss, TP.loss(tb_sft, sft).loss, tb.pool.logits, "O18: CHORD mu=1 != SFT")
     # mu = 0: CHORD == its RL part, GRPO with a token mean and no KL
     st0, tb0 = chord_batch("chord_mu", mu=0.0)
@@ -175,12 +168,7 @@ def check_o19() -> None:
     assert values["switch_frac"] == 0.5
     st_rl, tb_rl = rl_only("dr_grpo", 3, HPT_REWARDS, HPT_ROWS, old_from=tb0)
     sft = TP.stage("sft")
-    part = _Rows()
-    part.rows.append(tb0.pool.row(8, DEMO, 0, key=0))
-    part.rewards.append(math.nan)
-    part.scored.append(False)
-    part.free.append(False)
-    tb_sft = TP.build(sft, part, tb0.pool)
+    tb_sft = TP.build(sft, TP.demo_rows(tb0.pool, [8]), tb0.pool)
     diff = grad(TP.loss(tb0, st0).loss, tb0.pool.logits) - grad(TP.loss(tb_rl, st_rl).loss, tb0.pool.logits)
     assert_close(diff, 0.7 * grad(TP.loss(tb_sft, sft).loss, tb0.pool.logits), "O19: HPT(0) - RL != c_sft SFT")
     # the rule: SFT iff k / n <= gamma (question 1 has 2 of 4 right)
@@ -258,12 +246,7 @@ def check_relift() -> None:
     assert exp.buffer.keys == [] and values["buffer_sft"] == 1.0
     st_rl, tb_rl = rl_only("grpo", 6, rewards, rows, old_from=tb, **{"kl.beta": 0.0})
     sft = TP.stage("sft")
-    part = _Rows()
-    part.rows.append(pool.row(8, DEMO, 0, key=0))
-    part.rewards.append(math.nan)
-    part.scored.append(False)
-    part.free.append(False)
-    tb_sft = TP.build(sft, part, pool)
+    tb_sft = TP.build(sft, TP.demo_rows(pool, [8]), pool)
     diff = grad(TP.loss(tb, st).loss, pool.logits) - grad(TP.loss(tb_rl, st_rl).loss, pool.logits)
     assert_close(diff, 0.5 * grad(TP.loss(tb_sft, sft).loss, pool.logits), "ReLIFT: RL + SFT(buffer)")
 

@@ -202,3 +202,11 @@ def test_bucket_is_stable_across_processes():
     # pinned values: a salted hash() would change them on every interpreter start
     assert [bucket(s) for s in ("What is 23 + 45 - 17?", "a", "b")] == PINNED_BUCKETS
     assert {bucket(str(i)) for i in range(2000)} == set(range(100))
+
+
+def test_every_question_split_ships_a_demonstration_per_row():
+    """Hybrid methods read a demonstration beside each prompt: every row of every question split has one."""
+    task = get_task("arith")
+    for split in ("train", "dev", "id", "ood"):
+        rows = task.rows(split, n=50)
+        assert all(r["completion"][0]["content"].strip() and r["answer"] for r in rows), split

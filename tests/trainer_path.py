@@ -86,6 +86,17 @@ def scored_rows(pool: Pool, spec: list[tuple[int, int, int]], rewards: list[floa
     return part
 
 
+def demo_rows(pool: Pool, rows: list[int]) -> _Rows:
+    """Pool rows as unscored demonstrations, one group each (what an SFT stage's batch holds)."""
+    part = _Rows()
+    for j, m in enumerate(rows):
+        part.rows.append(pool.row(m, DEMO, 1000 + j, key=0))
+        part.rewards.append(float("nan"))
+        part.scored.append(False)
+        part.free.append(False)
+    return part
+
+
 @dataclass
 class TrainerBatch:
     batch: Batch

@@ -109,9 +109,10 @@ def global_normalize(adv: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
     return (adv - mean) / (var.sqrt() + eps) * mask
 
 
-def advantages(kind: str, rewards: Tensor, group: Tensor, mask: Tensor, *, std_eps: float = 1e-4,
-               threshold: float = 1.0, k1: Tensor | None = None, kl_beta: float = 0.0) -> Tensor:
+def advantages(kind: str, rewards: Tensor, group: Tensor, mask: Tensor, *, std_eps: float, threshold: float,
+               k1: Tensor | None = None, kl_beta: float = 0.0) -> Tensor:
     """Token advantages (N, T) of rows with `rewards` (N,) in `group` (N,); `mask` (N, T) their loss tokens.
+    `std_eps` (z-score) and `threshold` (indicator) come from the stage; their defaults live in the presets.
 
     With `k1` (N, T) (= old_logp - ref_logp, detached) and `kl_beta` > 0 the KL penalty sits in the reward:
       sequence kinds:  R_i <- R_i - beta * sum_t k1_it, then A;

@@ -74,6 +74,20 @@ class _Rows:
             v.append(math.nan)
 
 
+class _Questions:
+    """Per-question statistics of scored rows: each row's group, stream, and its question's rollout successes."""
+
+    def __init__(self, part: _Rows, threshold: float):
+        R = torch.tensor(part.rewards, dtype=torch.float64)
+        self.group = torch.tensor([r.group for r in part.rows])
+        self.stream = torch.tensor([r.stream for r in part.rows])
+        rollout_R = torch.where(self.stream == ROLLOUT, R, torch.full_like(R, math.nan))
+        self.hits, self.count = group_success(rollout_R, self.group, threshold)  # (N,) each
+        self.keys = {r.group: r.meta["key"] for r in part.rows}  # group -> the question's row key
+        self.first_hits = {g: float(h) for g, h in zip(self.group.tolist(), self.hits.tolist())}
+        self.first_count = {g: float(c) for g, c in zip(self.group.tolist(), self.count.tolist())}
+
+
 class Experience:
     """Builds one Batch per step from a stage's sources. Holds no model: the policy is passed in."""
 
@@ -274,58 +288,70 @@ class Experience:
     # ---- per-question gates and extra rows ------------------------------------------------------------
 
     def _add_demonstrations(self, part: _Rows, step: int, g_next: int, values: dict) -> torch.Tensor:
-        """Demonstration rows decided after scoring (HPT, SRFT, CHORD, ReLIFT), and every row's mix."""
-        s, p = self.s, self.p
-        n = len(part.rows)
-        R = torch.tensor(part.rewards, dtype=torch.float64)
-        group = torch.tensor([r.group for r in part.rows])
-        stream = torch.tensor([r.stream for r in part.rows])
-        rollout_R = torch.where(stream == ROLLOUT, R, torch.full_like(R, math.nan))
-        hits, count = group_success(rollout_R, group, s.success_threshold)
-        mix = torch.ones(n, dtype=torch.float64)
-        questions = {r.group: r.meta["key"] for r in part.rows}
-        fresh = iter(range(g_next, g_next + 10 ** 9))  # group ids of rows outside the questions' groups
-        if p.mixer in ("hpt", "hpt_soft"):
-            if p.mixer == "hpt":
-                mix, switched = mixers.hpt_gate(hits, count, stream, gamma=s.mix.hpt_gamma, sft_coef=s.mix.sft_coef)
-                demo_w = {g: s.mix.sft_coef for g in set(group[switched].tolist())}
-            else:
-                table = tuple(tuple(r) for r in s.mix.soft_table)
-                mix = mixers.hpt_soft(hits, count, stream, table=table)
-                sft_w = mixers.hpt_soft(hits, count, torch.full_like(stream, DEMO), table=table)
-                first = {}
-                for g, w, c in zip(group.tolist(), sft_w.tolist(), count.tolist()):
-                    first.setdefault(g, (w, c))
-                demo_w = {g: w for g, (w, c) in first.items() if w > 0 and c > 0}
-            for g, w in sorted(demo_w.items()):
-                part.add(self._demo_row(questions[g], g))
-                mix = torch.cat([mix, torch.tensor([w], dtype=mix.dtype)])
-            values["switch_frac"] = len(demo_w) / max(len(questions), 1)
-        elif p.mixer == "srft":
-            for g, k in sorted(questions.items()):
+        """Demonstration rows decided after scoring (HPT, SRFT, CHORD, ReLIFT) appended to `part`; returns every
+        row's mix. `g_next` is the first group id no question uses (rows outside the questions' groups)."""
+        q = _Questions(part, self.s.success_threshold)
+        fresh = iter(range(g_next, g_next + 10 ** 9))
+        mixer = self.p.mixer
+        if mixer in ("hpt", "hpt_soft"):
+            mix = self._hpt(part, q, values)
+        elif mixer == "srft":  # every question's demonstration; its weights come from the update's entropy
+            for g, k in sorted(q.keys.items()):
                 part.add(self._demo_row(k, g))
-            mix = torch.ones(len(part.rows), dtype=torch.float64)  # SRFT's weights come from the update's entropy
-        elif p.mixer == "chord":
-            mu = mixers.cosine_schedule(step, start=s.mix.mu_peak, end=s.mix.mu_valley, warmup=s.mix.mu_warmup,
-                                        decay=s.mix.mu_decay)
-            k = max(1, round(s.sources.demo_share * n)) if s.sources.demo_share > 0 else 0
-            for enc in self.demos.take(k):
-                part.add(Row(list(enc.input_ids), list(enc.loss_mask), DEMO, next(fresh)))
-            mix = mixers.chord(torch.tensor([r.stream for r in part.rows]), mu).to(torch.float64)
-            values["mu"] = mu
+            mix = torch.ones(len(part.rows), dtype=torch.float64)
+        elif mixer == "chord":
+            mix = self._chord(part, step, fresh, values)
+        else:
+            mix = torch.ones(len(part.rows), dtype=torch.float64)
         if self.buffer is not None:
-            failed = [questions[g] for g in sorted(questions) if hits[group == g][0] == 0 and count[group == g][0] > 0]
-            self.buffer.add(failed)
-            values["buffer_fill"] = len(self.buffer.keys) / self.buffer.size
-            if self.buffer.full():
-                for k in self.buffer.drain():
-                    part.add(self._demo_row(k, next(fresh)))
-                mix = torch.cat([mix, torch.full((len(part.rows) - len(mix),), s.mix.sft_coef, dtype=mix.dtype)])
-                values["buffer_sft"] = 1.0
-        if "prefixed" in p.sources:
+            mix = self._relift(part, q, mix, fresh, values)
+        if "prefixed" in self.p.sources:
             lens = [r.prefix_len for r in part.rows if r.prefix_len]
             values["prefix_share"] = self.prefix_share(step)
             values["prefix_len"] = sum(lens) / len(lens) if lens else 0.0
+        return mix
+
+    def _hpt(self, part: _Rows, q: "_Questions", values: dict) -> torch.Tensor:
+        """HPT's gate (or soft table) per question: rollout weights, and the demonstrations it switches to SFT."""
+        s = self.s
+        if self.p.mixer == "hpt":
+            mix, switched = mixers.hpt_gate(q.hits, q.count, q.stream, gamma=s.mix.hpt_gamma, sft_coef=s.mix.sft_coef)
+            demo_w = {g: s.mix.sft_coef for g in set(q.group[switched].tolist())}
+        else:
+            table = tuple(tuple(r) for r in s.mix.soft_table)
+            mix = mixers.hpt_soft(q.hits, q.count, q.stream, table=table)
+            sft_w = mixers.hpt_soft(q.hits, q.count, torch.full_like(q.stream, DEMO), table=table)
+            first = {}
+            for g, w, c in zip(q.group.tolist(), sft_w.tolist(), q.count.tolist()):
+                first.setdefault(g, (w, c))
+            demo_w = {g: w for g, (w, c) in first.items() if w > 0 and c > 0}
+        for g, w in sorted(demo_w.items()):
+            part.add(self._demo_row(q.keys[g], g))
+            mix = torch.cat([mix, torch.tensor([w], dtype=mix.dtype)])
+        values["switch_frac"] = len(demo_w) / max(len(q.keys), 1)
+        return mix
+
+    def _chord(self, part: _Rows, step: int, fresh, values: dict) -> torch.Tensor:
+        """CHORD: expert rows (demo_share as many as the question rows), mix 1 - mu on rollouts and mu on them."""
+        s = self.s
+        mu = mixers.cosine_schedule(step, start=s.mix.mu_peak, end=s.mix.mu_valley, warmup=s.mix.mu_warmup,
+                                    decay=s.mix.mu_decay)
+        k = max(1, round(s.sources.demo_share * len(part.rows))) if s.sources.demo_share > 0 else 0
+        for enc in self.demos.take(k):
+            part.add(Row(list(enc.input_ids), list(enc.loss_mask), DEMO, next(fresh)))
+        values["mu"] = mu
+        return mixers.chord(torch.tensor([r.stream for r in part.rows]), mu).to(torch.float64)
+
+    def _relift(self, part: _Rows, q: "_Questions", mix: torch.Tensor, fresh, values: dict) -> torch.Tensor:
+        """ReLIFT: questions whose rollouts all failed enter the buffer; a full buffer adds their demonstrations."""
+        failed = [q.keys[g] for g in sorted(q.keys) if q.first_hits[g] == 0 and q.first_count[g] > 0]
+        self.buffer.add(failed)
+        values["buffer_fill"] = len(self.buffer.keys) / self.buffer.size
+        values["buffer_sft"] = float(self.buffer.full())
+        if self.buffer.full():
+            for k in self.buffer.drain():
+                part.add(self._demo_row(k, next(fresh)))
+            mix = torch.cat([mix, torch.full((len(part.rows) - len(mix),), self.s.mix.sft_coef, dtype=mix.dtype)])
         return mix
 
     def _assemble(self, model, part: _Rows, mix: torch.Tensor, values: dict) -> Batch:
