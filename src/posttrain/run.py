@@ -24,7 +24,7 @@ import yaml
 from .data import detect_format, encode_dataset, load_rows, validate
 from .data.loading import RowSet
 from .models import choose_dtype, load_policy, pick_device, save_pretrained, stop_token_ids
-from .objective.presets import get_preset
+from .objective.presets import PRESETS, get_preset
 from .recipe import Recipe, RecipeError, dump_recipe, load_recipe, recipe_data
 from .training.loop import new_state, run_stage
 from .training.metrics import JsonlSink, Progress, Sinks, TensorBoardSink
@@ -56,7 +56,8 @@ def train(recipe: str | Path | dict | Recipe, *, out: str | Path | None = None, 
             st.setdefault("data", {})["path"] = IN_MEMORY if not isinstance(data_map[key], (str, Path)) \
                 else str(data_map[key])
             st["data"].pop("task", None)
-        if key in reward_map:
+        preset = PRESETS.get(st.get("method"))
+        if key in reward_map and (preset is None or preset.needs_rewards):  # SFT stages take no rewards
             st["rewards"] = [{"fn": f"<callable:{j}>", "name": getattr(f, "__name__", f"reward_{j}")}
                              for j, f in enumerate(reward_map[key])]
     cfg = load_recipe(raw, overrides)
