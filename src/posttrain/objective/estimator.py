@@ -175,7 +175,7 @@ def objective_loss(logp: Tensor, *, token_stream: Tensor, mask: Tensor, advantag
     """The estimator applied stream by stream: sum_k estimator(tokens of stream k, components_k, W_k).
 
     token_stream (N, T) long: each token's stream; streams {k: StreamComponents}; counts {k: (tokens, seqs)}
-    over the global batch (`stream_counts`); mix (N,) per row. Streams absent from the micro-batch add 0.
+    over the global batch (`stream_counts`); mix (N,) per row. A stream absent from this micro-batch adds 0.
     """
     from .components import aggregation_weights
 
@@ -183,10 +183,10 @@ def objective_loss(logp: Tensor, *, token_stream: Tensor, mask: Tensor, advantag
     out = {}
     mix_tok = mix[:, None].to(logp.dtype).expand_as(logp)
     for k, c in streams.items():
-        m = mask * (token_stream == k)  # (N, T)
-        if not bool(m.any()):
-            continue
         tokens, seqs = counts[k]
+        if not tokens:  # the stream is absent from the whole batch (checked on host counts: no device sync)
+            continue
+        m = mask * (token_stream == k)  # (N, T)
         W = aggregation_weights(m, c.aggregation, num_tokens=tokens, num_seqs=seqs, max_len=c.max_len)
         terms = estimator_loss(
             logp, advantages=advantages * m, mask=m, agg_weights=W, old_logp=old_logp, mix=mix_tok, weight=c.weight,
