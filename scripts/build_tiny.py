@@ -39,7 +39,7 @@ from posttrain.data import RowSet, encode_dataset  # noqa: E402
 from posttrain.eval.task_eval import evaluate_task  # noqa: E402
 from posttrain.models import save_pretrained  # noqa: E402
 from posttrain.recipe import StageConfig, resolve_stage  # noqa: E402
-from posttrain.tasks import arith, pretraining_corpus  # noqa: E402
+from posttrain.tasks import arith  # noqa: E402
 from posttrain.tiny import IM_END, IM_START, tiny_model, train_tokenizer  # noqa: E402
 from posttrain.training.experience import Experience  # noqa: E402
 from posttrain.training.loop import new_state, run_stage  # noqa: E402
@@ -123,11 +123,12 @@ class Selector:
         return accuracy
 
 
-def build(recipe: Recipe, seed: int, out: Path, *, threads: int, n_id: int | None, n_ood: int | None) -> dict:
+def build(recipe: Recipe, seed: int, out: Path, *, threads: int, n_id: int | None, n_ood: int | None,
+          mix: arith.CorpusMix = arith.CorpusMix()) -> dict:
     t0 = time.time()
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    corpus = pretraining_corpus(TASK, recipe.corpus_size, seed)
+    corpus = arith.pretraining_corpus(recipe.corpus_size, seed, mix)
     # the chat markers are special tokens: keep them out of the BPE merges
     plain = [r["text"].replace(IM_START, " ").replace(IM_END, " ") for r in corpus]
     tok = train_tokenizer(plain, vocab_size=recipe.vocab_size, with_pad=True)
@@ -163,7 +164,7 @@ def build(recipe: Recipe, seed: int, out: Path, *, threads: int, n_id: int | Non
     model.load_state_dict(best["state"])
     train_seconds = time.time() - t0
     measured = {}
-    for split, n in (("id", n_id), ("ood", n_ood)):
+    for split, n in (("id", n_id), ("ood", n_ood), ("ood_phrasing", n_ood)):
         m = evaluate_task(model, tok, TASK, split, n=n or 10_000, max_new_tokens=recipe.max_new_tokens,
                           samples=recipe.pass_k, temperature=1.0, stop_ids=stop, pad_id=tok.pad_token_id, seed=seed)
         measured[split] = {k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}
@@ -173,7 +174,7 @@ def build(recipe: Recipe, seed: int, out: Path, *, threads: int, n_id: int | Non
         "seed": seed,
         "threads": threads,
         "task": TASK,
-        "corpus": {"rows": recipe.corpus_size, "mix": asdict(arith.CorpusMix()),
+        "corpus": {"rows": recipe.corpus_size, "mix": asdict(mix), "phrasings": arith.PHRASINGS,
                    "id_operands": arith.ID_OPERANDS, "ood_operands": arith.OOD_OPERANDS,
                    "minus_share": arith.MINUS_SHARE},
         "model": {"arch": recipe.arch, "parameters": n_params, "vocab_size": len(tok), **recipe.dims},
@@ -198,11 +199,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (float sums may differ across thread counts: part of the seed)")
     parser.add_argument("--smoke", action="store_true", help="a few steps on a tiny corpus: checks the script runs")
+    parser.add_argument("--corpus-mix", type=json.loads, default={}, metavar="JSON",
+                        help="override fields of arith.CorpusMix, e.g. '{\"phrasings\": 0.2}' (recorded in BUILD.json)")
     args = parser.parse_args(argv)
     recipe = SMOKE if args.smoke else Recipe()
     out = args.out or (Path(tempfile.mkdtemp(prefix="tiny-smoke-")) if args.smoke else DEFAULT_OUT)
     sizes = dict(n_id=8, n_ood=8) if args.smoke else dict(n_id=None, n_ood=None)
-    record = build(recipe, args.seed, out, threads=args.threads, **sizes)
+    mix = arith.CorpusMix(**{k: tuple(map(tuple, v)) if isinstance(v, list) else v
+                             for k, v in args.corpus_mix.items()})
+    record = build(recipe, args.seed, out, threads=args.threads, mix=mix, **sizes)
     print(json.dumps({"out": str(out), "step_chosen": record["training"]["step_chosen"],
                       "wall_seconds": record["wall_seconds"], **record["measured"]}))
 

@@ -75,10 +75,27 @@ def cmd_tasks(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .study.budget import Budget
+    from .study.compare import run_study
+    from .study.evaluate import EvalSpec
+
+    budget = Budget.parse(args.budget) if args.budget else None
+    spec = EvalSpec(task=args.task, n=args.n, samples=args.samples, max_new_tokens=args.max_new_tokens,
+                    kl_n=args.kl_n, curve_every=args.curve_every)
+    if args.splits:
+        spec = EvalSpec(**{**spec.to_dict(), "splits": tuple(args.splits)})
+    summary = run_study(args.recipes, out=args.out, seeds=args.seeds, budget=budget, jobs=args.jobs, spec=spec)
+    print("\n".join(f"- {f['text']}" for f in summary["findings"]))
+    print(f"\nreport: {args.out}/report.html (also report.md, summary.json, *.png)")
+    failed = [r["name"] for r in summary["runs"] if r.get("status") != "done"]
+    return 1 if failed else 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(out=args.out, quick=args.quick)
+    return run_demo(out=args.out, quick=args.quick, jobs=args.jobs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,9 +141,33 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--json", action="store_true", help="print a JSON list")
     k.set_defaults(fn=cmd_tasks)
 
-    d = sub.add_parser("demo", help="train builtin:tiny with SFT, GRPO and SFT->GRPO and compare")
-    d.add_argument("--out", default="runs/demo", help="directory for the runs and the table")
-    d.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
+    c = sub.add_parser("compare", help="run several recipes under a matched budget and report them side by side",
+                       description="Run each recipe from the same base under a matched budget (and several seeds), "
+                       "evaluate every run alike on held-out data, and write DIR/report.html, report.md, "
+                       "summary.json and the plots. Rerunning the same command skips the finished runs.")
+    c.add_argument("recipes", nargs="+", help="recipe files or builtin:NAME (all must start from the same model)")
+    c.add_argument("--out", required=True, help="study directory")
+    c.add_argument("--seeds", type=int, default=1, help="seeds per recipe (the recipe's seed, +1, +2, ...)")
+    c.add_argument("--budget", help="steps=K, samples=K or tokens=K per run (default: each recipe as written)")
+    c.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process (one thread each "
+                   "when > 1)")
+    c.add_argument("--task", default="arith", help="built-in task to evaluate on (default arith)")
+    c.add_argument("--splits", nargs="+", help="question splits, in-distribution first (default: id ood ood_phrasing)")
+    c.add_argument("--n", type=int, default=200, help="prompts per split (default 200)")
+    c.add_argument("--samples", type=int, default=4, help="samples per prompt for pass@k and maj@k (default 4)")
+    c.add_argument("--max-new-tokens", type=int, default=48, help="generation budget per answer (default 48)")
+    c.add_argument("--kl-n", type=int, default=64, help="held-out prompts for KL to the base (default 64)")
+    c.add_argument("--curve-every", type=int, default=25, help="learning-curve points every N steps (default 25)")
+    c.set_defaults(fn=cmd_compare)
+
+    d = sub.add_parser("demo", help="the built-in study: SFT, DFT, GRPO, SFT->GRPO, LUFFY, HPT, CHORD, ReLIFT on "
+                       "builtin:tiny under one matched budget", description="Train the shipped tiny model with eight "
+                       "methods under one matched budget of training samples (two seeds each), evaluate every run "
+                       "alike on held-out data and write the report (`posttrain compare` with fixed settings).")
+    d.add_argument("--out", default="runs/demo", help="directory for the runs and the report (a subfolder full/ "
+                   "or quick/)")
+    d.add_argument("--quick", action="store_true", help="a much smaller budget and evaluation, one seed (minutes)")
+    d.add_argument("--jobs", type=int, default=None, help="runs at a time (default: the CPU count)")
     d.set_defaults(fn=cmd_demo)
     return p
 

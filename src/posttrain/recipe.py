@@ -157,13 +157,21 @@ class OverlongConfig(Strict):
     cache: Optional[int] = Field(None, gt=0)  # soft-penalty ramp length; default 20% of max_new_tokens
 
 
+class StopConfig(Strict):
+    """End the stage early once this much has been trained on (checked after every optimizer step)."""
+
+    samples: Optional[int] = Field(None, gt=0)  # sequences trained on, summed over updates
+    tokens: Optional[int] = Field(None, gt=0)  # loss tokens trained on, summed over updates
+
+
 class StageConfig(Strict):
     name: Optional[str] = None
     method: str
     data: DataConfig
     demos: Optional[DataConfig] = None  # demonstrations from a separate dataset (CHORD, ReLIFT, LUFFY, ...)
     rewards: list[RewardConfig] = Field(default_factory=list)
-    steps: int = Field(100, gt=0)  # optimizer steps
+    steps: int = Field(100, gt=0)  # optimizer steps (the schedule's length)
+    stop: StopConfig = Field(default_factory=StopConfig)  # a budget of samples / tokens ending it sooner
     optim: OptimConfig = Field(default_factory=OptimConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     batch: BatchConfig = Field(default_factory=BatchConfig)
@@ -203,6 +211,9 @@ class EvalConfig(Strict):
     max_new_tokens: int = Field(64, gt=0)
     samples: int = Field(0, ge=0)  # K samples per prompt for pass@K (0: greedy only)
     temperature: float = Field(1.0, gt=0)
+    every: int = Field(0, ge=0)  # also every N optimizer steps: greedy accuracy on curve_split -> curve.jsonl
+    curve_split: str = "dev"
+    curve_n: int = Field(100, gt=0)
 
 
 class Recipe(Strict):

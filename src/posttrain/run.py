@@ -115,8 +115,9 @@ class Run:
         sinks = Sinks(JsonlSink(self.out / "metrics.jsonl", keep=lambda r: r.get("stage") in progress.done),
                       TensorBoardSink(self.out / "tb"))
         t_run = time.perf_counter()
+        hooks = EvalHooks(cfg, tok, stop_ids, pad_id, device)
+        curve = CurveHook(hooks, self.out / "curve.jsonl", keep=lambda r: r.get("stage") in progress.done)
         try:
-            hooks = EvalHooks(cfg, tok, stop_ids, pad_id, device)
             if hooks.active:
                 if "eval_before" not in progress.record:
                     progress.save_eval_before(hooks.evaluate(model))
@@ -127,11 +128,16 @@ class Run:
                     result = progress.done[stage.name]
                     summary["stages"][stage.name] = result
                     global_step += result["steps"]
+                    curve.end_stage(result)
                     continue
                 t0 = time.perf_counter()
-                result = self._run_stage(i, stage, sd, model, tok, stop_ids, pad_id, device, sinks, global_step)
+                if curve.every and i == 0:
+                    curve.point(model, stage.name, 0, 0, 0, 0.0)  # the base
+                result = self._run_stage(i, stage, sd, model, tok, stop_ids, pad_id, device, sinks, global_step,
+                                         on_step=curve.on_step(stage.name, t0))
                 global_step += result["steps"]
                 result["wall_s"] = round(time.perf_counter() - t0, 3)
+                curve.end_stage(result, model)
                 if hooks.active:
                     result["eval"] = hooks.evaluate(model)
                 summary["stages"][stage.name] = result
@@ -141,6 +147,7 @@ class Run:
             save_pretrained(model, tok, self.out / "final", stop_ids=stop_ids)
         finally:
             sinks.close()
+            curve.close()
         summary["wall_s"] = round(time.perf_counter() - t_run, 3)
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2, default=_jsonable))
         log.info("run finished in %.1fs: %s", summary["wall_s"], self.out)
@@ -231,7 +238,7 @@ class Run:
                     self._check_paired(stage, sd)
 
     def _run_stage(self, i, stage, sd: "StageData", model, tok, stop_ids, pad_id, device, sinks,
-                   global_step) -> dict:
+                   global_step, on_step=None) -> dict:
         from .training.experience import Experience
         from .training.sources import Demonstrations, PairedDemos
 
@@ -244,7 +251,8 @@ class Run:
         n_steps = min(stage.steps, self.max_steps) if self.max_steps else stage.steps
         progress = Progress(n_steps, stage.name, stage.log_every, tty=self.progress)
         sink = _StageSink(Sinks(sinks, progress), global_step)
-        result: dict[str, Any] = {"method": stage.method, "format": sd.fmt, "rows": len(sd.rows.rows)}
+        result: dict[str, Any] = {"name": stage.name, "method": stage.method, "format": sd.fmt,
+                                  "rows": len(sd.rows.rows)}
         kw: dict[str, Any] = dict(pad_id=pad_id, stop_ids=stop_ids, device=device, seed=seed, ref_model=ref_model,
                                   total_steps=n_steps)
         if preset.data == "demonstrations" or "demonstrations" in preset.sources:
@@ -261,16 +269,17 @@ class Run:
             if preset.data == "demonstrations":
                 experience = Experience(stage, tok, **kw)
                 state = new_state(model, stage, seed, experience)
-                last = run_stage(state, stage, device=device, sink=sink, max_steps=self.max_steps)
+                last = run_stage(state, stage, device=device, sink=sink, max_steps=self.max_steps, on_step=on_step)
             else:
                 with self._scorer(stage) as scorer:
                     experience = Experience(stage, tok, rows=sd.rows.rows, scorer=scorer, **kw)
                     state = new_state(model, stage, seed, experience)
-                    last = run_stage(state, stage, device=device, sink=sink, max_steps=self.max_steps)
+                    last = run_stage(state, stage, device=device, sink=sink, max_steps=self.max_steps,
+                                     on_step=on_step)
                     result["reward_errors"] = sink.reward_errors
         finally:
             progress.close()
-        result["steps"] = state.step
+        result.update(steps=state.step, samples=state.samples, tokens=state.tokens)
         result["final"] = {k: v for k, v in last.items() if k not in ("stage", "step", "global_step")}
         return result
 
@@ -392,6 +401,57 @@ class EvalHooks:
         return {split: evaluate_task(model, self.tok, e.task, split, n=e.n, max_new_tokens=e.max_new_tokens,
                                      samples=e.samples, temperature=e.temperature, stop_ids=self.stop_ids,
                                      pad_id=self.pad_id) for split in e.splits}
+
+    def curve_point(self, model) -> dict:
+        """Greedy accuracy and format on the curve split (a point of the learning curve)."""
+        from .eval.task_eval import evaluate_task
+
+        e = self.cfg
+        r = evaluate_task(model, self.tok, e.task, e.curve_split, n=e.curve_n, max_new_tokens=e.max_new_tokens,
+                          stop_ids=self.stop_ids, pad_id=self.pad_id)
+        return {k: r[k] for k in ("accuracy", "format") if k in r}
+
+
+class CurveHook:
+    """`every` steps of each stage, one learning-curve point in OUT/curve.jsonl, with the run's cumulative
+    samples, trained tokens and wall time (all stages so far) so curves of different methods share axes."""
+
+    def __init__(self, hooks: EvalHooks, path: Path, keep):
+        self.hooks = hooks
+        self.every = hooks.cfg.every if hooks.active else 0
+        self.sink = JsonlSink(path, keep=keep) if self.every else None
+        self.offset = {"samples": 0, "tokens": 0, "wall_s": 0.0, "global_step": 0}
+
+    def point(self, model, stage: str, step: int, samples: int, tokens: int, wall_s: float) -> None:
+        o = self.offset
+        self.sink.write({"stage": stage, "step": step, "global_step": o["global_step"] + step,
+                         "samples": o["samples"] + samples, "tokens": o["tokens"] + tokens,
+                         "wall_s": round(o["wall_s"] + wall_s, 3), self.hooks.cfg.curve_split:
+                         self.hooks.curve_point(model)})
+
+    def on_step(self, stage: str, t0: float):
+        if not self.every:
+            return None
+
+        def hook(state, record) -> bool:
+            if state.step % self.every == 0:
+                self.point(state.model, stage, state.step, state.samples, state.tokens, time.perf_counter() - t0)
+            return False
+
+        return hook
+
+    def end_stage(self, result: dict, model=None) -> None:
+        """Move the offsets past a finished stage (given the model: first its last point, when `every` skipped it)."""
+        if model is not None and self.every and result["steps"] % self.every:
+            self.point(model, result.get("name", ""), result["steps"], result["samples"], result["tokens"],
+                       result["wall_s"])
+        for key, value in (("samples", result["samples"]), ("tokens", result["tokens"]),
+                           ("wall_s", result["wall_s"]), ("global_step", result["steps"])):
+            self.offset[key] += value
+
+    def close(self) -> None:
+        if self.sink is not None:
+            self.sink.close()
 
 
 def _jsonable(x):

@@ -6,6 +6,10 @@ Code", eq. 1): with n samples of which c are correct,
     pass@k = 1 - C(n - c, k) / C(n, k) = 1 - prod_{i = n-c+1}^{n} (1 - k / i)
 
 The product form never builds a large binomial coefficient, so it is exact-ish in float64 for any n.
+
+maj@k (self-consistency): the answer most of a prompt's first k samples give (ties: the one given first),
+scored as correct when a sample with that answer is correct. Samples whose answer cannot be read do not
+vote; a prompt where none can is wrong.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import torch
 from posttrain.rollout.sampler import Rollout, sample
 
 ScoreFn = Callable[[list[int], list[list[int]]], list[float]]
+AnswerFn = Callable[[list[int], list[list[int]]], list["str | None"]]
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -29,6 +34,24 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:  # every k-subset contains a correct sample
         return 1.0
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def maj_at_k(answers: Sequence[str | None], scores: Sequence[float], k: int) -> float:
+    """1.0 when the majority answer of the first k samples of one prompt is correct, else 0.0."""
+    if not 1 <= k <= len(answers):
+        raise ValueError(f"need 1 <= k <= {len(answers)} samples, got k={k}")
+    votes: dict[str, int] = {}
+    correct: dict[str, bool] = {}
+    for a, s in zip(answers[:k], scores[:k]):
+        if a is None:
+            continue
+        votes[a] = votes.get(a, 0) + 1
+        correct[a] = correct.get(a, False) or s == 1.0
+    if not votes:
+        return 0.0
+    best = max(votes.values())
+    winner = next(a for a in votes if votes[a] == best)  # dicts keep insertion order: the first given wins ties
+    return float(correct[winner])
 
 
 def pass_k_values(samples: int) -> list[int]:
@@ -93,6 +116,7 @@ def evaluate(
     batch_size: int = 64,
     seed: int = 0,
     extra_fn: Callable[[list[int], list[list[int]]], dict[str, list[float]]] | None = None,
+    answer_fn: AnswerFn | None = None,
 ) -> EvalResult:
     """Greedy accuracy on every prompt and, when `samples` = K > 0, pass@k from K samples per prompt at `temperature`.
 
@@ -101,7 +125,8 @@ def evaluate(
     extra["unscored"] for greedy and extra["unscored_samples"] for sampled completions).
     `extra_fn(prompt_indices, completion_ids) -> {name: values}` adds the mean of other per-completion metrics
     of the greedy completions (e.g. format adherence). Extras: truncated (fraction of greedy completions that hit max_new_tokens) and, with samples,
-    sample_accuracy (mean correctness of all scored samples) and sample_response_len.
+    sample_accuracy (mean correctness of all scored samples) and sample_response_len; with samples and
+    `answer_fn(prompt_indices, completion_ids) -> answers` (None: unreadable), maj@k for the same k as pass@k.
     """
     greedy = sample(model, prompt_ids, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
                     greedy=True, batch_size=batch_size)
@@ -125,6 +150,15 @@ def evaluate(
         extra["unscored_samples"] = float(len(sample_scores) - len(sample_scored))
         extra["sample_accuracy"] = _mean(sample_scored)
         extra["sample_response_len"] = _mean([float(len(c)) for c in sampled.completion_ids])
+        if answer_fn is not None:
+            answers = answer_fn(list(sampled.prompt_index), list(sampled.completion_ids))
+            per_prompt: dict[int, tuple[list, list]] = {}
+            for i, a, sc in zip(sampled.prompt_index, answers, sample_scores):
+                per_prompt.setdefault(i, ([], []))
+                per_prompt[i][0].append(a)
+                per_prompt[i][1].append(sc)
+            for k in pass_k_values(samples):
+                extra[f"maj@{k}"] = _mean([maj_at_k(a, sc, k) for a, sc in per_prompt.values()])
     return EvalResult(
         n=len(prompt_ids),
         accuracy=_mean(scored),

@@ -12,9 +12,11 @@ from .metrics import evaluate
 
 
 def reward_metrics(model, tok, rows: list[dict], rewards: dict[str, Callable], primary: str, *, stop_ids, pad_id,
-                   max_new_tokens: int, samples: int = 0, temperature: float = 1.0, seed: int = 0) -> dict:
+                   max_new_tokens: int, samples: int = 0, temperature: float = 1.0, seed: int = 0,
+                   answer: Callable[[str], "str | None"] | None = None) -> dict:
     """Generic evaluation of `rows` (prompt + answer columns): `primary` decides correctness; every other reward
-    in `rewards` is averaged over the greedy completions and reported under its name."""
+    in `rewards` is averaged over the greedy completions and reported under its name. `answer` reads the answer
+    out of a completion's text, for maj@k."""
     prompts = [r["prompt"] for r in rows]
     prompt_ids = [encode_prompt(p, tok) for p in prompts]
     columns = {k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"} if rows else {}
@@ -32,8 +34,12 @@ def reward_metrics(model, tok, rows: list[dict], rewards: dict[str, Callable], p
     def extra(idx, comp_ids):
         return {name: call(fn, idx, comp_ids) for name, fn in rewards.items() if name != primary}
 
+    def answers(idx, comp_ids):
+        return [answer(tok.decode(list(c), skip_special_tokens=True)) for c in comp_ids]
+
     res = evaluate(model, prompt_ids, score, stop_ids=stop_ids, pad_id=pad_id, max_new_tokens=max_new_tokens,
-                   samples=samples, temperature=temperature, seed=seed, extra_fn=extra)
+                   samples=samples, temperature=temperature, seed=seed, extra_fn=extra,
+                   answer_fn=answers if answer is not None else None)
     return res.to_dict()
 
 
@@ -72,7 +78,8 @@ def evaluate_task(model, tok, task: str, split: str, *, n: int, max_new_tokens: 
         nll, tokens = mean_nll(model, _encode_all(rows, "text", tok), pad_id)
         return {"n": len(rows), "nll": nll, "tokens": tokens}
     out = reward_metrics(model, tok, rows, dict(t.rewards), t.primary, stop_ids=stop_ids, pad_id=pad_id,
-                         max_new_tokens=max_new_tokens, samples=samples, temperature=temperature, seed=seed)
+                         max_new_tokens=max_new_tokens, samples=samples, temperature=temperature, seed=seed,
+                         answer=t.answer)
     if rows and "messages" in rows[0]:  # likelihood of the held-out worked demonstrations
         out["demo_nll"], _ = mean_nll(model, _encode_all(rows, "messages", tok), pad_id)
     return out

@@ -25,6 +25,7 @@ class Task:
     generate: Callable[[str, int, int], list[dict]] = field(repr=False)  # (split, n, seed) -> rows
     sizes: Mapping[str, int] = field(repr=False)    # default number of rows per split
     corpus: Callable[[int, int], list[dict]] = field(repr=False)  # (n, seed) -> {"text"} rows
+    answer: Callable[[str], "str | None"] | None = field(default=None, repr=False)  # completion -> its answer (maj@k)
 
     def rows(self, split: str, n: int | None = None, seed: int = 0) -> list[dict]:
         """`n` rows of `split` (its default size when None); the same arguments always give the same rows."""
@@ -39,14 +40,16 @@ class Task:
 TASKS: dict[str, Task] = {
     "arith": Task(
         name="arith",
-        description=("Sums and differences of 2-3 two-digit numbers (ood: 4 operands). Demonstrations work "
+        description=("Sums and differences of 2-3 two-digit numbers (ood: 4 operands; ood_phrasing: the same "
+                     "problems asked in words no training prompt uses). Demonstrations work "
                      "the chain step by step and end with '#### answer'."),
-        splits=("train", "dev", "id", "ood", "plain"),
+        splits=("train", "dev", "id", "ood", "ood_phrasing", "plain"),
         rewards=dict(arith.REWARDS),
         primary="correct",
         generate=arith.rows,
-        sizes={"train": 2000, "dev": 200, "id": 500, "ood": 300, "plain": 200},
+        sizes={"train": 2000, "dev": 200, "id": 500, "ood": 300, "ood_phrasing": 300, "plain": 200},
         corpus=lambda n, seed: arith.pretraining_corpus(n, seed),
+        answer=arith.extract_answer,
     ),
 }
 

@@ -1,8 +1,10 @@
 """`arith`: multi-step sums and differences of two-digit numbers, generated from a seed in seconds.
 
 In distribution (`train`, `dev`, `id`): 2 or 3 operands from 10..99 joined by `+` or `-`, every running
-total non-negative. Out of distribution (`ood`): 4 operands, one step more than any demonstration, so
-copying the demonstrations' shape fails while chaining steps generalises.
+total non-negative, asked as `23 + 45 - 17 = ?`. Out of distribution, two axes: `ood` has 4 operands, one
+step more than any demonstration, so copying the demonstrations' shape fails while chaining steps
+generalises; `ood_phrasing` asks in-distribution problems in words no training prompt uses ("What is
+23 + 45 - 17?"), so a policy tied to the training template fails while one that reads the problem does not.
 
 A demonstration works the chain left to right, then marks the answer:
 
@@ -12,10 +14,12 @@ A demonstration works the chain left to right, then marks the answer:
 
 Splits are disjoint by question: a stable hash of the question text (not Python's salted `hash`) puts
 every question in one bucket of 100, and each split owns a range of buckets, so no seed can leak an
-`id` question into `train`. The pretraining corpus of the shipped base model draws its problems from
-the `train` buckets and from 4-operand buckets that `ood` does not own: the base has seen the ood axis
-a little (an axis wholly absent from pretraining stayed at 0 % and no method moved it), but never an
-`ood` question. `plain` is templated English prose, split from the corpus prose the same way.
+`id` question into `train` (`ood_phrasing` hashes the problem's canonical question). The pretraining
+corpus of the shipped base model draws its problems from the `train` buckets and from 4-operand buckets
+that `ood` does not own, and asks a share of its chat questions in the `PHRASINGS`: the base has seen
+both ood axes a little (an axis wholly absent from pretraining stayed at 0 % and no method moved it), but
+never an `ood` or `ood_phrasing` question. `plain` is templated English prose, split from the corpus
+prose the same way.
 
 Three rewards, TRL signature `fn(prompts, completions, answer=None, **kw) -> list[float]`:
 `correct_reward` (the marked answer `#### X`, or the last number when there is no mark, equals the
@@ -39,10 +43,13 @@ OOD_OPERANDS = 4
 MINUS_SHARE = 0.3              # chance that an operator is `-` (running totals stay >= 0)
 MARK = "####"
 QUESTION = "{} = ?"
+# Question templates no demonstration or training prompt uses (the `ood_phrasing` axis).
+PHRASINGS = ("What is {}?", "Compute {}.", "Calculate {}.", "Find the value of {}.")
 
 # split -> (operand counts with shares, owned buckets out of 100)
 SPLIT_BUCKETS: dict[str, tuple[dict[int, float], range]] = {
-    "id": (ID_OPERANDS, range(0, 10)),
+    "id": (ID_OPERANDS, range(0, 8)),
+    "ood_phrasing": (ID_OPERANDS, range(8, 10)),  # asked in PHRASINGS
     "dev": (ID_OPERANDS, range(10, 15)),   # held out for model selection (checkpoints, early stopping)
     "train": (ID_OPERANDS, range(15, 100)),
     "ood": ({OOD_OPERANDS: 1.0}, range(0, 50)),
@@ -122,13 +129,14 @@ def sample_problems(n: int, seed: int, counts: dict[int, float], buckets: range,
     return out
 
 
-def problem_row(problem: Problem, split: str, index: int) -> dict:
+def problem_row(problem: Problem, split: str, index: int, question: str | None = None) -> dict:
     """A row in the ecosystem's columns: `prompt` + `answer` (RL), `completion` (demonstration), `messages` (SFT).
 
     `completion` is an assistant message list because the prompt is one (TRL's rule, checked by
-    `posttrain.data.formats`); its content is the worked demonstration.
+    `posttrain.data.formats`); its content is the worked demonstration. `question` replaces the canonical
+    question text (another phrasing of the same problem).
     """
-    user = {"role": "user", "content": problem.question}
+    user = {"role": "user", "content": question or problem.question}
     assistant = {"role": "assistant", "content": problem.worked()}
     return {"id": f"arith-{split}-{index:05d}", "prompt": [user], "answer": str(problem.answer),
             "completion": [assistant], "messages": [user, assistant]}
@@ -139,7 +147,11 @@ def rows(split: str, n: int, seed: int) -> list[dict]:
     if split == "plain":
         return [{"id": f"arith-plain-{i:05d}", "text": t} for i, t in enumerate(prose(n, seed, PLAIN_BUCKETS, "plain"))]
     counts, buckets = SPLIT_BUCKETS[split]
-    return [problem_row(p, split, i) for i, p in enumerate(sample_problems(n, seed, counts, buckets, split))]
+    problems = sample_problems(n, seed, counts, buckets, split)
+    if split == "ood_phrasing":
+        rng = random.Random(f"arith:phrasing:{seed}")
+        return [problem_row(p, split, i, rng.choice(PHRASINGS).format(p.expression)) for i, p in enumerate(problems)]
+    return [problem_row(p, split, i) for i, p in enumerate(problems)]
 
 
 # ------------------------------------------------------------------ verifiers
@@ -302,6 +314,7 @@ class CorpusMix:
                             # skill the worked format chains (a tiny model needs many to learn carrying)
     prose: float = 0.15     # plain English, the distribution of `plain`
     facts_problems: int = 3
+    phrasings: float = 0.0  # share of chat questions asked in one of PHRASINGS (the ood_phrasing axis)
     # operand counts of chat and fact problems: short ones first, since a tiny model learns to copy two
     # operands from the question long before three; 4 operands is the ood axis, seen a little
     operands: tuple[tuple[int, float], ...] = ((2, 0.7), (3, 0.25), (4, 0.05))
@@ -325,7 +338,10 @@ def pretraining_corpus(n: int, seed: int, mix: CorpusMix = CorpusMix()) -> list[
     for kind in kinds:
         if kind == "chat":
             problem = problems.pop()
-            text = chatml(problem.question, styled_reply(problem, rng.choices(style_names, style_shares)[0]))
+            question = problem.question
+            if mix.phrasings and rng.random() < mix.phrasings:
+                question = rng.choice(PHRASINGS).format(problem.expression)
+            text = chatml(question, styled_reply(problem, rng.choices(style_names, style_shares)[0]))
         elif kind == "facts":
             lines = [line for _ in range(mix.facts_problems) for line in problems.pop().steps()]
             rng.shuffle(lines)

@@ -106,6 +106,7 @@ class Experience:
         self.on_data = on_data
         self.streams = {STREAM_IDS[n]: c for n, c in stage_streams(stage).items()}
         self._prompt_cache: dict[int, list[int]] = {}
+        self._compute: dict[str, int] = {}
 
     # ---- state ----------------------------------------------------------------------------------------
 
@@ -129,9 +130,10 @@ class Experience:
         """The experience of optimizer step `step` (0-based count of the steps already taken)."""
         if self.p.sources == ("demonstrations",):
             return StepData(demo_batch(self.demos.take(self.s.batch.size), self.pad_id))
-        if self.pool is not None:
-            return self._verified(model, generator)
-        return self._rollouts(model, step, generator)
+        self._compute = {"prefill_tokens": 0, "generated_tokens": 0, "ref_forward_tokens": 0}
+        data = self._verified(model, generator) if self.pool is not None else self._rollouts(model, step, generator)
+        data.values.update(self._compute)  # what this step's sampling and no-grad passes processed (for FLOPs)
+        return data
 
     def _prompt_ids(self, key: int) -> list[int]:
         if key not in self._prompt_cache:
@@ -140,8 +142,11 @@ class Experience:
 
     def _sample(self, model, prompts: list[list[int]], n: int, generator):
         r = self.s.rollout
-        return sample(model, prompts, num_samples=n, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                      top_p=r.top_p, stop_ids=self.stop_ids, pad_id=self.pad_id, generator=generator)
+        ro = sample(model, prompts, num_samples=n, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                    top_p=r.top_p, stop_ids=self.stop_ids, pad_id=self.pad_id, generator=generator)
+        self._compute["prefill_tokens"] += sum(len(p) for p in prompts)  # each distinct prompt is prefilled once
+        self._compute["generated_tokens"] += sum(len(c) for c in ro.completion_ids)
+        return ro
 
     def _demo_row(self, key: int, group: int) -> Row:
         enc = self.paired.get(key, self.rows[key])
@@ -372,6 +377,7 @@ class Experience:
     def _logp(self, model, batch: Batch) -> torch.Tensor:
         out = torch.zeros_like(batch.loss_mask)
         micro = self.s.batch.micro_size or batch.size
+        self._compute["ref_forward_tokens"] += int(batch.attention_mask.sum())
         for rows in batch.split(micro):
             mb = batch.select(rows).to(self.device)
             lp, _ = token_logprobs(model, mb.input_ids, mb.attention_mask, temperature=self.s.rollout.temperature)

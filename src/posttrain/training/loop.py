@@ -36,6 +36,8 @@ class TrainState:
     generator: torch.Generator  # sampling RNG, on the model's device
     seed: int = 0
     step: int = 0
+    samples: int = 0  # sequences trained on so far (summed over updates)
+    tokens: int = 0  # loss tokens trained on so far
 
 
 def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
@@ -86,12 +88,21 @@ def run_stage(state: TrainState, stage, *, device, sink=NullSink(), max_steps: i
         for i, record in enumerate(_updates(state, stage, spec, data.batch, device, total)):
             if i == 0:  # the experience's metrics (rewards, errors, timing) belong to its first update only
                 record.update(data.values, t_experience=t1 - t0)
-            record.update(stage=stage.name, t_step=time.perf_counter() - t0, wall_s=time.perf_counter() - t_start)
+            state.samples += int(record.get("samples", 0))
+            state.tokens += int(record.get("trained_tokens", 0))
+            record.update(stage=stage.name, t_step=time.perf_counter() - t0, wall_s=time.perf_counter() - t_start,
+                          samples_total=state.samples, tokens_total=state.tokens)
             sink.write(record)
             last = record
             if on_step is not None and on_step(state, record):
                 return last
+            if _budget_spent(state, stage.stop):
+                return last
     return last
+
+
+def _budget_spent(state: TrainState, stop) -> bool:
+    return bool((stop.samples and state.samples >= stop.samples) or (stop.tokens and state.tokens >= stop.tokens))
 
 
 def _report(errors: list) -> None:

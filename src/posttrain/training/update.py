@@ -54,7 +54,7 @@ class ObjectiveSpec:
 
 # Diagnostics accumulated per micro-batch, in this order; then a (pg value, tokens) pair per stream.
 STAT_KEYS = ("loss", "kl", "entropy", "clipped", "clip_tokens", "ratio_sum", "ratio_tokens", "tokens",
-             "mismatch_sum", "mismatch_tokens")
+             "mismatch_sum", "mismatch_tokens", "forward_tokens", "samples")
 STREAM_KEYS = tuple(f"{k}/{n}" for n in STREAMS for k in ("pg", "tokens"))
 
 
@@ -102,7 +102,8 @@ def accumulate_gradients(model, batch: Batch, spec: ObjectiveSpec, *, micro_size
                      t[main].entropy if main in t else zero,
                      sum((x.clipped_tokens for x in t.values()), zero), clip_tok,
                      t[ROLLOUT].ratio_sum if ROLLOUT in t else zero, own.sum(), mb.loss_mask.sum(), mism,
-                     own.sum() if mb.sampler_logp is not None else zero]
+                     own.sum() if mb.sampler_logp is not None else zero, mb.attention_mask.sum(),
+                     (mb.loss_mask.sum(1) > 0).sum()]
             for k in range(len(STREAMS)):
                 parts += [t[k].pg_value if k in t else zero, (mb.loss_mask * (ts == k)).sum()]
             acc += torch.stack([torch.as_tensor(p, device=device).reshape(()) for p in parts]).to(acc)
@@ -130,7 +131,10 @@ def optimizer_step(model, optimizer, scheduler, batch: Batch, spec: ObjectiveSpe
 def step_record(stats: dict, spec: ObjectiveSpec, lr: float, *, has_sampler: bool) -> dict[str, float]:
     """The metrics of one optimizer step from the summed diagnostics."""
     pg = sum(stats[f"pg/{n}"] for n in STREAMS)
-    out = {"loss": stats["loss"], "pg_loss": pg, "lr": lr, "grad_norm": stats["grad_norm"]}
+    out = {"loss": stats["loss"], "pg_loss": pg, "lr": lr, "grad_norm": stats["grad_norm"],
+           # compute of this update: sequences and loss tokens trained on, tokens forwarded with gradients
+           "samples": int(stats["samples"]), "trained_tokens": int(stats["tokens"]),
+           "forward_tokens": int(stats["forward_tokens"])}
     if stats["clip_tokens"]:
         out["clipfrac"] = stats["clipped"] / stats["clip_tokens"]
     if stats["ratio_tokens"] and any(c.weight != "one" or c.clip != "none" for c in spec.streams.values()):
