@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import shlex
@@ -199,10 +200,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (float sums may differ across thread counts: part of the seed)")
     parser.add_argument("--smoke", action="store_true", help="a few steps on a tiny corpus: checks the script runs")
+    parser.add_argument("--steps", type=int, default=None, help="upper bound on pretraining steps (default 5000)")
     parser.add_argument("--corpus-mix", type=json.loads, default={}, metavar="JSON",
                         help="override fields of arith.CorpusMix, e.g. '{\"phrasings\": 0.2}' (recorded in BUILD.json)")
     args = parser.parse_args(argv)
     recipe = SMOKE if args.smoke else Recipe()
+    if args.steps:
+        recipe = dataclasses.replace(recipe, steps=args.steps)
     out = args.out or (Path(tempfile.mkdtemp(prefix="tiny-smoke-")) if args.smoke else DEFAULT_OUT)
     sizes = dict(n_id=8, n_ood=8) if args.smoke else dict(n_id=None, n_ood=None)
     mix = arith.CorpusMix(**{k: tuple(map(tuple, v)) if isinstance(v, list) else v

@@ -83,6 +83,7 @@ def test_match_splits_steps_and_samples_across_stages():
     assert rows_per_step(raw["stages"][1]) == 64 and match(raw, None) == raw
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,kind,amount", [("sft", "samples", 100), ("grpo", "samples", 100),
                                               ("luffy", "samples", 100), ("chord_mu", "samples", 100),
                                               ("sft", "tokens", 500), ("grpo", "tokens", 500)])
@@ -164,6 +165,7 @@ def study(tmp_path_factory):
     return out, summary, spec
 
 
+@pytest.mark.slow
 def test_compare_writes_every_report_file_with_the_fields(study):
     out, summary, _ = study
     for name in ("report.html", "report.md", "summary.json", "curves_samples.png", "curves_tokens.png",
@@ -185,6 +187,7 @@ def test_compare_writes_every_report_file_with_the_fields(study):
     assert 128 <= grpo["samples"] < 128 + 64 and 128 <= sft["samples"] < 128 + 16
 
 
+@pytest.mark.slow
 def test_report_numbers_equal_the_run_directories(study):
     out, summary, _ = study
     md = (out / "report.md").read_text()
@@ -204,6 +207,7 @@ def test_report_numbers_equal_the_run_directories(study):
         assert f"{r['trained_tokens']:,}" in row and f"{r['trained_tokens']:,}" in html
 
 
+@pytest.mark.slow
 def test_rerunning_the_same_compare_skips_finished_runs(study):
     out, _, spec = study
     stamps = {p: p.stat().st_mtime for p in out.glob("runs/*/eval.json")}
@@ -213,6 +217,7 @@ def test_rerunning_the_same_compare_skips_finished_runs(study):
         run_study(["builtin:sft"], out=out, budget=Budget("samples", 128), spec=spec)
 
 
+@pytest.mark.slow
 def test_a_failed_run_is_reported_and_the_study_goes_on(tmp_path):
     bad = tmp_path / "broken.yaml"
     bad.write_text("model: builtin:tiny\nstages:\n  - method: grpo\n    data: {task: arith}\n"
@@ -242,6 +247,7 @@ def _chromium() -> str | None:
     return None
 
 
+@pytest.mark.slow
 def test_report_renders_in_a_headless_browser_with_every_image(study):
     out = study[0]
     browser = _chromium()

@@ -121,13 +121,13 @@ def test_registry_and_unknown_names_list_the_choices(task):
     assert set(task.rewards) == {"correct", "format", "steps"}
     with pytest.raises(ValueError, match="available tasks: arith"):
         get_task("nope")
-    with pytest.raises(ValueError, match="valid splits: train, dev, id, ood, plain"):
+    with pytest.raises(ValueError, match="valid splits: train, dev, id, ood, ood_phrasing, plain"):
         task.rows("test")
 
 
 def test_default_split_sizes(task):
     sizes = {s: len(task.rows(s)) for s in task.splits}
-    assert sizes == {"train": 2000, "dev": 200, "id": 500, "ood": 300, "plain": 200}
+    assert sizes == {"train": 2000, "dev": 200, "id": 500, "ood": 300, "ood_phrasing": 300, "plain": 200}
     assert len(task.rows("id", n=7, seed=3)) == 7
 
 
@@ -168,6 +168,31 @@ def test_ids_are_unique_and_plain_rows_are_text(task):
 
 # ------------------------------------------------------------------ pretraining corpus
 
+def test_ood_phrasing_asks_held_out_problems_in_unseen_words(task):
+    """Problems from buckets no other split owns (by their canonical question), asked in the PHRASINGS only."""
+    from posttrain.tasks.arith import PHRASINGS, QUESTION, parse_problem
+
+    rows = task.rows("ood_phrasing")
+    train_like = {r["prompt"][0]["content"] for s in ("train", "dev", "id") for r in task.rows(s)}
+    for r in rows:
+        q = r["prompt"][0]["content"]
+        template = next(p for p in PHRASINGS if q.startswith(p.split("{}")[0]) and q.endswith(p.split("{}")[1]))
+        expression = q[len(template.split("{}")[0]): len(q) - len(template.split("{}")[1])]
+        assert QUESTION.format(expression) not in train_like and q != QUESTION.format(expression)
+        assert str(parse_problem(QUESTION.format(expression)).answer) == r["answer"]
+    assert {len(r["prompt"][0]["content"].split("?")[0].split()) for r in rows} >= {4, 6}  # 2 and 3 operands
+
+
+def test_corpus_asks_a_share_of_questions_in_the_phrasings():
+    from posttrain.tasks.arith import PHRASINGS, CorpusMix, pretraining_corpus as corpus_of
+
+    mix = CorpusMix()
+    chat = [_question(r["text"]) for r in corpus_of(4000, 0, mix) if r["text"].startswith("<|im_start|>user")]
+    share = sum(not q.endswith(" = ?") for q in chat) / len(chat)
+    assert abs(share - mix.phrasings) < 0.03 and all(
+        any(q.startswith(p.split("{}")[0]) for p in PHRASINGS) for q in chat if not q.endswith(" = ?"))
+
+
 def _question(chat_text: str) -> str:
     return chat_text.split("user\n", 1)[1].split("<|im_end|>", 1)[0]
 
@@ -175,7 +200,7 @@ def _question(chat_text: str) -> str:
 def test_corpus_holds_no_held_out_question_or_paragraph(task):
     corpus = {r["text"] for r in pretraining_corpus("arith", 3000, seed=0)}
     asked = {_question(t) for t in corpus if t.startswith("<|im_start|>user")}
-    held_out = {r["prompt"][0]["content"] for s in ("dev", "id", "ood") for r in task.rows(s)}
+    held_out = {r["prompt"][0]["content"] for s in ("dev", "id", "ood", "ood_phrasing") for r in task.rows(s)}
     assert len(asked) > 1000 and not asked & held_out
     assert not corpus & {r["text"] for r in task.rows("plain")}
 

@@ -55,7 +55,7 @@ def columns(summary: dict) -> list[tuple[str, str, str]]:
             cols += [(f"{s} pass@{k} %", f"pass@{k}/{s}", "pct"), (f"{s} maj@{k} %", f"maj@{k}/{s}", "pct")]
     cols += [(f"{splits[0]} format %", f"format/{splits[0]}", "pct"), ("plain NLL drift", "plain_nll_drift", "f4"),
              ("KL to base", "kl_to_base", "f4"), ("entropy (eval)", "eval_entropy", "f4"),
-             ("resp. len (train)", "train_response_len", "f4"), ("samples", "samples", "int"),
+             ("entropy (train)", "train_entropy", "f4"), ("resp. len (train)", "train_response_len", "f4"), ("samples", "samples", "int"),
              ("trained tokens", "trained_tokens", "int"), ("generated tokens", "generated_tokens", "int"),
              ("FLOPs", "flops", "sci"), ("wall s", "wall_s", "int")]
     return cols
