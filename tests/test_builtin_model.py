@@ -28,15 +28,27 @@ def test_build_record_sits_beside_the_weights():
 
 
 def test_base_model_accuracy_band(base):
-    """Greedy `id` accuracy in 20-40 %; `ood` lower but alive (DESIGN.md §4). Measured (48 new tokens):
-    id 26.0 % (300), ood 1.0 % (3 of 300), greedy format 8.3 %; BUILD.json has pass@8."""
+    """Greedy `id` accuracy in 20-40 %; each ood axis lower but alive (DESIGN.md §5); the worked format
+    written only unreliably. MEASURED is what BUILD.json records for the shipped weights (48 new tokens)."""
     model, tok, stop = base
-    ids = evaluate_task(model, tok, "arith", "id", n=300, max_new_tokens=48, stop_ids=stop, pad_id=tok.pad_token_id)
-    ood = evaluate_task(model, tok, "arith", "ood", n=300, max_new_tokens=48, stop_ids=stop,
-                        pad_id=tok.pad_token_id)
+    kw = dict(n=300, max_new_tokens=48, stop_ids=stop, pad_id=tok.pad_token_id)
+    ids = evaluate_task(model, tok, "arith", "id", **kw)
     assert 0.20 <= ids["accuracy"] <= 0.40, ids
-    assert 0.0 < ood["accuracy"] < ids["accuracy"], ood
+    for split in ("ood", "ood_phrasing"):
+        r = evaluate_task(model, tok, "arith", split, **kw)
+        assert 0.0 < r["accuracy"] < ids["accuracy"], (split, r)
     assert ids["format"] < 0.5  # the worked format is written only unreliably: SFT has something to teach
+
+
+def test_build_record_measures_every_split_with_pass_at_8():
+    record = json.loads((Path(resolve_model("builtin:tiny")) / "BUILD.json").read_text())
+    m = record["measured"]
+    assert set(m) == {"id", "ood", "ood_phrasing"}
+    assert 0.20 <= m["id"]["accuracy"] <= 0.40 and m["id"]["pass@8"] > m["id"]["accuracy"]
+    # the phrasing axis: weak but movable (> 2 % greedy, > 10 % pass@8), as the issue asks
+    assert m["ood_phrasing"]["accuracy"] > 0.02 and m["ood_phrasing"]["pass@8"] > 0.10
+    # the operand axis stays alive but below those marks (see README: a fourth operand is copied wrong)
+    assert m["ood"]["accuracy"] > 0.0 and m["ood"]["pass@8"] > m["ood"]["accuracy"]
 
 
 def test_eval_command_on_builtin_task_json(capsys):
