@@ -197,8 +197,8 @@ def check_o4(vocab: int = 3, L: int = 2) -> None:
     hit = (ys == target).all(1).to(DTYPE)  # 1{y = y*}
     p_y = torch.exp(logp.detach().sum(1))  # p(y), the enumeration weights
     ones = torch.ones_like(logp)
-    for A, expected in ((hit / p_y, -logp[hit.bool()].sum()), (hit, -torch.exp(logp[hit.bool()].sum()))):
-        terms = E.estimator_loss(logp, advantages=A[:, None] * ones, mask=ones, agg_weights=p_y[:, None] * ones)
+    for adv, expected in ((hit / p_y, -logp[hit.bool()].sum()), (hit, -torch.exp(logp[hit.bool()].sum()))):
+        terms = E.estimator_loss(logp, advantages=adv[:, None] * ones, mask=ones, agg_weights=p_y[:, None] * ones)
         assert_close(grad(terms.loss, z), grad(expected, z), "O4: enumerated PG != SFT / sequence DFT")
     if L == 1:  # without the 1/p weight: one token's DFT gradient
         b = TabularBatch(z[None], target[None], torch.ones(1, 1, dtype=DTYPE))

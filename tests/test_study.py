@@ -11,7 +11,7 @@ import torch
 
 from posttrain.eval.forgetting import kl_to_base
 from posttrain.eval.metrics import maj_at_k
-from posttrain.recipe import load_recipe, recipe_data
+from posttrain.recipe import recipe_data
 from posttrain.run import train
 from posttrain.study.budget import Budget, match, rows_per_step
 from posttrain.study.compare import run_study

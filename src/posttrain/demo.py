@@ -16,7 +16,7 @@ from pathlib import Path
 log = logging.getLogger("posttrain")
 
 DEMO_RECIPES = ("sft", "dft", "grpo", "sft_then_grpo", "luffy", "hpt", "chord_mu", "relift")
-FULL = dict(seeds=2, budget="samples=3200", n=200, samples=4, kl_n=64, curve_every=10)
+FULL = dict(seeds=2, budget="samples=3200", n=200, samples=4, kl_n=64, curve_every=20)
 QUICK = dict(seeds=1, budget="samples=256", n=40, samples=2, kl_n=16, curve_every=2)
 
 

@@ -128,7 +128,11 @@ class _Job:
         self.dir.mkdir(parents=True, exist_ok=True)
         job = {"base": self.base, "eval": spec.to_dict(), "train": self.config is not None}
         if self.config is not None:
-            (self.dir / "recipe.yaml").write_text(yaml.safe_dump(self.config, sort_keys=False))
+            path, text = self.dir / "recipe.yaml", yaml.safe_dump(self.config, sort_keys=False)
+            if path.exists() and yaml.safe_load(path.read_text()) != self.config:
+                raise RecipeError(f"{self.dir} was run from another version of its recipe; use another --out, or "
+                                  "delete the run's directory to run it again")
+            path.write_text(text)
         (self.dir / "job.json").write_text(json.dumps(job, indent=2))
 
     def done(self) -> bool:

@@ -223,7 +223,7 @@ class Experience:
             owners.append(keys[j])
 
     def _rollouts(self, model, step: int, generator) -> StepData:
-        s, p = self.s, self.p
+        s = self.s
         P = s.batch.size
         timing = {"t_rollout": 0.0, "t_reward": 0.0}
         kept, all_rows, g0, rounds, n_groups = _Rows(), _Rows(), 0, 0, 0
