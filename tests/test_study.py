@@ -73,12 +73,12 @@ def test_budget_parse_and_errors():
 
 
 def test_match_splits_steps_and_samples_across_stages():
-    raw, _ = recipe_data("builtin:sft_then_grpo")  # sft 60 steps x 16 rows, grpo 100 steps x 64 rows
-    steps = match(raw, Budget("steps", 80))
-    assert [s["steps"] for s in steps["stages"]] == [30, 50]
-    samples = match(raw, Budget("samples", 3680))  # nominal 960 + 6400 = 7360 samples: half of each
-    assert [s["stop"]["samples"] for s in samples["stages"]] == [480, 3200]
-    assert samples["stages"][0]["steps"] == 30  # demonstrations: exactly 16 rows a step
+    raw, _ = recipe_data("builtin:sft_then_grpo")  # sft 200 steps x 16 rows, grpo 100 steps x 64 rows
+    steps = match(raw, Budget("steps", 150))
+    assert [s["steps"] for s in steps["stages"]] == [100, 50]
+    samples = match(raw, Budget("samples", 4800))  # nominal 3200 + 6400 = 9600 samples: half of each
+    assert [s["stop"]["samples"] for s in samples["stages"]] == [1600, 3200]
+    assert samples["stages"][0]["steps"] == 100  # demonstrations: exactly 16 rows a step
     assert samples["stages"][1]["steps"] == math.ceil(1.25 * 3200 / 64)  # rollouts: room for filtered rows
     assert rows_per_step(raw["stages"][1]) == 64 and match(raw, None) == raw
 
