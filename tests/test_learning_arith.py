@@ -27,14 +27,14 @@ MEASURED = {
     "dr_grpo": (0.3900, 0.4300, 0.5833),        # +10.0 / +14.0 / +29.3
     "sft_then_grpo": (0.7433, 0.7933, 0.7733),  # +45.3 / +50.3 / +48.3
     "luffy": (0.4167, 0.4300, 0.4067),          # +12.7 / +14.0 / +11.7
-    "hpt": (0.3500, 0.3967, 0.4133),            # +6.0 / +10.7 / +12.3; format 100 % on every seed
+    "hpt": (0.4433, 0.5233, 0.4533),            # +15.3 / +23.3 / +16.3 (16 prompts per step); format 100 %
     "chord_mu": (0.8200, 0.6467, 0.4633),       # +53.0 / +35.7 / +17.3; format 100 / 100 / 98 %
     "relift": (0.5667, 0.5633, 0.4267),         # +27.7 / +27.3 / +13.7
 }
 # Thresholds on the gain in points: about 8 below the worst seed, and never below +2 (the recipe must end
 # above the base); grpo's is the spine issue's +15 with room to spare.
 GAIN = {"grpo": 0.35, "dapo": 0.12, "dr_grpo": 0.02, "sft_then_grpo": 0.35,
-        "luffy": 0.04, "hpt": 0.02, "chord_mu": 0.09, "relift": 0.06}
+        "luffy": 0.04, "hpt": 0.08, "chord_mu": 0.09, "relift": 0.06}
 
 
 def run(name: str, tmp_path: Path) -> tuple[dict, dict]:
@@ -64,7 +64,7 @@ def test_rl_recipes_raise_id_accuracy(name, tmp_path):
 
 @pytest.mark.parametrize("name", ["luffy", "hpt", "chord_mu", "relift"])
 def test_hybrid_recipes_end_above_the_base(name, tmp_path):
-    """LUFFY, HPT, CHORD and ReLIFT (worst measured seed: +11.7, +6.0, +17.3, +13.7 points on `id`); the two
+    """LUFFY, HPT, CHORD and ReLIFT (worst measured seed: +11.7, +15.3, +17.3, +13.7 points on `id`); the two
     whose SFT term covers every step's questions (HPT on the failed ones, CHORD on expert rows) also teach the
     worked format (>= 98 % on every seed; threshold 90 %), which GRPO alone does not (~0 %)."""
     before, after = run(name, tmp_path)
