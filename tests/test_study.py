@@ -145,6 +145,21 @@ def test_findings_report_a_disagreement_with_a_paper_as_it_is():
     assert forget["verdict"] == "disagrees" and "at gains within the spread" in forget["text"]
 
 
+def test_forgetting_at_unmatched_gain_is_not_called_agreement():
+    """RL forgetting less while also learning clearly less does not test "forgets less at matched gain"; RL
+    forgetting less while learning more does."""
+    def pair(rl_gain):
+        rl = _agg("grpo", "rl", **{"id_accuracy": (rl_gain, 0.01), "kl_to_base": (0.05, 0.005),
+                                   "plain_nll_drift": (0.002, 0.001)})
+        sft = _agg("sft", "sft", **{"id_accuracy": (0.80, 0.01), "kl_to_base": (0.25, 0.005),
+                                    "plain_nll_drift": (0.045, 0.001)})
+        return next(x for x in findings(_summary([rl, sft])) if x["topic"] == "claim" and "forgets" in x["claim"])
+    less = pair(0.40)
+    assert less["verdict"] == "inconclusive" and "RL also learned less" in less["text"], less["text"]
+    assert "neither confirms nor refutes" in less["text"]
+    assert pair(0.95)["verdict"] == "agrees" and pair(0.80)["verdict"] == "agrees"
+
+
 def test_one_seed_is_said_and_spearman_is_right():
     one = _agg("grpo", "rl", **{"accuracy/id": (0.5, None)})
     one["seeds"] = 1

@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the built-in study: SFT, DFT, GRPO, SFT->GRPO, LUFFY, HPT, CHORD, ReLIFT on "
                        "builtin:tiny under one matched budget", description="Train the shipped tiny model with eight "
-                       "methods under one matched budget of training samples (two seeds each), evaluate every run "
+                       "methods under one matched budget of training samples (three seeds each), evaluate every run "
                        "alike on held-out data and write the report (`posttrain compare` with fixed settings).")
     d.add_argument("--out", default="runs/demo", help="directory for the runs and the report (a subfolder full/ "
                    "or quick/)")

@@ -1,6 +1,6 @@
 """`posttrain demo` (what `make demo` runs): the built-in study. The shipped base model on the built-in task,
 trained by SFT, DFT, GRPO, SFT->GRPO, LUFFY, HPT, CHORD and ReLIFT under one matched budget of training
-samples, with two seeds each, evaluated alike on held-out data (`posttrain compare`); it prints the table
+samples, with three seeds each, evaluated alike on held-out data (`posttrain compare`); it prints the table
 and the findings and writes the report.
 
 Every number comes from the runs made here; nothing is read from a file written earlier (a rerun on the same
@@ -16,7 +16,7 @@ from pathlib import Path
 log = logging.getLogger("posttrain")
 
 DEMO_RECIPES = ("sft", "dft", "grpo", "sft_then_grpo", "luffy", "hpt", "chord_mu", "relift")
-FULL = dict(seeds=2, budget="samples=3200", n=200, samples=4, kl_n=64, curve_every=20)
+FULL = dict(seeds=3, budget="samples=4800", n=200, samples=4, kl_n=64, curve_every=20)
 QUICK = dict(seeds=1, budget="samples=256", n=40, samples=2, kl_n=16, curve_every=2)
 
 
@@ -24,7 +24,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, jobs: int | Non
     from .study.budget import Budget
     from .study.compare import run_study
     from .study.evaluate import EvalSpec
-    from .study.report import table_rows
+    from .study.report import SPREAD_NOTE, table_rows
 
     cfg = QUICK if quick else FULL
     out = Path(out) / ("quick" if quick else "full")
@@ -42,7 +42,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, jobs: int | Non
     print("|" + "---|" * len(keep))
     for r in rows:
         print("| " + " | ".join(r[i] for i in keep) + " |")
-    print("\nFindings:")
+    print(f"\nFindings ({SPREAD_NOTE})")
     print("\n".join(f"- {f['text']}" for f in summary["findings"]))
     print(f"\nreport: {out / 'report.html'} (also report.md, summary.json, the plots); "
           f"total wall time {time.perf_counter() - t0:.0f} s")

@@ -105,7 +105,8 @@ def split_finding(summary: dict, split: str) -> dict | None:
     b = base.get(key)
     base_text = f" (base {_pct(b)})" if b is not None else ""
     if w["equal"]:
-        text = (f"On `{split}`, {best['recipe']} and {', '.join(w['equal'])} share the highest mean, "
+        names = [best["recipe"], *w["equal"]]
+        text = (f"On `{split}`, {', '.join(names[:-1])} and {names[-1]} share the highest mean, "
                 f"{_pm(best, key, n)}{base_text}")
     else:
         text = f"On `{split}`, {best['recipe']} scored highest: {_pm(best, key, n)}{base_text}"
@@ -195,8 +196,14 @@ def _forgetting_claim(rl: list[dict], sft: list[dict], n: int) -> dict:
         verdicts.append("agrees" if clear and diff < 0 else "disagrees" if clear and diff > 0 else "inconclusive")
     verdict = "agrees" if verdicts and all(v == "agrees" for v in verdicts) else \
         "disagrees" if "disagrees" in verdicts else "inconclusive"
-    matched = ("at gains within the spread of each other" if g_clear is False else
-               f"but the gains differ ({100 * g_diff:+.1f} points RL - SFT), so not at matched gain")
+    if g_clear is False:
+        matched = "at gains within the spread of each other"
+    else:  # unmatched gains confound the comparison unless the family that forgets less also gained more
+        matched = f"but the gains differ ({100 * g_diff:+.1f} points RL - SFT), so not at matched gain"
+        if (verdict == "agrees" and g_diff < 0) or (verdict == "disagrees" and g_diff > 0):
+            matched += (f": {'RL' if g_diff < 0 else 'SFT'} also learned less, which may explain why it "
+                        "forgot less")
+            verdict = "inconclusive"
     text = (f"{claim} ({source}): {'; '.join(parts)}; {matched}. The measurement "
             f"{'agrees with' if verdict == 'agrees' else 'disagrees with' if verdict == 'disagrees' else 'neither confirms nor refutes'}"
             " the claim.")

@@ -11,6 +11,9 @@ import html
 import math
 from pathlib import Path
 
+SPREAD_NOTE = ("In the findings, ± is the standard error of a recipe's mean (over its seeds, plus the binomial "
+               "error of each accuracy); \"clearly\" means more than two standard errors of the difference apart. "
+               "In the table, ± is the standard deviation over seeds.")
 PLOTS = ("curves_samples", "curves_tokens", "curves_wall", "train_reward", "id_vs_ood", "forgetting_vs_gain")
 
 
@@ -89,7 +92,7 @@ def budget_text(summary: dict) -> str:
 
 def markdown(summary: dict, pngs: list[str]) -> str:
     head, rows = table_rows(summary)
-    lines = ["# posttrain study", "", budget_text(summary), "", "## Findings", ""]
+    lines = ["# posttrain study", "", budget_text(summary), "", "## Findings", "", SPREAD_NOTE, ""]
     lines += [f"- {f['text']}" for f in summary["findings"]]
     lines += ["", "## Runs", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -111,10 +114,10 @@ def render_html(summary: dict, images: dict[str, Path]) -> str:
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>posttrain study</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1400px}}table{{border-collapse:collapse;font-size:12px}}
-td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}}td:first-child,td:nth-child(2){{text-align:left}}
+td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}}td{{white-space:nowrap}}td:first-child,td:nth-child(2){{text-align:left}}
 figure{{display:inline-block;margin:8px}}img{{max-width:640px}}</style></head>
 <body><h1>posttrain study</h1><p>{esc(budget_text(summary))}</p>
-<h2>Findings</h2>{findings}<h2>Runs</h2><div style="overflow-x:auto">{table}</div><h2>Plots</h2>{imgs}
+<h2>Findings</h2><p>{esc(SPREAD_NOTE)}</p>{findings}<h2>Runs</h2><div style="overflow-x:auto">{table}</div><h2>Plots</h2>{imgs}
 <script>window.addEventListener("load",function(){{var im=document.images,ok=0;for(var i=0;i<im.length;i++)
 {{if(im[i].complete&&im[i].naturalWidth>0)ok++}}document.body.setAttribute("data-images",ok+"/"+im.length)}});</script>
 </body></html>
