@@ -11,10 +11,10 @@ import torch
 
 from posttrain.eval.forgetting import kl_to_base
 from posttrain.eval.metrics import maj_at_k
-from posttrain.recipe import recipe_data
+from posttrain.recipe import RecipeError, recipe_data
 from posttrain.run import train
 from posttrain.study.budget import Budget, match, rows_per_step
-from posttrain.study.compare import run_study
+from posttrain.study.compare import _Job, run_study
 from posttrain.study.evaluate import EvalSpec
 from posttrain.study.findings import compare, findings, spearman
 
@@ -280,3 +280,13 @@ def test_report_renders_in_a_headless_browser_with_every_image(study):
     subprocess.run([browser, *flags, f"--screenshot={shot}", "--window-size=1400,2400", page], capture_output=True,
                    timeout=120)
     assert shot.is_file() and shot.stat().st_size > 10_000
+
+
+def test_a_run_directory_made_from_another_recipe_version_is_refused(tmp_path):
+    """Rerunning a study after editing a recipe must not mix the old run's results with the new recipe."""
+    raw, _ = recipe_data("builtin:sft")
+    _Job("sft-s0", tmp_path / "sft-s0", raw, "builtin:tiny").prepare(EvalSpec())
+    _Job("sft-s0", tmp_path / "sft-s0", raw, "builtin:tiny").prepare(EvalSpec())  # the same recipe: fine
+    edited = {**raw, "seed": 7}
+    with pytest.raises(RecipeError, match="another version of its recipe"):
+        _Job("sft-s0", tmp_path / "sft-s0", edited, "builtin:tiny").prepare(EvalSpec())
