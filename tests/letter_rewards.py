@@ -26,3 +26,9 @@ def fails_on_q1(prompts, completions, id, **kwargs):
     if "q1" in id:
         raise RuntimeError("row q1 cannot be scored")
     return varied(prompts, completions)
+
+
+def overflows_on_q2(prompts, completions, id, **kwargs):
+    """1e308 (finite in float64, infinite in float32) for row q2's samples; varied() otherwise."""
+    base = varied(prompts, completions)
+    return [1e308 if i == "q2" else r for i, r in zip(id, base)]

@@ -183,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     _setup_logging(args.verbose)
     from .data.loading import DataError
+    from .errors import NonFiniteError
     from .recipe import RecipeError
 
     try:
@@ -190,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, DataError, FileNotFoundError) as e:
         print(f"posttrain: error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:  # a diverged run: nothing non-finite was saved
+        print(f"posttrain: run failed: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

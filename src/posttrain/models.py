@@ -185,6 +185,19 @@ def load_policy(name_or_path: str, *, dtype: str | torch.dtype = "auto", device:
     return model, tokenizer
 
 
+def check_finite_weights(model: Any, target: str | os.PathLike) -> None:
+    """Raise NonFiniteError naming the first parameter or buffer holding NaN or inf: such weights are never
+    written (a diverged run must not publish a model that looks finished)."""
+    import torch
+
+    from .errors import NonFiniteError
+
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(f"not saving {target}: weight {name} holds NaN or inf (the run diverged; lower "
+                                 "the learning rate or check the rewards)")
+
+
 def save_pretrained(model: Any, tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLike, *,
                     stop_ids: list[int]) -> None:
     """Write model (safetensors), tokenizer (with chat template) and generation config to `out_dir`.
@@ -194,6 +207,7 @@ def save_pretrained(model: Any, tokenizer: PreTrainedTokenizerBase, out_dir: str
     """
     if not stop_ids:
         raise ValueError("stop_ids is empty; pass stop_token_ids(tokenizer, model)")
+    check_finite_weights(model, out_dir)
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

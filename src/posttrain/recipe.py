@@ -63,6 +63,9 @@ class OptimConfig(Strict):
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
     max_grad_norm: Optional[float] = Field(1.0, gt=0)  # None disables clipping
+    # a step whose loss or gradient is NaN/inf is skipped (weights and optimizer state untouched); this many
+    # such steps in a row stop the run
+    max_nonfinite_steps: int = Field(3, ge=1)
 
 
 class ScheduleConfig(Strict):

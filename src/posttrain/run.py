@@ -23,6 +23,7 @@ import yaml
 
 from .data import detect_format, encode_dataset, load_rows, validate
 from .data.loading import RowSet
+from .jsonio import dumps
 from .models import choose_dtype, load_policy, pick_device, save_pretrained, stop_token_ids
 from .objective.presets import PRESETS, get_preset
 from .recipe import Recipe, RecipeError, dump_recipe, load_recipe, recipe_data
@@ -149,7 +150,7 @@ class Run:
             sinks.close()
             curve.close()
         summary["wall_s"] = round(time.perf_counter() - t_run, 3)
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2, default=_jsonable))
+        (self.out / "summary.json").write_text(dumps(summary))
         log.info("run finished in %.1fs: %s", summary["wall_s"], self.out)
         return summary
 
@@ -369,7 +370,7 @@ class StageProgress:
 
     def _write(self) -> None:
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.record, indent=2, default=_jsonable))
+        tmp.write_text(dumps(self.record))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
@@ -452,9 +453,3 @@ class CurveHook:
     def close(self) -> None:
         if self.sink is not None:
             self.sink.close()
-
-
-def _jsonable(x):
-    if isinstance(x, torch.Tensor):
-        return x.tolist()
-    return str(x)

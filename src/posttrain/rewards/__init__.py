@@ -206,6 +206,7 @@ class RewardScorer:
         import torch
 
         per_fn = {r.name: torch.tensor(v, dtype=torch.float64) for r, v in zip(self.rewards, values)}  # (N,) each
+        _check_magnitude(per_fn, row_ids)
         total = torch.zeros(n, dtype=torch.float64)  # (N,)
         for r in self.rewards:
             total += r.weight * per_fn[r.name]  # NaN propagates, even with weight 0: a masked sample stays masked
@@ -272,6 +273,20 @@ class Failure:
     kind: str
     message: str
     traceback: str = ""
+
+
+def _check_magnitude(per_fn: dict, row_ids: list) -> None:
+    """A reward that is infinite, or too large for the float32 advantages and loss, stops the run naming the
+    function and row (NaN stays what it means here: that function failed on that row, reported as an error)."""
+    from ..errors import FLOAT32_MAX, NonFiniteError
+
+    for name, v in per_fn.items():
+        bad = (v.abs() > FLOAT32_MAX).nonzero().flatten().tolist()  # inf too; NaN compares False
+        if bad:
+            i = bad[0]
+            raise NonFiniteError(f"reward function {name} returned {float(v[i])!r} for row {row_ids[i]} "
+                                 f"({len(bad)} such value(s) in this batch); rewards must be finite in float32 "
+                                 f"(|r| <= {FLOAT32_MAX:.3g})")
 
 
 def score(

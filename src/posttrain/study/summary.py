@@ -15,6 +15,7 @@ import json
 import math
 from pathlib import Path
 
+from ..jsonio import dumps, strict
 from ..objective.presets import get_preset
 
 SUM_KEYS = ("samples", "trained_tokens", "forward_tokens", "generated_tokens", "prefill_tokens", "ref_forward_tokens")
@@ -150,20 +151,7 @@ def summarize(out: Path, base_model: str, runs: list, asked: dict, wall_s: float
 
     summary = {"study": asked, "base": base, "splits": splits, "n_per_split": asked["eval"]["n"],
                "runs": records, "recipes": aggregate(records), "wall_s": round(wall_s, 1)}
-    summary = clean(summary)
+    summary = strict(summary)
     summary["findings"] = findings(summary)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
+    (out / "summary.json").write_text(dumps(summary))
     return summary
-
-
-def clean(x):
-    """Strict JSON: NaN and infinities become None, tuples lists, other objects their str."""
-    if isinstance(x, dict):
-        return {str(k): clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [clean(v) for v in x]
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if x is None or isinstance(x, (int, str, bool)):
-        return x
-    return str(x)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data.batch import Batch
+from ..errors import NonFiniteError
 from .experience import Experience
 from .metrics import NullSink
 from .update import ObjectiveSpec, optimizer_step
@@ -38,6 +39,8 @@ class TrainState:
     step: int = 0
     samples: int = 0  # sequences trained on so far (summed over updates)
     tokens: int = 0  # loss tokens trained on so far
+    nonfinite: int = 0  # steps skipped for a NaN/inf loss or gradient, in all
+    nonfinite_streak: int = 0  # ... and in a row, up to now
 
 
 def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
@@ -88,17 +91,35 @@ def run_stage(state: TrainState, stage, *, device, sink=NullSink(), max_steps: i
         for i, record in enumerate(_updates(state, stage, spec, data.batch, device, total)):
             if i == 0:  # the experience's metrics (rewards, errors, timing) belong to its first update only
                 record.update(data.values, t_experience=t1 - t0)
+            _count_nonfinite(state, record)
             state.samples += int(record.get("samples", 0))
             state.tokens += int(record.get("trained_tokens", 0))
             record.update(stage=stage.name, t_step=time.perf_counter() - t0, wall_s=time.perf_counter() - t_start,
                           samples_total=state.samples, tokens_total=state.tokens)
             sink.write(record)
             last = record
+            if state.nonfinite_streak >= stage.optim.max_nonfinite_steps:
+                raise NonFiniteError(
+                    f"{state.nonfinite_streak} steps in a row had a non-finite loss or gradient (last at step "
+                    f"{state.step}); the run stops with its weights as they were before them. Lower optim.lr, "
+                    "check the rewards, or raise optim.max_nonfinite_steps.")
             if on_step is not None and on_step(state, record):
                 return last
             if _budget_spent(state, stage.stop):
                 return last
     return last
+
+
+def _count_nonfinite(state: TrainState, record: dict) -> None:
+    """Count the steps skipped for a non-finite loss or gradient (a skipped step changes no weight)."""
+    if not record.get("nonfinite"):
+        state.nonfinite_streak = 0
+        return
+    state.nonfinite += 1
+    state.nonfinite_streak += 1
+    record["nonfinite_total"] = state.nonfinite
+    log.warning("step %d skipped: loss %s, gradient norm %s: not finite (%d in a row)", record["step"],
+                record.get("loss"), record.get("grad_norm"), state.nonfinite_streak)
 
 
 def _budget_spent(state: TrainState, stop) -> bool:

@@ -7,6 +7,7 @@ unchanged; micro-batches hold whole groups.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -120,12 +121,19 @@ def optimizer_step(model, optimizer, scheduler, batch: Batch, spec: ObjectiveSpe
     else:
         grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
     lr = optimizer.param_groups[0]["lr"]
-    optimizer.step()
+    # The one sync of the step, before the optimizer: a NaN/inf loss or gradient must not reach the weights
+    # or Adam's moments, so such a step is skipped (the schedule still advances with the step count).
+    values = torch.cat([acc, grad_norm.detach().reshape(1).to(acc)]).tolist()
+    stats = dict(zip(STAT_KEYS + STREAM_KEYS + ("grad_norm",), values))
+    finite = math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])
+    if finite:
+        optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    values = torch.cat([acc, grad_norm.detach().reshape(1).to(acc)]).tolist()  # the one sync of the step
-    return step_record(dict(zip(STAT_KEYS + STREAM_KEYS + ("grad_norm",), values)), spec, lr,
-                       has_sampler=batch.sampler_logp is not None)
+    record = step_record(stats, spec, lr, has_sampler=batch.sampler_logp is not None)
+    if not finite:
+        record["nonfinite"] = 1
+    return record
 
 
 def step_record(stats: dict, spec: ObjectiveSpec, lr: float, *, has_sampler: bool) -> dict[str, float]:

@@ -1,0 +1,9 @@
+"""Errors that stop a run with a message saying what went wrong and what to do (CLI exit code 1)."""
+from __future__ import annotations
+
+# The largest magnitude a reward may have: advantages and losses are computed in float32.
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+class NonFiniteError(RuntimeError):
+    """A number the run depends on is NaN or infinite (weights, a reward, too many steps in a row)."""
