@@ -4,15 +4,19 @@ float32 stop it naming the function and row, NaN weights are never saved, and ev
 Faults are injected from the tests (a gradient hook, a recipe's learning rate, a reward function), never
 by editing the code under test."""
 import json
+import logging
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 import posttrain
 from letter_rewards import overflows_on_q2
-from posttrain.errors import NonFiniteError
+from posttrain.errors import NonFiniteError, RunBusy
 from posttrain.jsonio import dumps
 from posttrain.models import save_pretrained
 from posttrain.tiny import tiny_model
@@ -93,3 +97,28 @@ def test_json_files_are_strict():
     text = dumps({"a": float("nan"), "b": [float("inf"), 1.5], "c": torch.tensor([1.0, 2.0]), "d": (1, 2)})
     assert json.loads(text, parse_constant=lambda c: pytest.fail(c)) == {"a": None, "b": [None, 1.5],
                                                                          "c": [1.0, 2.0], "d": [1, 2]}
+
+
+def test_one_run_at_a_time_per_out_and_a_killed_runs_lock_is_taken_over(tmp_path, model_dirs, caplog):
+    """A second run on a live run's --out is refused naming the holder's pid; after a kill -9 of the
+    holder, the rerun takes the directory over (the kernel drops a dead process's flock) and finishes."""
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "train", "builtin:sft", "--out", str(out),
+                               "stages.0.steps=100000", "eval.n=4", "eval.splits=[id]"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not ((out / ".lock").exists() and f"pid {holder.pid}" in (out / ".lock").read_text()):
+            assert holder.poll() is None and time.time() < deadline, "the holder did not start"
+            time.sleep(0.2)
+        with pytest.raises(RunBusy, match=f"in use by another run \\(pid {holder.pid} on "):
+            posttrain.train(recipe(model_dirs["llama"], "sft", steps=1), out=out, data=SFT_ROWS, progress=False)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert holder.returncode == -signal.SIGKILL
+    with caplog.at_level(logging.INFO, logger="posttrain"):
+        # the same directory, its .lock still naming the dead holder
+        posttrain.train(recipe(model_dirs["llama"], "sft", steps=1), out=out, data=SFT_ROWS, progress=False)
+    assert f"from pid {holder.pid}" in caplog.text and "no longer running" in caplog.text
+    assert (out / ".lock").read_text() == "" and os.path.isdir(out / "final")

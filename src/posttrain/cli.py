@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     _setup_logging(args.verbose)
     from .data.loading import DataError
-    from .errors import NonFiniteError
+    from .errors import NonFiniteError, RunBusy
     from .recipe import RecipeError
 
     try:
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, DataError, FileNotFoundError) as e:
         print(f"posttrain: error: {e}", file=sys.stderr)
         return 2
-    except NonFiniteError as e:  # a diverged run: nothing non-finite was saved
+    except (NonFiniteError, RunBusy) as e:  # a diverged run (nothing non-finite was saved); a busy --out
         print(f"posttrain: run failed: {e}", file=sys.stderr)
         return 1
 

@@ -7,3 +7,7 @@ FLOAT32_MAX = 3.4028234663852886e38
 
 class NonFiniteError(RuntimeError):
     """A number the run depends on is NaN or infinite (weights, a reward, too many steps in a row)."""
+
+
+class RunBusy(RuntimeError):
+    """Another live process holds the run directory's lock."""

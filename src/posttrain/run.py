@@ -13,6 +13,7 @@ import copy
 import json
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ import yaml
 
 from .data import detect_format, encode_dataset, load_rows, validate
 from .data.loading import RowSet
+from .errors import RunBusy
 from .jsonio import dumps
 from .models import choose_dtype, load_policy, pick_device, save_pretrained, stop_token_ids
 from .objective.presets import PRESETS, get_preset
@@ -85,14 +87,15 @@ class Run:
 
     def execute(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(self.out / "run.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(handler)
-        try:
-            return self._execute()
-        finally:
-            log.removeHandler(handler)
-            handler.close()
+        with RunLock(self.out):
+            handler = logging.FileHandler(self.out / "run.log")
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            log.addHandler(handler)
+            try:
+                return self._execute()
+            finally:
+                log.removeHandler(handler)
+                handler.close()
 
     def _execute(self) -> dict:
         cfg = self.cfg
@@ -374,6 +377,43 @@ class StageProgress:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
+
+
+class RunLock:
+    """One run at a time per run directory: an exclusive `flock` on OUT/.lock, which holds the owner's pid.
+
+    The kernel drops the lock when its process dies however it dies (kill -9 included), so a stale lock
+    never blocks a rerun; the pid left in the file is only reported ("taking over from pid N")."""
+
+    def __init__(self, out: Path):
+        self.path = out / ".lock"
+        self.f = None
+
+    def __enter__(self) -> "RunLock":
+        import fcntl
+
+        f = open(self.path, "a+", encoding="utf-8")
+        f.seek(0)
+        holder = f.read().strip()
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise RunBusy(f"{self.path.parent} is in use by another run ({holder or 'pid unknown'}); wait for it, "
+                          "or give this run another --out") from None
+        if holder:
+            log.info("taking over %s from %s, which is no longer running", self.path, holder)
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        self.f = f
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.f.seek(0)
+        self.f.truncate()  # an empty file: released cleanly
+        self.f.close()  # closing drops the flock
 
 
 class _StageSink:
