@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
+
+from ..jsonio import dumps
 
 log = logging.getLogger("posttrain")
 
@@ -38,8 +39,7 @@ class JsonlSink(NullSink):
         self.f.flush()
 
     def write(self, record: dict) -> None:
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        self.f.write(json.dumps(clean) + "\n")
+        self.f.write(dumps(record, indent=None) + "\n")  # strict: a non-finite value is written as null
         self.f.flush()
 
     def close(self) -> None:
