@@ -153,10 +153,11 @@ def test_rerun_skips_finished_stages_and_a_failed_stage_keeps_earlier_outputs(tm
     recs = metrics(out)
     assert [x["stage"] for x in recs] == ["first", "first", "second", "second"]  # first ran once
     assert summary["stages"]["first"]["steps"] == 2 and summary["stages"]["second"]["steps"] == 2
-    with pytest.raises(RecipeError, match="another model, seed"):
+    with pytest.raises(RecipeError, match="the changes:\n  seed: 0 -> 1\n"):
         posttrain.train({**r, "seed": 1}, out=out, data=data, rewards={"second": [varied]}, progress=False)
     changed = {"model": model_dir, "stages": [stage("sft", name="first", steps=3), r["stages"][1]]}
-    with pytest.raises(RecipeError, match="'first' finished with another configuration"):
+    with pytest.raises(RecipeError, match="'first', which finished, ran with another configuration; the changes:\n"
+                                          "  stages.0.steps: 2 -> 3\n"):
         posttrain.train(changed, out=out, data=data, rewards={"second": [varied]}, progress=False)
 
 

@@ -41,7 +41,8 @@ def cmd_methods(args) -> int:
 def cmd_train(args) -> int:
     from . import train
 
-    summary = train(args.recipe, out=args.out, max_steps=args.max_steps, overrides=args.overrides)
+    summary = train(args.recipe, out=args.out, max_steps=args.max_steps, overrides=args.overrides,
+                    save_every=args.save_every, fresh=args.fresh, allow_change=args.allow_change or ())
     print(json.dumps({"out": summary["out"], "wall_s": summary["wall_s"],
                       "stages": {k: v.get("final", {}) for k, v in summary["stages"].items()}}, indent=2,
                      default=str))
@@ -105,11 +106,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="run a recipe", description="Run a recipe (YAML). Writes config.yaml, "
-                       "metrics.jsonl, tb/, summary.json and final/ into the run directory.")
+                       "metrics.jsonl, tb/, checkpoints/, summary.json and final/ into the run directory. Rerunning "
+                       "the same command on the same --out resumes it exactly from its newest checkpoint. Exit codes: "
+                       "0 done, 1 run failed, 2 bad recipe or data, 75 stopped by SIGTERM/SIGINT after saving a "
+                       "checkpoint (rerun to resume).")
     t.add_argument("recipe", help="path to a recipe YAML file, or builtin:NAME for a shipped one "
                    "(builtin:sft, builtin:grpo, builtin:sft_then_grpo, ...; the repository's recipes/)")
     t.add_argument("--out", help="run directory (default runs/run-TIMESTAMP)")
     t.add_argument("--max-steps", type=int, help="cap every stage at N optimizer steps (smoke runs)")
+    t.add_argument("--save-every", type=int, metavar="N", help="checkpoint every N optimizer steps (overrides the "
+                   "recipe's checkpoint.every; 0: only when stopped by a signal)")
+    t.add_argument("--fresh", action="store_true", help="start over: move what --out holds to OUT.prev-TIMESTAMP")
+    t.add_argument("--allow-change", action="append", metavar="KEY", help="a recipe field that may differ from "
+                   "the run being resumed (e.g. stages.0.steps; shell patterns like 'stages.*.optim.lr'); "
+                   "repeatable")
     t.add_argument("overrides", nargs="*", metavar="key.path=value",
                    help="dotted overrides, e.g. stages.0.optim.lr=1e-5 stages.0.clip.eps_high=0.28")
     t.set_defaults(fn=cmd_train)
@@ -183,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     _setup_logging(args.verbose)
     from .data.loading import DataError
-    from .errors import NonFiniteError, RunBusy
+    from .errors import EXIT_INTERRUPTED, Interrupted, NonFiniteError, RunBusy
     from .recipe import RecipeError
 
     try:
@@ -194,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     except (NonFiniteError, RunBusy) as e:  # a diverged run (nothing non-finite was saved); a busy --out
         print(f"posttrain: run failed: {e}", file=sys.stderr)
         return 1
+    except Interrupted as e:
+        print(f"posttrain: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

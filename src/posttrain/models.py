@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
+from .jsonio import fsync
+
 log = logging.getLogger("posttrain")
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -224,21 +226,12 @@ def save_pretrained(model: Any, tokenizer: PreTrainedTokenizerBase, out_dir: str
         shutil.rmtree(old, ignore_errors=True)
         out.rename(old)
     tmp.rename(out)
-    _fsync_dir(out.parent)
+    fsync(out.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
 def _fsync_tree(root: Path) -> None:
     for p in root.rglob("*"):
         if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(root)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            fsync(p)
+    fsync(root)

@@ -219,6 +219,13 @@ class EvalConfig(Strict):
     curve_n: int = Field(100, gt=0)
 
 
+class CheckpointConfig(Strict):
+    """How often a run saves what it needs to resume (OUT/checkpoints/); a signal always saves too."""
+
+    every: int = Field(100, ge=0)  # optimizer steps between checkpoints (0: only when stopped by a signal)
+    keep: int = Field(2, gt=0)  # the newest `keep` checkpoints are kept, older ones deleted
+
+
 class Recipe(Strict):
     model: str  # builtin:tiny, a local model directory, or a hub id
     seed: int = 0
@@ -226,6 +233,7 @@ class Recipe(Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     stages: list[StageConfig] = Field(min_length=1)
     eval: Optional[EvalConfig] = None
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
 
 
 # ------------------------------------------------------------------------------------------------

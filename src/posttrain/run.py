@@ -1,19 +1,23 @@
 """A run: recipe -> stages -> run directory. `posttrain.train(...)` and `posttrain train` both land here.
 
 Run directory (DESIGN.md §3): config.yaml (fully resolved), metrics.jsonl, tb/ (TensorBoard),
-summary.json, final/ (model + tokenizer + chat template + generation config), run.log, progress.json and
-stages/NAME/ (each finished stage's policy in model/, and data it made, e.g. verified.jsonl).
-Each stage starts from the previous stage's policy; its reference model is the policy at its start.
-A failed stage leaves the finished stages' outputs intact; rerunning the same command on the same
-directory skips them (step-level resume inside a stage is the checkpoint's job).
+summary.json, final/ (model + tokenizer + chat template + generation config), run.log, progress.json,
+checkpoints/ (training/checkpoint.py) and stages/NAME/ (each finished stage's policy in model/, and data it
+made, e.g. verified.jsonl). Each stage starts from the previous stage's policy; its reference model is the
+policy at its start.
+
+Nothing is lost: rerunning the same command on the same directory skips the finished stages and resumes
+the first unfinished one from its newest committed checkpoint, exactly (rundir.py says what may change);
+SIGTERM / SIGINT stop at the next step boundary after a checkpoint (exit code 75); `fresh=True` moves an
+old run aside first. One process at a time holds the directory.
 """
 from __future__ import annotations
 
 import copy
 import json
 import logging
+import math
 import os
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +26,16 @@ from typing import Any, Callable, Sequence
 import torch
 import yaml
 
+from . import faults
 from .data import detect_format, encode_dataset, load_rows, validate
 from .data.loading import RowSet
-from .errors import RunBusy
-from .jsonio import dumps
+from .errors import Interrupted
+from .jsonio import dumps, write_atomic
 from .models import choose_dtype, load_policy, pick_device, save_pretrained, stop_token_ids
 from .objective.presets import PRESETS, get_preset
 from .recipe import Recipe, RecipeError, dump_recipe, load_recipe, recipe_data
+from .rundir import RunLock, StageProgress, StopRequest, changes, move_aside, refuse_changes, stage_config
+from .training import checkpoint
 from .training.loop import new_state, run_stage
 from .training.metrics import JsonlSink, Progress, Sinks, TensorBoardSink
 
@@ -42,8 +49,14 @@ VERIFIED_FILE = "verified.jsonl"  # what a rejection-sampling stage writes for l
 
 def train(recipe: str | Path | dict | Recipe, *, out: str | Path | None = None, max_steps: int | None = None,
           data: Any = None, rewards: Sequence[Callable] | dict[str, Sequence[Callable]] | None = None,
-          overrides: list[str] | dict[str, Any] | None = None, progress: bool | None = None) -> dict:
+          overrides: list[str] | dict[str, Any] | None = None, progress: bool | None = None,
+          save_every: int | None = None, fresh: bool = False, allow_change: Sequence[str] = ()) -> dict:
     """Run a recipe and return its summary (also written to OUT/summary.json).
+
+    An existing OUT resumes (finished stages skipped, the running one from its newest checkpoint); a
+    finished run returns its summary without training. `fresh` moves an old run aside and starts over;
+    `allow_change` names recipe fields (patterns) that may differ from the run being resumed;
+    `save_every` overrides `checkpoint.every`.
 
     data: rows for every stage (list of dicts, `datasets.Dataset`, or a path), or {stage_name: rows}.
     rewards: reward callables with the TRL signature for every RL stage, or {stage_name: [callables]};
@@ -63,8 +76,11 @@ def train(recipe: str | Path | dict | Recipe, *, out: str | Path | None = None, 
         if key in reward_map and (preset is None or preset.needs_rewards):  # SFT stages take no rewards
             st["rewards"] = [{"fn": f"<callable:{j}>", "name": getattr(f, "__name__", f"reward_{j}")}
                              for j, f in enumerate(reward_map[key])]
+    if save_every is not None:
+        raw.setdefault("checkpoint", {})["every"] = save_every
     cfg = load_recipe(raw, overrides)
-    return Run(cfg, out=out, max_steps=max_steps, data=data_map, rewards=reward_map, progress=progress).execute()
+    return Run(cfg, out=out, max_steps=max_steps, data=data_map, rewards=reward_map, progress=progress,
+               fresh=fresh, allow_change=tuple(allow_change)).execute()
 
 
 def _per_stage(value, raw: dict) -> dict:
@@ -77,17 +93,23 @@ def _per_stage(value, raw: dict) -> dict:
 
 
 class Run:
-    def __init__(self, cfg: Recipe, *, out=None, max_steps=None, data=None, rewards=None, progress=None):
+    def __init__(self, cfg: Recipe, *, out=None, max_steps=None, data=None, rewards=None, progress=None,
+                 fresh: bool = False, allow_change: tuple[str, ...] = ()):
         self.cfg = cfg
         self.out = Path(out) if out else Path("runs") / time.strftime("run-%Y%m%d-%H%M%S")
         self.max_steps = max_steps
         self.data = data or {}
         self.rewards = rewards or {}
         self.progress = progress
+        self.fresh, self.allow = fresh, allow_change
+        self.stop = StopRequest()
+        self.resume: tuple[checkpoint.Found, dict] | None = None  # (checkpoint, its state.json) of the running stage
 
     def execute(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
-        with RunLock(self.out):
+        with RunLock(self.out), self.stop:
+            if self.fresh:
+                move_aside(self.out)
             handler = logging.FileHandler(self.out / "run.log")
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
             log.addHandler(handler)
@@ -97,10 +119,40 @@ class Run:
                 log.removeHandler(handler)
                 handler.close()
 
+    def _find_checkpoint(self, progress: StageProgress) -> None:
+        """The newest committed checkpoint of the first unfinished stage, checked against the recipe."""
+        i = len(progress.done)
+        if i >= len(self.cfg.stages):
+            return
+        stage = self.cfg.stages[i]
+        found, skipped = checkpoint.latest(self.out / "checkpoints", i, stage.name)
+        for s in skipped:
+            log.warning("skipping checkpoint %s", s)
+        if found is None:
+            return
+        body = checkpoint.read_state(found.path)
+        refuse_changes(changes(yaml.safe_load(body["config"]), yaml.safe_load(stage_config(stage)), f"stages.{i}"),
+                       self.allow, f"{self.out}: stage {stage.name!r}, resumed from {found.path.name},")
+        self.resume = (found, body)
+
+    def _keep_record(self, progress: StageProgress):
+        """Which records of an earlier attempt's metrics.jsonl / curve.jsonl stay: the finished stages', and the
+        resumed stage's up to its checkpoint (the steps after it run again)."""
+        found = self.resume[0] if self.resume else None
+        return lambda r: r.get("stage") in progress.done or (
+            found is not None and r.get("stage") == found.stage and int(r.get("step", 0)) <= found.step)
+
     def _execute(self) -> dict:
         cfg = self.cfg
-        progress = StageProgress(self.out, cfg, self.max_steps)
-        (self.out / "config.yaml").write_text(dump_recipe(cfg))
+        progress = StageProgress(self.out, cfg, self.max_steps, self.allow)
+        if progress.finished:
+            log.info("%s holds this run, finished already: nothing to do (its model is in %s; --fresh starts over)",
+                     self.out, self.out / "final")
+            return json.loads((self.out / "summary.json").read_text())
+        if progress.record.pop("finished", None):  # more stages than the run that finished: its summary is stale
+            (self.out / "summary.json").unlink(missing_ok=True)
+        self._find_checkpoint(progress)
+        write_atomic(self.out / "config.yaml", dump_recipe(cfg))
         torch.manual_seed(cfg.seed)
         device = pick_device(cfg.device)
         # Everything that can be checked without the model is checked before it loads.
@@ -116,11 +168,13 @@ class Run:
         log.info("model %s on %s (%s)", cfg.model, device, summary["dtype"])
         if progress.done:
             log.info("resuming %s: stages %s finished, skipped", self.out, ", ".join(progress.done))
-        sinks = Sinks(JsonlSink(self.out / "metrics.jsonl", keep=lambda r: r.get("stage") in progress.done),
-                      TensorBoardSink(self.out / "tb"))
+        keep = self._keep_record(progress)
+        done_steps = sum(r["steps"] for r in progress.done.values()) + (self.resume[0].step if self.resume else 0)
+        sinks = Sinks(JsonlSink(self.out / "metrics.jsonl", keep=keep),
+                      TensorBoardSink(self.out / "tb", purge_step=done_steps + 1 if done_steps else None))
         t_run = time.perf_counter()
         hooks = EvalHooks(cfg, tok, stop_ids, pad_id, device)
-        curve = CurveHook(hooks, self.out / "curve.jsonl", keep=lambda r: r.get("stage") in progress.done)
+        curve = CurveHook(hooks, self.out / "curve.jsonl", keep=keep)
         try:
             if hooks.active:
                 if "eval_before" not in progress.record:
@@ -134,11 +188,15 @@ class Run:
                     global_step += result["steps"]
                     curve.end_stage(result)
                     continue
-                t0 = time.perf_counter()
-                if curve.every and i == 0:
+                if self.stop.requested:  # a signal during evaluation or between stages: nothing new to save
+                    raise Interrupted(f"stopped by {self.stop.name()} before stage {stage.name!r}; the finished "
+                                      "stages are saved: rerun the same command to continue", self.stop.signum)
+                resumed = self.resume is not None and self.resume[0].stage_index == i
+                t0 = time.perf_counter() - (self.resume[1]["stage_wall_s"] if resumed else 0.0)
+                if curve.every and i == 0 and not resumed:
                     curve.point(model, stage.name, 0, 0, 0, 0.0)  # the base
                 result = self._run_stage(i, stage, sd, model, tok, stop_ids, pad_id, device, sinks, global_step,
-                                         on_step=curve.on_step(stage.name, t0))
+                                         on_step=curve.on_step(stage.name, t0), t0=t0)
                 global_step += result["steps"]
                 result["wall_s"] = round(time.perf_counter() - t0, 3)
                 curve.end_stage(result, model)
@@ -148,12 +206,14 @@ class Run:
                 progress.finish_stage(stage.name, result, model, tok, stop_ids)
             if hooks.active:
                 summary["eval"]["after"] = summary["stages"][cfg.stages[-1].name]["eval"]
+            faults.hit("final")
             save_pretrained(model, tok, self.out / "final", stop_ids=stop_ids)
         finally:
             sinks.close()
             curve.close()
         summary["wall_s"] = round(time.perf_counter() - t_run, 3)
-        (self.out / "summary.json").write_text(dumps(summary))
+        write_atomic(self.out / "summary.json", dumps(summary))
+        progress.finish_run()
         log.info("run finished in %.1fs: %s", summary["wall_s"], self.out)
         return summary
 
@@ -242,7 +302,7 @@ class Run:
                     self._check_paired(stage, sd)
 
     def _run_stage(self, i, stage, sd: "StageData", model, tok, stop_ids, pad_id, device, sinks,
-                   global_step, on_step=None) -> dict:
+                   global_step, on_step=None, t0: float = 0.0) -> dict:
         from .training.experience import Experience
         from .training.sources import Demonstrations, PairedDemos
 
@@ -267,25 +327,39 @@ class Run:
                                          stage.data.shuffle)
         if preset.needs_demonstrations:
             kw["paired"] = PairedDemos(tok, sd.demos, sd.demos_fmt)
+        resume = self.resume if self.resume is not None and self.resume[0].stage_index == i else None
         if "verified" in preset.sources:
-            kw["on_data"] = self._data_writer(stage)
+            kw["on_data"] = self._data_writer(stage, resume[1]["experience"]["pool"]["round"] if resume else 0)
+        saver = Checkpointer(self, i, stage, sink, t0, start=resume[0].step if resume else 0)
         try:
             if preset.data == "demonstrations":
                 experience = Experience(stage, tok, **kw)
-                state = new_state(model, stage, seed, experience)
-                last = run_stage(state, stage, device=device, sink=sink, max_steps=self.max_steps, on_step=on_step)
+                state = self._start(model, stage, seed, experience, resume, sink)
+                last = run_stage(state, stage, device=device, sink=sink, max_steps=self.max_steps, on_step=on_step,
+                                 on_boundary=saver)
             else:
                 with self._scorer(stage) as scorer:
                     experience = Experience(stage, tok, rows=sd.rows.rows, scorer=scorer, **kw)
-                    state = new_state(model, stage, seed, experience)
+                    state = self._start(model, stage, seed, experience, resume, sink)
                     last = run_stage(state, stage, device=device, sink=sink, max_steps=self.max_steps,
-                                     on_step=on_step)
+                                     on_step=on_step, on_boundary=saver)
                     result["reward_errors"] = sink.reward_errors
         finally:
             progress.close()
         result.update(steps=state.step, samples=state.samples, tokens=state.tokens)
         result["final"] = {k: v for k, v in last.items() if k not in ("stage", "step", "global_step")}
         return result
+
+    def _start(self, model, stage, seed: int, experience, resume, sink):
+        """A stage's TrainState: new, or restored from its checkpoint (after the reference model was copied from
+        the policy at the stage's start)."""
+        state = new_state(model, stage, seed, experience)
+        if resume is not None:
+            found, body = resume
+            checkpoint.load(found.path, state)
+            sink.reward_errors = body["reward_errors"]
+            log.info("stage %s: resuming at step %d from %s", stage.name, state.step, found.path)
+        return state
 
     def _encode(self, stage, rowset: RowSet, fmt: str, tok, result: dict) -> list:
         examples, dropped = encode_dataset(rowset, fmt, tok, max_len=stage.data.max_len,
@@ -298,11 +372,13 @@ class Run:
         result["dropped_overlong"] = len(dropped)
         return examples
 
-    def _data_writer(self, stage):
-        """Where a stage's generated data goes: OUT/stages/NAME/verified.jsonl (every round appended)."""
+    def _data_writer(self, stage, rounds_kept: int = 0):
+        """Where a stage's generated data goes: OUT/stages/NAME/verified.jsonl (every round appended). A resumed
+        stage keeps the rounds its checkpoint had started (`rounds_kept`); later ones are made again."""
         path = self.out / "stages" / stage.name / VERIFIED_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("")
+        old = path.read_text(encoding="utf-8").splitlines() if rounds_kept and path.exists() else []
+        write_atomic(path, "".join(line + "\n" for line in old if _round_of(line) <= rounds_kept))
 
         def write(round_: int, rows: list[dict]) -> None:
             with open(path, "a", encoding="utf-8") as f:
@@ -313,6 +389,41 @@ class Run:
             log.info("stage %s round %d: %d verified samples -> %s", stage.name, round_, len(rows), path)
 
         return write
+
+
+def _round_of(line: str) -> float:
+    try:
+        return json.loads(line)["round"]
+    except (json.JSONDecodeError, KeyError, TypeError):  # a torn line of a killed run
+        return math.inf
+
+
+class Checkpointer:
+    """The loop's `on_boundary` hook: a checkpoint every `checkpoint.every` steps, and on a stop signal a
+    checkpoint and then `Interrupted` (the run exits with code 75; rerunning it resumes here)."""
+
+    def __init__(self, run: "Run", index: int, stage, sink: "_StageSink", t0: float, start: int):
+        self.run, self.index, self.stage, self.sink, self.t0 = run, index, stage, sink, t0
+        self.every, self.keep = run.cfg.checkpoint.every, run.cfg.checkpoint.keep
+        self.root = run.out / "checkpoints"
+        self.prev = start  # the step at the previous boundary (a batch may hold several optimizer steps)
+
+    def __call__(self, state) -> None:
+        stop = self.run.stop
+        due = self.every and state.step // self.every > self.prev // self.every
+        self.prev = state.step
+        if due or stop.requested:
+            self.save(state)
+        if stop.requested:
+            raise Interrupted(f"stopped by {stop.name()} at step {state.step} of stage {self.stage.name!r}; checkpoint "
+                              f"saved in {self.root}: rerun the same command to resume", stop.signum)
+
+    def save(self, state) -> None:
+        extra = {"config": stage_config(self.stage), "reward_errors": self.sink.reward_errors,
+                 "stage_wall_s": time.perf_counter() - self.t0}
+        path = checkpoint.save(self.root, self.index, self.stage.name, state, extra)
+        checkpoint.prune(self.root, self.keep, protect=path)
+        log.info("checkpoint: %s", path)
 
 
 @dataclass
@@ -326,94 +437,6 @@ class StageData:
 def _reads_row_demos(preset, stage) -> bool:
     """CHORD-style stages without a `demos:` dataset read their demonstrations from the prompt rows."""
     return "demonstrations" in preset.sources and preset.data != "demonstrations" and stage.demos is None
-
-
-class StageProgress:
-    """Which stages of a run directory finished: OUT/progress.json plus each finished stage's policy in
-    OUT/stages/NAME/model/. Rerunning on the same directory skips the leading stages that finished with the
-    same configuration and continues from the last one's policy (a stage that failed may be changed before
-    the rerun); a different model or seed, or a finished stage whose configuration changed, is refused."""
-
-    def __init__(self, out: Path, cfg: Recipe, max_steps: int | None):
-        self.out = out
-        self.path = out / "progress.json"
-        run = {"model": cfg.model, "seed": cfg.seed, "dtype": cfg.dtype, "max_steps": max_steps,
-               "eval": cfg.eval.model_dump(mode="json") if cfg.eval else None}
-        configs = {s.name: yaml.safe_dump(s.model_dump(mode="json"), sort_keys=True) for s in cfg.stages}
-        self.record: dict = {"run": run, "stages": {}}
-        if self.path.exists():
-            old = json.loads(self.path.read_text())
-            if old.get("run") != run:
-                raise RecipeError(f"{out} holds a run with another model, seed, dtype, eval or --max-steps; use "
-                                  "another --out, or delete the directory to start again")
-            self.record = old
-        self.done: dict = {}
-        for name, config in configs.items():  # the leading finished stages, in recipe order
-            rec = self.record["stages"].get(name)
-            if rec is None or not (out / "stages" / name / "model" / "config.json").exists():
-                break
-            if rec["config"] != config:
-                raise RecipeError(f"{out}: stage {name!r} finished with another configuration; use another "
-                                  "--out, or delete the directory to start again")
-            self.done[name] = rec["result"]
-        self.configs = configs
-
-    def last_model(self) -> Path | None:
-        return self.out / "stages" / list(self.done)[-1] / "model" if self.done else None
-
-    def save_eval_before(self, result: dict) -> None:
-        self.record["eval_before"] = result
-        self._write()
-
-    def finish_stage(self, name: str, result: dict, model, tok, stop_ids) -> None:
-        save_pretrained(model, tok, self.out / "stages" / name / "model", stop_ids=stop_ids)
-        self.record["stages"][name] = {"config": self.configs[name], "result": result}
-        self.done[name] = result
-        self._write()
-
-    def _write(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(dumps(self.record))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-
-
-class RunLock:
-    """One run at a time per run directory: an exclusive `flock` on OUT/.lock, which holds the owner's pid.
-
-    The kernel drops the lock when its process dies however it dies (kill -9 included), so a stale lock
-    never blocks a rerun; the pid left in the file is only reported ("taking over from pid N")."""
-
-    def __init__(self, out: Path):
-        self.path = out / ".lock"
-        self.f = None
-
-    def __enter__(self) -> "RunLock":
-        import fcntl
-
-        f = open(self.path, "a+", encoding="utf-8")
-        f.seek(0)
-        holder = f.read().strip()
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.close()
-            raise RunBusy(f"{self.path.parent} is in use by another run ({holder or 'pid unknown'}); wait for it, "
-                          "or give this run another --out") from None
-        if holder:
-            log.info("taking over %s from %s, which is no longer running", self.path, holder)
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        f.flush()
-        self.f = f
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.f.seek(0)
-        self.f.truncate()  # an empty file: released cleanly
-        self.f.close()  # closing drops the flock
 
 
 class _StageSink:

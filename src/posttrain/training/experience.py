@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import faults
 from ..data.batch import DEMO, PREFIX, ROLLOUT, Batch, Row, collate, demo_batch
 from ..data.encode import completion_text, encode_prompt
 from ..logprobs import token_logprobs
@@ -141,6 +142,7 @@ class Experience:
         return self._prompt_cache[key]
 
     def _sample(self, model, prompts: list[list[int]], n: int, generator):
+        faults.hit("generate")
         r = self.s.rollout
         ro = sample(model, prompts, num_samples=n, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
                     top_p=r.top_p, stop_ids=self.stop_ids, pad_id=self.pad_id, generator=generator)

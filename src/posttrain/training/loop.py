@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import faults
 from ..data.batch import Batch
 from ..errors import NonFiniteError
 from .experience import Experience
@@ -41,6 +42,7 @@ class TrainState:
     tokens: int = 0  # loss tokens trained on so far
     nonfinite: int = 0  # steps skipped for a NaN/inf loss or gradient, in all
     nonfinite_streak: int = 0  # ... and in a row, up to now
+    wall_s: float = 0.0  # seconds spent in this stage's loop, over every process that ran it
 
 
 def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
@@ -73,17 +75,20 @@ def new_state(model, stage, seed: int, experience: Experience) -> TrainState:
 
 
 def run_stage(state: TrainState, stage, *, device, sink=NullSink(), max_steps: int | None = None,
-              on_step=None) -> dict:
+              on_step=None, on_boundary=None) -> dict:
     """Train one stage to `stage.steps` optimizer steps (or `max_steps`). Returns the last metrics record.
 
-    `on_step(state, record)` is a hook for checkpoints and evaluation; it stays outside the hot loop, and a
-    true return value ends the stage early (e.g. a target reached).
+    `on_step(state, record)` is a hook for evaluation after each optimizer step; a true return value ends
+    the stage early (e.g. a target reached). `on_boundary(state)` runs after each batch's last update, where
+    the state holds no half-used batch: checkpoints and stops on a signal happen there. Both stay outside
+    the hot loop.
     """
     total = min(stage.steps, max_steps) if max_steps else stage.steps
     spec = ObjectiveSpec.from_stage(stage, log_entropy=True)
     last: dict = {}
-    t_start = time.perf_counter()
+    t_start = time.perf_counter() - state.wall_s  # a resumed stage continues its clock
     while state.step < total:
+        faults.hit("step")
         t0 = time.perf_counter()
         data = state.experience.make(state.model, state.step, state.generator)
         _report(data.errors)
@@ -94,7 +99,8 @@ def run_stage(state: TrainState, stage, *, device, sink=NullSink(), max_steps: i
             _count_nonfinite(state, record)
             state.samples += int(record.get("samples", 0))
             state.tokens += int(record.get("trained_tokens", 0))
-            record.update(stage=stage.name, t_step=time.perf_counter() - t0, wall_s=time.perf_counter() - t_start,
+            state.wall_s = time.perf_counter() - t_start
+            record.update(stage=stage.name, t_step=time.perf_counter() - t0, wall_s=state.wall_s,
                           samples_total=state.samples, tokens_total=state.tokens)
             sink.write(record)
             last = record
@@ -107,6 +113,8 @@ def run_stage(state: TrainState, stage, *, device, sink=NullSink(), max_steps: i
                 return last
             if _budget_spent(state, stage.stop):
                 return last
+        if on_boundary is not None and state.step < total:
+            on_boundary(state)
     return last
 
 

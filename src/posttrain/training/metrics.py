@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..jsonio import dumps
+from ..jsonio import dumps, write_atomic
 
 log = logging.getLogger("posttrain")
 
@@ -27,16 +27,19 @@ class JsonlSink(NullSink):
     """One JSON object per line; flushed every write so a crash loses nothing already logged."""
 
     def __init__(self, path: Path, keep=None):
-        """A new file, or with `keep(record) -> bool` the kept records of an existing one, then appends."""
-        old = path.read_text(encoding="utf-8").splitlines() if keep is not None and path.exists() else []
-        self.f = open(path, "w", encoding="utf-8")
-        for line in old:
-            try:
-                if keep(json.loads(line)):
-                    self.f.write(line + "\n")
-            except json.JSONDecodeError:  # a torn last line of a killed run
-                continue
-        self.f.flush()
+        """Appends to `path`. With `keep(record) -> bool`, the records of an earlier attempt that `keep` rejects
+        (steps after the checkpoint a run resumes from, which run again) and a torn last line are dropped
+        first, by an atomic rewrite: a kill at any moment leaves the old file or the new, never less."""
+        if keep is None:
+            path.write_text("", encoding="utf-8")
+        elif path.exists():
+            lines = path.read_text(encoding="utf-8").splitlines()
+            kept = [line for line in lines if _kept(line, keep)]
+            if len(kept) < len(lines):
+                write_atomic(path, "".join(line + "\n" for line in kept))
+                log.info("%s: %d records of steps after the checkpoint (or torn) dropped; they run again", path,
+                         len(lines) - len(kept))
+        self.f = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
         self.f.write(dumps(record, indent=None) + "\n")  # strict: a non-finite value is written as null
@@ -46,11 +49,19 @@ class JsonlSink(NullSink):
         self.f.close()
 
 
+def _kept(line: str, keep) -> bool:
+    try:
+        return bool(keep(json.loads(line)))
+    except json.JSONDecodeError:  # a torn last line of a killed run
+        return False
+
+
 class TensorBoardSink(NullSink):
-    def __init__(self, logdir: Path):
+    def __init__(self, logdir: Path, purge_step: int | None = None):
+        """`purge_step`: a resumed run hides the events an earlier attempt wrote from that step on."""
         from torch.utils.tensorboard import SummaryWriter
 
-        self.w = SummaryWriter(str(logdir))
+        self.w = SummaryWriter(str(logdir), purge_step=purge_step)
 
     def write(self, record: dict) -> None:
         step = record.get("global_step", record.get("step", 0))

@@ -1,0 +1,221 @@
+"""The run directory's bookkeeping: which stages finished, what may change on a rerun, one run at a time,
+stopping on a signal, and `--fresh`.
+
+Rerunning `posttrain train` with the same `--out` continues the run: the leading stages that finished are
+skipped (their policies are in OUT/stages/NAME/model/), and the first unfinished one resumes from its
+newest committed checkpoint (training/checkpoint.py). Everything that ran already must be run with the same
+configuration: a change is refused with a field-by-field diff unless `allow_change` names the field
+(shell-style patterns: `stages.0.steps`, `stages.*.optim.lr`). A stage that had not saved anything yet may
+be changed freely, and `checkpoint.*` and `stages.*.log_every` always may.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import RunBusy
+from .jsonio import dumps, write_atomic
+from .models import save_pretrained
+from .recipe import Recipe, RecipeError
+
+log = logging.getLogger("posttrain")
+
+ALWAYS_ALLOWED = ("checkpoint.*", "stages.*.log_every")
+
+
+def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}, "c": [2]} -> {"a.b": 1, "c.0": 2}."""
+    if isinstance(d, dict):
+        items = d.items()
+    elif isinstance(d, list) and d and all(isinstance(v, (dict, list)) for v in d):
+        items = enumerate(d)
+    else:
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in items:
+        out.update(flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def changes(old: dict, new: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """Every field whose value differs between two nested configurations, as (key, old, new)."""
+    a, b = flat(old, prefix), flat(new, prefix)
+    return [(k, a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b)) if a.get(k, "<absent>")
+            != b.get(k, "<absent>")]
+
+
+def refuse_changes(diffs: list[tuple[str, Any, Any]], allow: tuple[str, ...], what: str) -> None:
+    """Raise RecipeError listing every change not matched by `allow` (or ALWAYS_ALLOWED)."""
+    patterns = tuple(allow) + ALWAYS_ALLOWED
+    bad = [d for d in diffs if not any(fnmatch.fnmatchcase(d[0], p) for p in patterns)]
+    if not bad:
+        for key, a, b in diffs:
+            log.info("changed on resume (allowed): %s: %r -> %r", key, a, b)
+        return
+    lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, a, b in bad)
+    keys = " ".join(f"--allow-change {k}" for k, _, _ in bad[:3])
+    raise RecipeError(f"{what} ran with another configuration; the changes:\n{lines}\nResume with the same recipe, "
+                      f"or allow these changes ({keys}), or start over with --fresh")
+
+
+class StageProgress:
+    """Which stages of a run directory finished: OUT/progress.json plus each finished stage's policy in
+    OUT/stages/NAME/model/. The leading stages that finished with the same configuration are skipped and the
+    run continues from the last one's policy; a change to them (or to the model, seed, dtype, eval or
+    --max-steps) is refused with its diff unless allowed."""
+
+    def __init__(self, out: Path, cfg: Recipe, max_steps: int | None, allow: tuple[str, ...] = ()):
+        self.out = out
+        self.path = out / "progress.json"
+        run = {"model": cfg.model, "seed": cfg.seed, "dtype": cfg.dtype, "max_steps": max_steps,
+               "eval": cfg.eval.model_dump(mode="json") if cfg.eval else None}
+        self.configs = {s.name: stage_config(s) for s in cfg.stages}
+        self.record: dict = {"run": run, "stages": {}}
+        if self.path.exists():
+            old = json.loads(self.path.read_text())
+            refuse_changes(changes(old.get("run", {}), run), allow, f"{out}")
+            self.record = {**old, "run": run}
+        self.done: dict = {}
+        for i, (name, config) in enumerate(self.configs.items()):  # the leading finished stages, in recipe order
+            rec = self.record["stages"].get(name)
+            if rec is None or not (out / "stages" / name / "model" / "config.json").exists():
+                break
+            refuse_changes(changes(yaml.safe_load(rec["config"]), yaml.safe_load(config), f"stages.{i}"), allow,
+                           f"{out}: stage {name!r}, which finished,")
+            rec["config"] = config
+            self.done[name] = rec["result"]
+
+    @property
+    def finished(self) -> bool:
+        """Every stage done and the final model and summary written: a rerun has nothing to do."""
+        return (len(self.done) == len(self.configs) and bool(self.record.get("finished"))
+                and (self.out / "final" / "config.json").is_file() and (self.out / "summary.json").is_file())
+
+    def last_model(self) -> Path | None:
+        return self.out / "stages" / list(self.done)[-1] / "model" if self.done else None
+
+    def save_eval_before(self, result: dict) -> None:
+        self.record["eval_before"] = result
+        self._write()
+
+    def finish_stage(self, name: str, result: dict, model, tok, stop_ids) -> None:
+        save_pretrained(model, tok, self.out / "stages" / name / "model", stop_ids=stop_ids)
+        self.record["stages"][name] = {"config": self.configs[name], "result": result}
+        self.done[name] = result
+        self._write()
+
+    def finish_run(self) -> None:
+        self.record["finished"] = True
+        self._write()
+
+    def _write(self) -> None:
+        write_atomic(self.path, dumps(self.record))
+
+
+def stage_config(stage) -> str:
+    """A stage's resolved configuration as the YAML text progress.json and checkpoints store."""
+    return yaml.safe_dump(stage.model_dump(mode="json"), sort_keys=True)
+
+
+def move_aside(out: Path) -> Path | None:
+    """`--fresh`: move everything in OUT (but the lock) to OUT.prev-TIMESTAMP; returns where, None if empty."""
+    entries = [p for p in out.iterdir() if p.name != ".lock"] if out.is_dir() else []
+    if not entries:
+        return None
+    dest = out.with_name(f"{out.name}.prev-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 0
+    while dest.exists():
+        n += 1
+        dest = out.with_name(f"{out.name}.prev-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+    dest.mkdir(parents=True)
+    for p in entries:
+        shutil.move(str(p), dest / p.name)
+    log.info("--fresh: moved the previous run's %s to %s", ", ".join(sorted(p.name for p in entries)), dest)
+    return dest
+
+
+class RunLock:
+    """One run at a time per run directory: an exclusive `flock` on OUT/.lock, which holds the owner's pid.
+
+    The kernel drops the lock when its process dies however it dies (kill -9 included), so a stale lock
+    never blocks a rerun; the pid left in the file is only reported ("taking over from pid N")."""
+
+    def __init__(self, out: Path):
+        self.path = out / ".lock"
+        self.f = None
+
+    def __enter__(self) -> "RunLock":
+        import fcntl
+
+        f = open(self.path, "a+", encoding="utf-8")
+        f.seek(0)
+        holder = f.read().strip()
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise RunBusy(f"{self.path.parent} is in use by another run ({holder or 'pid unknown'}); wait for it, "
+                          "or give this run another --out") from None
+        if holder:
+            log.info("taking over %s from %s, which is no longer running", self.path, holder)
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        self.f = f
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.f.seek(0)
+        self.f.truncate()  # an empty file: released cleanly
+        self.f.close()  # closing drops the flock
+
+
+class StopRequest:
+    """SIGTERM and SIGINT set a flag and nothing else; the loop polls it at step boundaries, saves a
+    checkpoint and stops (exit code 75). A second signal while stopping is reported and ignored, so it
+    cannot tear the save; SIGKILL remains for an immediate stop (and costs at most the step since the last
+    checkpoint). Installed only on the main thread (Python delivers signals there); restored on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is None:
+            self.signum = signum
+            log.warning("%s received: stopping at the end of this step, after saving a checkpoint", name)
+        else:
+            log.warning("%s received again: already stopping; the checkpoint is being saved (SIGKILL stops at "
+                        "once, losing the steps since the last checkpoint)", name)
+
+    def __exit__(self, *exc) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ""
