@@ -200,30 +200,36 @@ def test_completion_text_follows_the_prompt_form(tok):
 
 # ---------------------------------------------------------------- datasets
 
-def test_overlong_rows_are_dropped_and_reported(tok):
+def test_overlong_rows_are_bad_rows_named_with_their_length(tok):
     rows = [{"text": "hi"}, {"text": "The quick brown fox jumps over the lazy dog."}, {"text": "ok"}]
     lengths = [len(encode_sft(r, "text", tok)) for r in rows]
     max_len = lengths[1] - 1
     assert max(lengths[0], lengths[2]) <= max_len
-    encoded, dropped = encode_dataset(RowSet(rows, "d.jsonl"), "text", tok, max_len=max_len)
-    assert dropped == [2] and [len(e) for e in encoded] == [lengths[0], lengths[2]]
+    encoded, bad = encode_dataset(RowSet(rows, "d.jsonl"), "text", tok, max_len=max_len)
+    assert [str(b) for b in bad] == [f"row 2: is {lengths[1]} tokens long, more than data.max_len={max_len}"]
+    assert [len(e) for e in encoded] == [lengths[0], lengths[2]]
     assert encoded[1] == encode_sft(rows[2], "text", tok)  # kept rows unchanged, in order
-    _, none_dropped = encode_dataset(RowSet(rows, "d.jsonl"), "text", tok, max_len=lengths[1])
-    assert none_dropped == []  # max_len is inclusive
+    _, none = encode_dataset(RowSet(rows, "d.jsonl"), "text", tok, max_len=lengths[1])
+    assert none == []  # max_len is inclusive
 
 
-def test_overlong_row_error_names_row_and_length(tok):
-    rows = [{"text": "hi"}, {"text": "The quick brown fox jumps over the lazy dog."}]
-    n = len(encode_sft(rows[1], "text", tok))
-    with pytest.raises(DataError, match=rf"d\.jsonl, row 2: is {n} tokens long, more than max_len={n - 1}"):
-        encode_dataset(RowSet(rows, "d.jsonl"), "text", tok, max_len=n - 1, on_overlong="error")
-    with pytest.raises(DataError, match="every row is longer"):
-        encode_dataset(RowSet(rows, "d.jsonl"), "text", tok, max_len=1)
-    with pytest.raises(ValueError, match="on_overlong must be one of drop, error"):
-        encode_dataset(RowSet(rows, "d.jsonl"), "text", tok, max_len=n, on_overlong="truncate")
+def test_a_10_mb_row_is_refused_from_its_length_without_tokenizing(tok, monkeypatch):
+    """A string of c characters is at least c / (longest token) tokens: a 10 MB row is judged without being
+    tokenized (the tokenizer is replaced by one that fails if called on it), at the cost of reading it."""
+    from posttrain.data import encode as enc_mod
+
+    huge = {"text": "ab " * 3_500_000}
+    real = enc_mod.encode_sft
+    monkeypatch.setattr(enc_mod, "encode_sft", lambda row, *a, **k: (
+        pytest.fail("tokenized the 10 MB row") if row is huge else real(row, *a, **k)))
+    encoded, bad = encode_dataset(RowSet([{"text": "hi"}, huge], "d.jsonl"), "text", tok, max_len=512)
+    assert len(encoded) == 1 and len(bad) == 1
+    assert bad[0].row == 2 and "10500000 characters long, so more than max_len=512 tokens" in bad[0].reason
+    assert len(bad[0].excerpt) <= 203
 
 
-def test_encode_errors_become_data_errors_with_row_and_field(tok):
+def test_rows_that_cannot_be_encoded_are_bad_rows_with_row_and_field(tok):
     rows = [{"prompt": "p", "answer": "1", "completion": "c"}, {"prompt": "p", "answer": "1"}]
-    with pytest.raises(DataError, match=r"x\.jsonl, row 2, field 'completion': no demonstration"):
-        encode_dataset(RowSet(rows, "x.jsonl"), "prompt_answer", tok, max_len=64)
+    encoded, bad = encode_dataset(RowSet(rows, "x.jsonl"), "prompt_answer", tok, max_len=64)
+    assert len(encoded) == 1 and (bad[0].origin, bad[0].row, bad[0].field) == ("x.jsonl", 2, "completion")
+    assert "no demonstration" in bad[0].reason

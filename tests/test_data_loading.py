@@ -124,21 +124,20 @@ def test_hub_id_resolved_from_local_cache_only(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- loading errors
 
-def test_bad_json_line_is_named(tmp_path):
+def test_unreadable_lines_are_bad_rows_named_by_line(tmp_path):
+    """Invalid JSON, a non-object, invalid UTF-8 and a truncated last line are each a bad row with its line and
+    reason; the readable rows keep their line numbers (blank lines are skipped, not counted as rows)."""
     path = tmp_path / "bad.jsonl"
-    path.write_text(json.dumps(ROWS[0]) + "\n" + '{"prompt": "x", "answer": }\n')
-    with pytest.raises(DataError, match=r"bad\.jsonl: line 2 is not valid JSON") as e:
-        load_rows(path)
-    assert e.value.origin == str(path)
-
-
-def test_non_object_line_and_invalid_utf8_are_named(tmp_path):
-    (tmp_path / "list.jsonl").write_text(json.dumps(ROWS[0]) + "\n[1, 2]\n")
-    with pytest.raises(DataError, match="line 2 holds a JSON list"):
-        load_rows(tmp_path / "list.jsonl")
-    (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
-    with pytest.raises(DataError, match="line 2 is not valid UTF-8"):
-        load_rows(tmp_path / "latin1.jsonl")
+    path.write_bytes(json.dumps(ROWS[0]).encode() + b'\n{"prompt": "x", "answer": }\n\n[1, 2]\n'
+                     b'{"text": "caf\xe9"}\n' + json.dumps(ROWS[1]).encode() + b'\n{"prompt": "cut')
+    rs = load_rows(path)
+    assert rs.rows == [ROWS[0], ROWS[1]] and [rs.number(i) for i in range(2)] == [1, 6] and rs.total == 6
+    assert [(b.row, b.reason.split(":")[0].split(" (")[0]) for b in rs.bad] == [
+        (2, "not valid JSON"), (4, "holds a JSON list, not an object of columns"), (5, "not valid UTF-8"),
+        (7, "a truncated last line")]
+    assert all(b.origin == str(path) for b in rs.bad)
+    with pytest.raises(DataError, match=r"bad\.jsonl, row 2: not valid JSON"):
+        validate(rs, "prompt_answer")
 
 
 def test_missing_file_says_the_path_does_not_exist(tmp_path):
@@ -162,6 +161,19 @@ def test_detect_format_takes_first_allowed_match():
     assert detect_format(rs, ["prompt_answer", "prompt_completion"]) == "prompt_answer"
     assert detect_format(rs, ["prompt_completion", "prompt_answer"]) == "prompt_completion"
     assert detect_format(rs, ["preference", "prompt_only"]) == "prompt_only"
+
+
+def test_format_is_decided_from_every_row_and_rows_without_its_columns_are_bad():
+    """A first row with `answer` and later rows without: not prompt_answer from the first row alone, nor
+    silently prompt_only; the majority's format, with the others reported."""
+    from posttrain.data.formats import check_rows
+
+    rows = [{"prompt": f"p{i}", "answer": "1"} for i in range(5)] + [{"prompt": "q"}, {"prompt": "r", "answer": None}]
+    rs = RowSet(rows, "d.jsonl")
+    assert detect_format(rs, ["prompt_answer", "prompt_only"]) == "prompt_answer"
+    assert [(b.row, b.field) for b in check_rows(rs, "prompt_answer")] == [(6, "answer"), (7, "answer")]
+    few = RowSet(rows[:1] + [{"prompt": "q"}] * 3, "d.jsonl")
+    assert detect_format(few, ["prompt_answer", "prompt_only"]) == "prompt_only"
 
 
 def test_detect_format_lists_columns_found_and_needed(tmp_path):

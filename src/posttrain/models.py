@@ -166,6 +166,13 @@ def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = None, dev
     return model.to(device)
 
 
+def model_context(name_or_path: str) -> int | None:
+    """The model's context length (max_position_embeddings) from its config alone; None when it has none."""
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.from_pretrained(resolve_model(name_or_path)), "max_position_embeddings", None)
+
+
 def check_compatible(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
     """The tokenizer's ids must all index a row of the input embedding matrix."""
     rows = model.get_input_embeddings().num_embeddings

@@ -37,8 +37,10 @@ class DataConfig(Strict):
     from_stage: Optional[str] = None  # the data an earlier stage of this run made (RFT's verified samples)
     split: str = "train"
     format: Literal[DATA_FORMATS] = "auto"  # type: ignore[valid-type]
-    max_len: int = Field(1024, gt=0)  # longest tokenised demonstration / prompt kept
-    on_overlong: Literal["drop", "error"] = "drop"  # an over-long row is dropped and counted, or stops the run
+    max_len: int = Field(1024, gt=0)  # longest tokenised demonstration / prompt; a longer row is a bad row
+    # Bad rows (unreadable, missing or mistyped fields, over-long, ...) are listed in OUT/bad_rows.jsonl; up to
+    # this share of the rows they are dropped with a warning, beyond it the run stops before step 0.
+    max_bad_fraction: float = Field(0.0, ge=0, le=1)
     limit: Optional[int] = Field(None, gt=0)  # use only the first `limit` rows
     shuffle: bool = True
 

@@ -27,14 +27,18 @@ import torch
 import yaml
 
 from . import faults
-from .data import detect_format, encode_dataset, load_rows, validate
+from .data import detect_format, encode_dataset, encode_prompt, load_rows
+from .data.encode import max_token_chars, text_chars
+from .data.formats import check_rows
+from .data.loading import BadRow, excerpt
 from .data.loading import RowSet
 from .errors import Interrupted
 from .jsonio import dumps, write_atomic
-from .models import choose_dtype, load_policy, pick_device, save_pretrained, stop_token_ids
+from .models import choose_dtype, load_policy, load_tokenizer, model_context, pick_device, resolve_model, \
+    save_pretrained, stop_token_ids
 from .objective.presets import PRESETS, get_preset
 from .recipe import Recipe, RecipeError, dump_recipe, load_recipe, recipe_data
-from .rundir import RunLock, StageProgress, StopRequest, changes, move_aside, refuse_changes, stage_config
+from .rundir import BadRows, RunLock, StageProgress, StopRequest, changes, move_aside, refuse_changes, stage_config
 from .training import checkpoint
 from .training.loop import new_state, run_stage
 from .training.metrics import JsonlSink, Progress, Sinks, TensorBoardSink
@@ -155,11 +159,21 @@ class Run:
         write_atomic(self.out / "config.yaml", dump_recipe(cfg))
         torch.manual_seed(cfg.seed)
         device = pick_device(cfg.device)
-        # Everything that can be checked without the model is checked before it loads.
-        stage_data = [self._load_stage_data(s) for s in cfg.stages]
-        resume_from = progress.last_model()
-        model, tok = load_policy(str(resume_from) if resume_from else cfg.model,
-                                 dtype=choose_dtype(cfg.dtype, device), device=device)
+        # Everything that can be checked without the model is checked before it loads; every row of every
+        # stage still to run is checked before step 0 (lengths need the tokenizer and the model's context).
+        self.bad_rows = BadRows(self.out)
+        stage_data = [StageData(None, None, None, None) if s.name in progress.done else self._load_stage_data(s)
+                      for s in cfg.stages]
+        resume_from = str(progress.last_model() or cfg.model)
+        try:
+            tok, context = load_tokenizer(resolve_model(resume_from)), model_context(resume_from)
+        except Exception:
+            self.bad_rows.verdict()  # the bad rows found so far first, when the model cannot even be found
+            raise
+        for stage, sd in zip(cfg.stages, stage_data):
+            self._check_lengths(stage, sd, tok, context)
+        self.bad_rows.verdict()
+        model, tok = load_policy(resume_from, dtype=choose_dtype(cfg.dtype, device), device=device)
         stop_ids = stop_token_ids(tok, model)
         pad_id = tok.pad_token_id
         summary: dict[str, Any] = {"model": cfg.model, "out": str(self.out), "device": device,
@@ -233,31 +247,52 @@ class Run:
         else:
             raise RecipeError(f"stage {stage.name!r}: set data.path (a file, directory or hub id), data.task or "
                               "data.from_stage")
-        if d.limit:
-            rowset = RowSet(rowset.rows[: d.limit], rowset.origin)
-        return rowset
+        return rowset.head(d.limit) if d.limit else rowset
 
     def _load_stage_data(self, stage) -> "StageData":
+        """A stage's rows, every one checked against its format before the model loads (bad rows: BadRows)."""
         preset = get_preset(stage.method)
         sd = StageData(self._rowset(stage, stage.data), None, None, None)
         if sd.rows is not None:
-            sd.fmt = self._check_rows(stage, sd.rows, stage.data.format, preset.data)
+            sd.rows, sd.fmt = self._check_rows(stage, stage.data, sd.rows, stage.data.format, preset.data)
         if stage.demos is not None:
             sd.demos = self._rowset(stage, stage.demos)
             if sd.demos is not None:
-                sd.demos_fmt = self._check_rows(stage, sd.demos, stage.demos.format, "demonstrations")
+                sd.demos, sd.demos_fmt = self._check_rows(stage, stage.demos, sd.demos, stage.demos.format,
+                                                          "demonstrations")
         if sd.rows is not None and (preset.needs_demonstrations or _reads_row_demos(preset, stage)):
             self._check_paired(stage, sd)
         return sd
 
-    def _check_rows(self, stage, rowset: RowSet, fmt: str, kind: str) -> str:
+    def _check_rows(self, stage, section, rowset: RowSet, fmt: str, kind: str) -> tuple[RowSet, str]:
         allowed = DEMO_FORMATS if kind == "demonstrations" else RL_FORMATS
         fmt = detect_format(rowset, allowed) if fmt == "auto" else fmt
         if fmt not in allowed:
             raise RecipeError(f"stage {stage.name!r}: method {stage.method!r} reads {', '.join(allowed)} data "
                               f"here, not {fmt!r} ({rowset.origin})")
-        validate(rowset, fmt)
-        return fmt
+        return self.bad_rows.add(stage, section, rowset, check_rows(rowset, fmt)), fmt
+
+    def _check_lengths(self, stage, sd: "StageData", tok, context: int | None) -> None:
+        """With the tokenizer: demonstrations are encoded (sd.encoded) and RL prompts measured; a row longer than
+        data.max_len, or than the model's context (a prompt: less rollout.max_new_tokens), is a bad row."""
+        preset = get_preset(stage.method)
+        if sd.rows is None or sd.encoded is not None:
+            return
+        if preset.data != "demonstrations":
+            sd.rows = self.bad_rows.add(stage, stage.data, sd.rows, _long_prompts(stage, sd.rows, tok, context))
+        if preset.data == "demonstrations" or "demonstrations" in preset.sources:
+            section, rows, fmt = (stage.demos, sd.demos, sd.demos_fmt) if sd.demos is not None else \
+                (stage.data, sd.rows, sd.fmt)
+            if preset.data != "demonstrations" and sd.demos is None:
+                fmt = "prompt_answer"  # the rows' own completion / solution column
+            max_len = min(section.max_len, context or section.max_len)
+            examples, bad = encode_dataset(rows, fmt, tok, max_len=max_len)
+            rest = self.bad_rows.add(stage, section, rows, bad)
+            if preset.data == "demonstrations":  # (a hybrid's prompts stay: only their demonstration is out)
+                sd.rows = rest
+            elif sd.demos is not None:
+                sd.demos = rest
+            sd.encoded = examples
 
     def _check_paired(self, stage, sd: "StageData") -> None:
         from .training.sources import PairedDemos
@@ -268,7 +303,7 @@ class Run:
                               f"`demos` needs prompt + completion rows, not {sd.demos_fmt!r} ({sd.demos.origin})")
         paired = PairedDemos(None, sd.demos if get_preset(stage.method).needs_demonstrations else None,
                              sd.demos_fmt)
-        paired.check(sd.rows, stage.method)
+        sd.rows = self.bad_rows.add(stage, stage.data, sd.rows, paired.check(sd.rows, stage.method))
 
     def _scorer(self, stage):
         from .rewards import RewardScorer, RewardSpec
@@ -285,21 +320,21 @@ class Run:
             specs.append(RewardSpec(fn=fn, weight=r.weight, kwargs=dict(r.kwargs), name=r.name))
         return RewardScorer(specs, timeout_s=stage.reward_timeout_s)
 
-    def _resolve_late(self, stage, sd: "StageData") -> None:
+    def _resolve_late(self, stage, sd: "StageData", tok, context) -> None:
         """Data made by an earlier stage of this run (`from_stage`) exists only now: load and check it."""
         for attr, section, kind in (("rows", stage.data, get_preset(stage.method).data), ("demos", stage.demos,
                                                                                           "demonstrations")):
             if section is not None and section.from_stage:
                 path = self.out / "stages" / section.from_stage / VERIFIED_FILE
                 rowset = load_rows(str(path))
-                if section.limit:
-                    rowset = RowSet(rowset.rows[: section.limit], rowset.origin)
+                rowset = rowset.head(section.limit) if section.limit else rowset
+                rowset, fmt = self._check_rows(stage, section, rowset, section.format, kind)
                 setattr(sd, attr, rowset)
-                setattr(sd, "fmt" if attr == "rows" else "demos_fmt",
-                        self._check_rows(stage, rowset, section.format, kind))
+                setattr(sd, "fmt" if attr == "rows" else "demos_fmt", fmt)
                 preset = get_preset(stage.method)
                 if preset.needs_demonstrations or _reads_row_demos(preset, stage):
                     self._check_paired(stage, sd)
+                self._check_lengths(stage, sd, tok, context)
 
     def _run_stage(self, i, stage, sd: "StageData", model, tok, stop_ids, pad_id, device, sinks,
                    global_step, on_step=None, t0: float = 0.0) -> dict:
@@ -307,7 +342,8 @@ class Run:
         from .training.sources import Demonstrations, PairedDemos
 
         preset = get_preset(stage.method)
-        self._resolve_late(stage, sd)
+        self._resolve_late(stage, sd, tok, getattr(model.config, "max_position_embeddings", None))
+        self.bad_rows.verdict()
         seed = self.cfg.seed + 7919 * i
         ref_model = None
         if stage.kl.beta:  # the reference is the policy at this stage's start
@@ -319,12 +355,8 @@ class Run:
                                   "rows": len(sd.rows.rows)}
         kw: dict[str, Any] = dict(pad_id=pad_id, stop_ids=stop_ids, device=device, seed=seed, ref_model=ref_model,
                                   total_steps=n_steps)
-        if preset.data == "demonstrations" or "demonstrations" in preset.sources:
-            demos_rows, fmt = (sd.demos, sd.demos_fmt) if sd.demos is not None else (sd.rows, sd.fmt)
-            if preset.data != "demonstrations" and sd.demos is None:
-                fmt = "prompt_answer"  # the rows' own completion / solution column
-            kw["demos"] = Demonstrations(self._encode(stage, demos_rows, fmt, tok, result), seed + 1,
-                                         stage.data.shuffle)
+        if sd.encoded is not None:
+            kw["demos"] = Demonstrations(sd.encoded, seed + 1, stage.data.shuffle)
         if preset.needs_demonstrations:
             kw["paired"] = PairedDemos(tok, sd.demos, sd.demos_fmt)
         resume = self.resume if self.resume is not None and self.resume[0].stage_index == i else None
@@ -360,17 +392,6 @@ class Run:
             sink.reward_errors = body["reward_errors"]
             log.info("stage %s: resuming at step %d from %s", stage.name, state.step, found.path)
         return state
-
-    def _encode(self, stage, rowset: RowSet, fmt: str, tok, result: dict) -> list:
-        examples, dropped = encode_dataset(rowset, fmt, tok, max_len=stage.data.max_len,
-                                           on_overlong=stage.data.on_overlong)
-        if dropped:
-            log.warning("stage %s: dropped %d rows longer than data.max_len=%d (first rows: %s)",
-                        stage.name, len(dropped), stage.data.max_len, dropped[:10])
-        if not examples:
-            raise RecipeError(f"stage {stage.name!r}: no rows left after dropping over-long ones; raise data.max_len")
-        result["dropped_overlong"] = len(dropped)
-        return examples
 
     def _data_writer(self, stage, rounds_kept: int = 0):
         """Where a stage's generated data goes: OUT/stages/NAME/verified.jsonl (every round appended). A resumed
@@ -432,6 +453,27 @@ class StageData:
     fmt: str | None
     demos: RowSet | None
     demos_fmt: str | None
+    encoded: list | None = None  # the encoded demonstrations, once the tokenizer is known
+
+
+def _long_prompts(stage, rowset: RowSet, tok, context: int | None) -> list[BadRow]:
+    """RL prompts longer than data.max_len, or than the model's context less rollout.max_new_tokens."""
+    limit, room = stage.data.max_len, (context - stage.rollout.max_new_tokens if context else None)
+    cap = min(limit, room) if room is not None else limit
+    per_token = max_token_chars(tok)
+    bad = []
+    for i, row in enumerate(rowset.rows):
+        chars = text_chars(row["prompt"])
+        n = (chars + per_token - 1) // per_token if chars > cap * per_token else len(encode_prompt(row["prompt"], tok))
+        if n > limit:
+            why = f"the prompt is {'at least ' if chars > cap * per_token else ''}{n} tokens long, more than data.max_len={limit}"
+        elif room is not None and n > room:
+            why = (f"the prompt is {n} tokens long: with rollout.max_new_tokens={stage.rollout.max_new_tokens} it "
+                   f"does not fit the model's context of {context} tokens")
+        else:
+            continue
+        bad.append(BadRow(rowset.origin, rowset.number(i), "prompt", why, excerpt(row)))
+    return bad
 
 
 def _reads_row_demos(preset, stage) -> bool:

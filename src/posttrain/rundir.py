@@ -219,3 +219,56 @@ class StopRequest:
 
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum else ""
+
+
+class BadRows:
+    """Every bad row of a run's datasets, in OUT/bad_rows.jsonl (one JSON object per row: stage, origin, row,
+    field, reason, excerpt; rewritten by each attempt). The checks `add` what they find and drop those rows;
+    `verdict` then stops the run, before the model loads, when any dataset has more than its
+    `data.max_bad_fraction` of bad rows, listing them (the first SHOWN per dataset in the message, all in the
+    file); below it the drops are logged as warnings."""
+
+    SHOWN = 10
+
+    def __init__(self, out: Path):
+        self.path = out / "bad_rows.jsonl"
+        self.path.unlink(missing_ok=True)  # an earlier attempt's list describes data this one may not read
+        self.seen: dict[tuple[str, str], dict] = {}  # (stage, origin) -> rows read, bad rows, allowed share
+        self.judged = 0  # bad rows already judged by `verdict`
+
+    def add(self, stage, section, rowset, bad: list) -> Any:
+        """`rowset` without its `bad` rows (BadRow list), which are recorded."""
+        entry = self.seen.setdefault((stage.name, rowset.origin), {"total": rowset.total, "bad": [], "left": 0,
+                                                                    "frac": section.max_bad_fraction})
+        numbers = {b.row for b in bad}
+        rest = rowset.without({i for i in range(len(rowset.rows)) if rowset.number(i) in numbers}) if bad else rowset
+        entry["left"] = len(rest.rows)
+        if bad:
+            entry["bad"].extend(bad)
+            with open(self.path, "a", encoding="utf-8") as f:
+                for b in bad:
+                    f.write(dumps({"stage": stage.name, **b.to_dict()}, indent=None) + "\n")
+        return rest
+
+    def verdict(self) -> None:
+        """Raise DataError naming every dataset with too many bad rows (or none left); warn about the drops."""
+        from .data.loading import DataError
+
+        failed = []
+        for (stage, where), e in self.seen.items():
+            bad = sorted(e["bad"], key=lambda b: b.row)
+            if not bad:
+                continue
+            if len(bad) > e["frac"] * e["total"] or not e["left"]:
+                listing = "\n".join(f"  {b}" for b in bad[: self.SHOWN])
+                more = f"\n  ... and {len(bad) - self.SHOWN} more" if len(bad) > self.SHOWN else ""
+                failed.append((where, f"{len(bad)} of {e['total']} rows are bad (stage {stage!r}, "
+                                      f"data.max_bad_fraction={e['frac']:g}):\n{listing}{more}"))
+            elif len(bad) > self.judged:
+                log.warning("stage %s: dropping %d bad rows of %s (%s%s); all are listed in %s", stage, len(bad), where,
+                            "; ".join(str(b) for b in bad[:3]), " ..." if len(bad) > 3 else "", self.path)
+        self.judged = sum(len(e["bad"]) for e in self.seen.values())
+        if failed:
+            text = failed[0][1] + "".join(f"\n{w}: {t}" for w, t in failed[1:])
+            raise DataError(failed[0][0], None, None, f"{text}\nEvery bad row and its reason is in {self.path}. Fix "
+                            "them, or let the run drop them by raising data.max_bad_fraction")

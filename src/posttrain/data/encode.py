@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from posttrain.data.formats import DEMONSTRATION_COLUMNS, is_conversational
-from posttrain.data.loading import DataError, RowSet
+from posttrain.data.loading import BadRow, RowSet, excerpt
 
 SFT_FORMATS = ("text", "messages", "prompt_completion", "prompt_answer", "unpaired")
-OVERLONG_POLICIES = ("drop", "error")
 
 
 @dataclass
@@ -158,31 +157,47 @@ def encode_sft(row: dict, fmt: str, tokenizer) -> Encoded:
     return enc
 
 
-def encode_dataset(rowset: RowSet, fmt: str, tokenizer, *, max_len: int,
-                   on_overlong: str = "drop") -> tuple[list[Encoded], list[int]]:
-    """Encode every row; rows longer than `max_len` tokens are dropped (1-based row numbers returned) or an error.
-
-    Nothing is ever truncated: a cut-off target teaches the model to stop mid-answer, or never to stop.
-    The caller reports the dropped rows (it knows the stage); dropping every row is an error here.
-    """
-    if on_overlong not in OVERLONG_POLICIES:
-        raise ValueError(f"on_overlong must be one of {', '.join(OVERLONG_POLICIES)}, got {on_overlong!r}")
-    encoded, dropped = [], []
-    for i, row in enumerate(rowset.rows, start=1):
+def encode_dataset(rowset: RowSet, fmt: str, tokenizer, *, max_len: int) -> tuple[list[Encoded], list[BadRow]]:
+    """Encode every row: (the encoded rows, the bad ones). A row that cannot be encoded (nothing supervised,
+    no demonstration) or is longer than `max_len` tokens is a bad row with its reason; the caller decides
+    (data.max_bad_fraction). Nothing is ever truncated: a cut-off target teaches the model to stop
+    mid-answer, or never to stop. A huge row is refused from its length in characters, before tokenizing."""
+    encoded, bad = [], []
+    limit = max_len * max_token_chars(tokenizer)
+    for i, row in enumerate(rowset.rows):
+        n = rowset.number(i)
+        chars = text_chars(row)
+        if chars > limit:
+            bad.append(BadRow(rowset.origin, n, None, f"is {chars} characters long, so more than max_len={max_len} "
+                                                      "tokens", excerpt(row)))
+            continue
         try:
             enc = encode_sft(row, fmt, tokenizer)
         except EncodeError as e:
-            raise DataError(rowset.origin, i, e.field, str(e)) from e
+            bad.append(BadRow(rowset.origin, n, e.field, str(e), excerpt(row)))
+            continue
         if len(enc) > max_len:
-            if on_overlong == "error":
-                raise DataError(rowset.origin, i, None, f"is {len(enc)} tokens long, more than max_len={max_len}; "
-                                                        "raise max_len, shorten the row, or use on_overlong='drop'")
-            dropped.append(i)
+            bad.append(BadRow(rowset.origin, n, None, f"is {len(enc)} tokens long, more than data.max_len={max_len}",
+                              excerpt(row)))
             continue
         encoded.append(enc)
-    if rowset.rows and not encoded:
-        raise DataError(rowset.origin, None, None, f"every row is longer than max_len={max_len}; raise max_len")
-    return encoded, dropped
+    return encoded, bad
+
+
+def max_token_chars(tokenizer) -> int:
+    """The longest token's text: a string of c characters is at least c / this many tokens long."""
+    return max(1, max((len(t) for t in tokenizer.get_vocab()), default=1))
+
+
+def text_chars(value: Any) -> int:
+    """Characters in every string of a row (its text, prompts, messages' contents)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(text_chars(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(text_chars(v) for v in value)
+    return 0
 
 
 def completion_text(prompt: Any, completion_ids: list[int], tokenizer) -> str | list[dict]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-from posttrain.data.loading import DataError, RowSet
+from posttrain.data.loading import BadRow, DataError, RowSet, excerpt
 
 # format name -> required columns. Order inside `allowed` (see `detect_format`) decides ties.
 FORMATS: dict[str, tuple[str, ...]] = {
@@ -30,40 +30,62 @@ def is_conversational(value: Any) -> bool:
 
 
 def detect_format(rowset: RowSet, allowed: Sequence[str]) -> str:
-    """The first format in `allowed` whose required columns are all present in the first row."""
+    """The format of the rows, decided from every row: the first format in `allowed` (most specific first)
+    whose columns at least half of the rows have, else the one most rows have. Rows without its columns
+    are then bad rows (`check_rows`), so a column missing from some later rows is reported up front."""
     unknown = [f for f in allowed if f not in FORMATS]
     if unknown:
         raise ValueError(f"unknown dataset format(s) {unknown}; valid formats: {', '.join(FORMATS)}")
     if not rowset.rows:
-        raise DataError(rowset.origin, None, None, "the dataset has no rows")
-    columns = set(rowset.rows[0])
+        raise DataError(rowset.origin, None, None, "the dataset has no rows" + (
+            f" that could be read ({len(rowset.bad)} unreadable: {rowset.bad[0]})" if rowset.bad else ""))
+    counts = {fmt: sum(1 for r in rowset.rows if isinstance(r, dict) and all(r.get(c) is not None for c in
+                                                                             FORMATS[fmt])) for fmt in allowed}
     for fmt in allowed:
-        if all(c in columns for c in FORMATS[fmt]):
+        if counts[fmt] and 2 * counts[fmt] >= len(rowset.rows):
             return fmt
+    best = max(allowed, key=lambda f: counts[f])  # max keeps the first of equals
+    if counts[best]:
+        return best
+    columns = sorted({c for r in rowset.rows if isinstance(r, dict) for c in r})
     needs = "; ".join(f"{f}: {', '.join(FORMATS[f])}" for f in allowed)
-    raise DataError(rowset.origin, 1, None,
-                    f"no usable format: the columns found are {', '.join(sorted(columns)) or 'none'}, "
-                    f"but this stage needs the columns of one of the formats ({needs}). Rename your columns")
+    raise DataError(rowset.origin, None, None,
+                    f"no usable format: no row has the columns of one of the formats this stage reads ({needs}); "
+                    f"the columns found are {', '.join(columns[:20]) or 'none'}. Rename your columns")
+
+
+def check_rows(rowset: RowSet, fmt: str) -> list[BadRow]:
+    """Every bad row of `rowset` for format `fmt` (missing or mistyped fields, empty turns, unknown roles, ...),
+    with the unreadable lines its loader found, each with its row number, field and reason."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown dataset format {fmt!r}; valid formats: {', '.join(FORMATS)}")
+    bad = list(rowset.bad)
+    check = _CHECKS[fmt]
+    for i, row in enumerate(rowset.rows):
+        n = rowset.number(i)
+        if not isinstance(row, dict):
+            bad.append(BadRow(rowset.origin, n, None, f"a row must be a dict of columns, got {type(row).__name__}"))
+            continue
+        missing = [c for c in FORMATS[fmt] if row.get(c) is None]
+        if missing:
+            bad.append(BadRow(rowset.origin, n, missing[0], f"missing (format {fmt!r} needs columns "
+                                                            f"{', '.join(FORMATS[fmt])})", excerpt(row)))
+            continue
+        try:
+            check(row)
+        except _Bad as b:
+            bad.append(BadRow(rowset.origin, n, b.field, b.message, excerpt(row)))
+    return bad
 
 
 def validate(rowset: RowSet, fmt: str) -> None:
     """Check EVERY row of `rowset` against `fmt`; the first bad row raises DataError(origin, row, field, why)."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown dataset format {fmt!r}; valid formats: {', '.join(FORMATS)}")
-    if not rowset.rows:
+    if not rowset.rows and not rowset.bad:
         raise DataError(rowset.origin, None, None, "the dataset has no rows")
-    check = _CHECKS[fmt]
-    for i, row in enumerate(rowset.rows, start=1):
-        if not isinstance(row, dict):
-            raise DataError(rowset.origin, i, None, f"a row must be a dict of columns, got {type(row).__name__}")
-        for column in FORMATS[fmt]:
-            if column not in row or row[column] is None:
-                raise DataError(rowset.origin, i, column,
-                                f"missing (format {fmt!r} needs columns {', '.join(FORMATS[fmt])})")
-        try:
-            check(row)
-        except _Bad as bad:
-            raise DataError(rowset.origin, i, bad.field, bad.message) from None
+    bad = check_rows(rowset, fmt)
+    if bad:
+        b = min(bad, key=lambda x: x.row)
+        raise DataError(b.origin, b.row, b.field, b.reason)
 
 
 class _Bad(Exception):

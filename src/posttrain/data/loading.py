@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,15 +37,67 @@ class DataError(ValueError):
         super().__init__(f"{where}: {message}")
 
 
+@dataclass(frozen=True)
+class BadRow:
+    """A row that cannot be used, and why: reported, written to the run's bad_rows.jsonl, and dropped, or the
+    run stops before step 0 when there are more than `data.max_bad_fraction` of them."""
+
+    origin: str
+    row: int  # 1-based: the line of a JSON-lines file, else the row's position
+    field: str | None
+    reason: str
+    excerpt: str = ""  # the row's first characters (never the whole of a huge row)
+
+    def __str__(self) -> str:
+        return f"row {self.row}" + (f", field {self.field!r}" if self.field else "") + f": {self.reason}"
+
+    def to_dict(self) -> dict:
+        return {"origin": self.origin, "row": self.row, "field": self.field, "reason": self.reason,
+                "excerpt": self.excerpt}
+
+
+def excerpt(value: Any, n: int = 200) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)[: n + 1]
+    return text[:n] + ("..." if len(text) > n else "")
+
+
 @dataclass
 class RowSet:
-    """Rows of one dataset split and where they came from (used in every error message)."""
+    """Rows of one dataset split and where they came from (used in every error message).
+
+    `bad` holds the lines that could not be read as rows at all (invalid JSON or UTF-8, a truncated last line);
+    `numbers` the 1-based line of each row when they differ from its position (JSON lines with such lines or
+    blank ones), so every message names the line a user finds in the file."""
 
     rows: list[dict]
     origin: str  # file path / dataset dir / hub id / "<in-memory>"
+    bad: list[BadRow] = field(default_factory=list)
+    numbers: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def number(self, i: int) -> int:
+        """The 1-based row (or line) number of rows[i] in its origin."""
+        return self.numbers[i] if self.numbers is not None else i + 1
+
+    @property
+    def total(self) -> int:
+        """Rows read, the unreadable ones included."""
+        return len(self.rows) + len(self.bad)
+
+    def head(self, n: int) -> "RowSet":
+        """The first `n` rows (data.limit), with the unreadable lines among them."""
+        if n >= len(self.rows):
+            return self
+        last = self.number(n - 1)
+        return RowSet(self.rows[:n], self.origin, [b for b in self.bad if b.row <= last],
+                      self.numbers[:n] if self.numbers is not None else None)
+
+    def without(self, drop: set[int]) -> "RowSet":
+        """The rows whose positions are not in `drop` (numbers kept), no unreadable lines."""
+        keep = [i for i in range(len(self.rows)) if i not in drop]
+        return RowSet([self.rows[i] for i in keep], self.origin, [], [self.number(i) for i in keep])
 
 
 def load_rows(source: Any, *, split: str = "train") -> RowSet:
@@ -98,57 +150,64 @@ def _from_hf(ds: Any, split: str, origin: str) -> RowSet:
 def _from_path(path: Path, split: str) -> RowSet:
     if path.is_dir():
         return _from_dir(path, split)
-    return RowSet(rows=_read_file(path), origin=str(path))
+    return _read_file(path)
 
 
-def _read_file(path: Path) -> list[dict]:
+def _read_file(path: Path) -> RowSet:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return _read_jsonl(path)
     if suffix == ".json":
         return _read_json(path)
     if suffix == ".parquet":
-        return _read_parquet(path)
+        return RowSet(_read_parquet(path), str(path))
     raise DataError(str(path), None, None,
                     f"unsupported file type {suffix or '(none)'!r}; use one of {', '.join(DATA_SUFFIXES)}")
 
 
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise DataError(str(path), None, None,
-                        f"line {line} is not valid UTF-8 ({e.reason}); re-save the file as UTF-8") from e
-
-
-def _read_jsonl(path: Path, text: str | None = None) -> list[dict]:
-    """One JSON object per line; blank lines are skipped. Errors name the line number."""
-    rows = []
-    lines = (text if text is not None else _read_text(path)).splitlines()
-    for line_no, line in enumerate(lines, start=1):
-        if not line.strip():
+def _read_jsonl(path: Path, data: bytes | None = None) -> RowSet:
+    """One JSON object per line; blank lines are skipped. A line that is not valid UTF-8, not valid JSON or
+    not an object is a bad row (its line number and reason), not an error here: the run decides what to do
+    with bad rows once it knows all of them."""
+    data = path.read_bytes() if data is None else data
+    rows, numbers, bad = [], [], []
+    lines = data.split(b"\n")
+    for line_no, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            bad.append(BadRow(str(path), line_no, None, f"not valid UTF-8 ({e.reason} at byte {e.start}); "
+                                                        "re-save the file as UTF-8",
+                              excerpt(raw[:200].decode("utf-8", "replace"))))
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(str(path), None, None,
-                            f"line {line_no} is not valid JSON ({e.msg} at column {e.colno}); "
-                            "each line must hold one JSON object") from e
+            last = line_no == len(lines)  # no newline after it: the file was cut off while being written
+            why = "a truncated last line (the file ends inside it)" if last else "not valid JSON"
+            bad.append(BadRow(str(path), line_no, None, f"{why}: {e.msg} at column {e.colno}; each line must "
+                                                        "hold one JSON object", excerpt(line)))
+            continue
         if not isinstance(row, dict):
-            raise DataError(str(path), None, None,
-                            f"line {line_no} holds a JSON {type(row).__name__}, not an object of columns")
+            bad.append(BadRow(str(path), line_no, None, f"holds a JSON {type(row).__name__}, not an object of "
+                                                        "columns", excerpt(line)))
+            continue
         rows.append(row)
-    return rows
+        numbers.append(line_no)
+    return RowSet(rows, str(path), bad, numbers if numbers != list(range(1, len(rows) + 1)) else None)
 
 
-def _read_json(path: Path) -> list[dict]:
+def _read_json(path: Path) -> RowSet:
     """A JSON array of objects, or JSON lines saved under a .json name."""
-    text = _read_text(path)
+    data = path.read_bytes()
     try:
-        data = json.loads(text)
+        data = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        return _read_jsonl(path, data)
     except json.JSONDecodeError:
-        return _read_jsonl(path, text)  # several top-level values: JSON lines
+        return _read_jsonl(path, data)  # several top-level values: JSON lines
     if isinstance(data, dict):
         data = [data]  # a single object is a one-line JSON-lines file
     if not isinstance(data, list):
@@ -157,7 +216,7 @@ def _read_json(path: Path) -> list[dict]:
         if not isinstance(row, dict):
             raise DataError(str(path), i, None,
                             f"array element is a JSON {type(row).__name__}, not an object of columns")
-    return data
+    return RowSet(data, str(path))
 
 
 def _read_parquet(path: Path) -> list[dict]:
@@ -176,9 +235,12 @@ def _from_dir(path: Path, split: str) -> RowSet:
         return _from_hf(datasets.load_from_disk(str(path)), split, str(path))
     files = _split_files(path, split)
     rows: list[dict] = []
+    bad: list[BadRow] = []
     for f in files:
-        rows.extend(_read_file(f))
-    return RowSet(rows=rows, origin=str(path))
+        part = _read_file(f)
+        rows.extend(part.rows)
+        bad.extend(part.bad)
+    return RowSet(rows=rows, origin=str(path), bad=bad)
 
 
 def _split_of(file: Path, root: Path) -> str | None:
@@ -245,7 +307,7 @@ def _from_hub_cache(repo_id: str, split: str) -> RowSet:
         snapshot = None
     if snapshot is not None:
         rowset = _from_dir(Path(snapshot), split)
-        return RowSet(rows=rowset.rows, origin=f"{repo_id} ({snapshot})")
+        return RowSet(rows=rowset.rows, origin=f"{repo_id} ({snapshot})", bad=rowset.bad)
     try:
         import datasets
 

@@ -21,7 +21,7 @@ import torch
 from ..data.batch import DEMO, Row
 from ..data.encode import Encoded, EncodeError, encode_sft
 from ..data.formats import DEMONSTRATION_COLUMNS
-from ..data.loading import DataError, RowSet
+from ..data.loading import BadRow, DataError, RowSet, excerpt
 
 
 @dataclass
@@ -110,15 +110,14 @@ class PairedDemos:
             return row
         return None
 
-    def check(self, rowset: RowSet, method: str) -> None:
-        """Every prompt row must have a demonstration; the first one without is a DataError naming its row."""
-        for i, row in enumerate(rowset.rows, start=1):
-            if self._source_row(row) is None:
-                where = (f"has no demonstration with the same prompt in {self.origin}" if self.external
-                         else "has no demonstration: put one in the 'completion' or 'solution' column, or give "
-                              "the stage a `demos:` dataset")
-                raise DataError(rowset.origin, i, "completion", f"method {method!r} needs a demonstration for "
-                                                                f"every prompt, and this row {where}")
+    def check(self, rowset: RowSet, method: str) -> list[BadRow]:
+        """Every prompt row must have a demonstration: the rows without one, as bad rows."""
+        where = (f"has no demonstration with the same prompt in {self.origin}" if self.external
+                 else "has no demonstration: put one in the 'completion' or 'solution' column, or give the stage a "
+                      "`demos:` dataset")
+        return [BadRow(rowset.origin, rowset.number(i), "completion", f"method {method!r} needs a demonstration for "
+                       f"every prompt, and this row {where}", excerpt(row))
+                for i, row in enumerate(rowset.rows) if self._source_row(row) is None]
 
     def get(self, key: int, row: dict) -> Encoded:
         """Prompt + demonstration ids of row `key` (its index in the stage's rows), loss on the demonstration."""
