@@ -66,11 +66,18 @@ def test_a_diverging_run_stops_nonzero_and_publishes_no_weights(tmp_path):
     `final/` nor a stage model exists."""
     out = tmp_path / "run"
     p = subprocess.run([sys.executable, "-m", "posttrain.cli", "train", "builtin:sft", "--out", str(out),
-                        "stages.0.optim.lr=1e3", "stages.0.steps=20", "eval.splits=[id]", "eval.n=4"],
-                       capture_output=True, text=True, timeout=300)
+                        "--save-every", "1", "stages.0.optim.lr=1e3", "stages.0.steps=20", "eval.splits=[id]",
+                        "eval.n=4"], capture_output=True, text=True, timeout=300)
     assert p.returncode == 1, p.stderr[-2000:]
     assert "3 steps in a row had a non-finite loss or gradient" in p.stderr
     assert not (out / "final").exists() and not (out / "stages").exists()
+    from posttrain.training import checkpoint  # the last checkpoint is intact, its weights finite
+
+    found, skipped = checkpoint.latest(out / "checkpoints", 0, "sft")
+    assert found is not None and skipped == [] and checkpoint.verify(found.path) is None
+    from safetensors.torch import load_file
+
+    assert all(torch.isfinite(t).all() for t in load_file(found.path / "model.safetensors").values())
     rows = metrics(out)
     assert sum(r.get("nonfinite", 0) for r in rows) == 3 and rows[-1]["nonfinite_total"] == 3
     for line in (out / "metrics.jsonl").read_text().splitlines():

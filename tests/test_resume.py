@@ -69,7 +69,7 @@ def assert_same_run(ref, out):
 @pytest.fixture(scope="module")
 def sft_reference(tmp_path_factory, model_dirs):
     """10 SFT steps of batch 2 over 8 rows: epochs end after steps 4 and 8."""
-    r = {"model": model_dirs["llama"], "seed": 3, "checkpoint": {"every": 0}, "stages": [stage("sft", 10)]}
+    r = {"model": model_dirs["llama"], "device": "cpu", "seed": 3, "checkpoint": {"every": 0}, "stages": [stage("sft", 10)]}
     out = tmp_path_factory.mktemp("sft") / "ref"
     posttrain.train(r, out=out, data=SFT_ROWS, progress=False)
     return r, out
@@ -106,7 +106,7 @@ FAMILIES = {
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_every_family_resumes_exactly(tmp_path, monkeypatch, model_dirs, family):
     """Stopped while generating the second batch's rollouts (rejection sampling: at step 3's start)."""
-    r = {"model": model_dirs["llama"], "seed": 1, "checkpoint": {"every": 0}, "stages": [FAMILIES[family]]}
+    r = {"model": model_dirs["llama"], "device": "cpu", "seed": 1, "checkpoint": {"every": 0}, "stages": [FAMILIES[family]]}
     train(r, tmp_path / "ref", monkeypatch)
     fault = "step@3=term" if family == "rft" else "generate@2=term"
     stopped(r, tmp_path / "run", monkeypatch, fault)
@@ -126,7 +126,7 @@ def test_every_family_resumes_exactly(tmp_path, monkeypatch, model_dirs, family)
 def test_later_stage_with_kl_reference_resumes_exactly(tmp_path, monkeypatch, model_dirs):
     """SFT then GRPO with a KL penalty: stopped in the second stage, the resumed run rebuilds the reference
     from the first stage's saved policy and matches; the finished first stage is not run again."""
-    r = {"model": model_dirs["llama"], "seed": 2, "checkpoint": {"every": 0},
+    r = {"model": model_dirs["llama"], "device": "cpu", "seed": 2, "checkpoint": {"every": 0},
          "stages": [stage("sft", 3), stage("grpo", 4, kl={"beta": 0.1})]}
     train(r, tmp_path / "ref", monkeypatch)
     stopped(r, tmp_path / "run", monkeypatch, "step@5=term")  # the 2nd step of the GRPO stage
@@ -137,7 +137,7 @@ def test_later_stage_with_kl_reference_resumes_exactly(tmp_path, monkeypatch, mo
 
 
 def test_rerun_of_a_finished_run_does_nothing_and_fresh_moves_it_aside(tmp_path, monkeypatch, model_dirs, caplog):
-    r = {"model": model_dirs["llama"], "stages": [stage("sft", 2)]}
+    r = {"model": model_dirs["llama"], "device": "cpu", "stages": [stage("sft", 2)]}
     out = tmp_path / "run"
     first = train(r, out, monkeypatch)
     before = (out / "metrics.jsonl").read_text()
@@ -156,7 +156,7 @@ def test_rerun_of_a_finished_run_does_nothing_and_fresh_moves_it_aside(tmp_path,
 def test_resuming_with_a_changed_recipe_is_refused_with_a_diff_unless_allowed(tmp_path, monkeypatch, model_dirs):
     from posttrain.recipe import RecipeError
 
-    r = {"model": model_dirs["llama"], "checkpoint": {"every": 0}, "stages": [stage("sft", 6)]}
+    r = {"model": model_dirs["llama"], "device": "cpu", "checkpoint": {"every": 0}, "stages": [stage("sft", 6)]}
     out = tmp_path / "run"
     stopped(r, out, monkeypatch, "step@2=term")
     changed = {**r, "stages": [stage("sft", 8, optim={"lr": 2e-3})]}
@@ -255,6 +255,21 @@ def test_kill_9_at_every_file_of_a_save_costs_at_most_that_checkpoint(tmp_path, 
             train(r, out, monkeypatch)
             assert_same_run(ref, out)
             assert [f.step for f in checkpoint.committed(out / "checkpoints")] == [2, 4, 6, 8]
+            assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+                checkpoint.name_of(0, "sft", s) for s in (2, 4, 6, 8)]  # the partial save was cleared away
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_step_loses_only_the_steps_since_the_last_checkpoint(tmp_path, monkeypatch, sft_reference):
+    import signal
+
+    r, ref = sft_reference
+    r = {**r, "checkpoint": {"every": 3, "keep": 1}}
+    out = tmp_path / "run"
+    assert _fork_train(r, out, "step@8=kill") == signal.SIGKILL  # at the start of step 8: steps 1-7 done
+    assert [x["step"] for x in metrics(out)] == list(range(1, 8))
+    train(r, out, monkeypatch)  # resumes from step 6; step 7's record is written again, once
+    assert_same_run(ref, out)
 
 
 def test_a_damaged_checkpoint_is_skipped_for_the_one_before(tmp_path, monkeypatch, sft_reference, caplog):

@@ -25,7 +25,7 @@ TESTS = Path(__file__).parent
 def recipe_file(tmp_path_factory, model_dirs):
     d = tmp_path_factory.mktemp("signals")
     (d / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RL_ROWS))
-    r = {"model": model_dirs["llama"], "seed": 4, "checkpoint": {"every": 0},
+    r = {"model": model_dirs["llama"], "device": "cpu", "seed": 4, "checkpoint": {"every": 0},
          "stages": [{"method": "grpo", "data": {"path": str(d / "rows.jsonl")}, "steps": 4, "optim": {"lr": 1e-3},
                      "batch": {"size": 2}, "rollout": {"group_size": 4, "max_new_tokens": 6},
                      "rewards": [{"fn": "letter_rewards:varied"}]}]}

@@ -100,8 +100,12 @@ def save(root: Path, stage_index: int, stage: str, state, extra: dict) -> Path:
 
 
 def prune(root: Path, keep: int, protect: Path | None = None) -> None:
-    """Keep the newest `keep` committed checkpoints (and `protect`); uncommitted leftovers go too. The commit
-    marker is removed first, so a kill during pruning never leaves a half-deleted directory that looks whole."""
+    """Keep the newest `keep` committed checkpoints (and `protect`); leftovers of interrupted saves go too. A
+    commit marker is removed first, so a kill during pruning never leaves a half-deleted directory that looks
+    whole. Called only after a save has committed, so nothing else is being written."""
+    for p in root.iterdir():  # interrupted saves, already reported by `latest` when the run resumed
+        if p != protect and (p.name.startswith(".tmp-") or _NAME.match(p.name) and not (p / COMMIT).is_file()):
+            shutil.rmtree(p, ignore_errors=True)
     found = committed(root)
     for f in found[:-keep] if keep else found:
         if protect is not None and f.path == protect:
