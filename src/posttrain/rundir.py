@@ -91,8 +91,10 @@ class StageProgress:
             rec = self.record["stages"].get(name)
             if rec is None or not (out / "stages" / name / "model" / "config.json").exists():
                 break
-            refuse_changes(changes(yaml.safe_load(rec["config"]), yaml.safe_load(config), f"stages.{i}"), allow,
-                           f"{out}: stage {name!r}, which finished,")
+            diffs = changes(yaml.safe_load(rec["config"]), yaml.safe_load(config), f"stages.{i}")
+            refuse_changes(diffs, allow, f"{out}: stage {name!r}, which finished,")
+            if diffs:
+                log.warning("stage %s finished before these changes and is not run again (--fresh runs it anew)", name)
             rec["config"] = config
             self.done[name] = rec["result"]
 
