@@ -87,7 +87,7 @@ def test_raising_sample_is_masked_with_its_row_id_and_others_scored(no_leaks):
 def test_hanging_sample_times_out_is_masked_and_worker_restarts(no_leaks):
     timeout = 0.5
     specs = [RewardSpec("reward_fns:hangs_on_hang"), RewardSpec("reward_fns:length")]
-    with RewardScorer(specs, timeout_s=timeout) as scorer:
+    with RewardScorer(specs, timeout_s=timeout, max_sample_timeouts=2) as scorer:  # (default 1: see below)
         scorer.start()  # keep the first start-up out of the timing
         started = time.monotonic()
         out = scorer(["p"] * 3, ["ok", "hang", "fine"], columns={}, **N3)

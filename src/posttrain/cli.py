@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     _setup_logging(args.verbose)
     from .data.loading import DataError
-    from .errors import EXIT_INTERRUPTED, Interrupted, NonFiniteError, RunBusy
+    from .errors import EXIT_INTERRUPTED, Interrupted, NonFiniteError, RewardFailure, RunBusy
     from .recipe import RecipeError
 
     try:
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, DataError, FileNotFoundError) as e:
         print(f"posttrain: error: {e}", file=sys.stderr)
         return 2
-    except (NonFiniteError, RunBusy) as e:  # a diverged run (nothing non-finite was saved); a busy --out
+    except (NonFiniteError, RewardFailure, RunBusy) as e:  # a diverged run, failing rewards, a busy --out
         print(f"posttrain: run failed: {e}", file=sys.stderr)
         return 1
     except Interrupted as e:

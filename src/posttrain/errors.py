@@ -10,6 +10,10 @@ class NonFiniteError(RuntimeError):
     """A number the run depends on is NaN or infinite (weights, a reward, too many steps in a row)."""
 
 
+class RewardFailure(RuntimeError):
+    """The reward functions failed on too many samples for too long (a broken or hanging reward)."""
+
+
 class RunBusy(RuntimeError):
     """Another live process holds the run directory's lock."""
 

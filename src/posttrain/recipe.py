@@ -162,6 +162,15 @@ class OverlongConfig(Strict):
     cache: Optional[int] = Field(None, gt=0)  # soft-penalty ramp length; default 20% of max_new_tokens
 
 
+class RewardPolicyConfig(Strict):
+    """When failing rewards stop the run, and the limits of the process they run in."""
+
+    max_error_rate: float = Field(0.5, ge=0, le=1)  # masked samples / scored samples over `window` steps
+    window: int = Field(5, gt=0)  # steps
+    memory_mb: int = Field(8192, gt=0)  # address-space limit of the reward worker (RLIMIT_AS)
+    file_size_mb: int = Field(1024, gt=0)  # largest file a reward may write (RLIMIT_FSIZE)
+
+
 class StopConfig(Strict):
     """End the stage early once this much has been trained on (checked after every optimizer step)."""
 
@@ -200,6 +209,7 @@ class StageConfig(Strict):
     dynamic_sampling: DynamicSamplingConfig = Field(default_factory=DynamicSamplingConfig)
     overlong: OverlongConfig = Field(default_factory=OverlongConfig)
     reward_timeout_s: float = Field(30.0, gt=0)
+    reward_policy: RewardPolicyConfig = Field(default_factory=RewardPolicyConfig)
     log_every: int = Field(1, gt=0)
 
     @field_validator("method")

@@ -32,7 +32,7 @@ from .data.encode import max_token_chars, text_chars
 from .data.formats import check_rows
 from .data.loading import BadRow, excerpt
 from .data.loading import RowSet
-from .errors import Interrupted
+from .errors import Interrupted, RewardFailure
 from .jsonio import dumps, write_atomic
 from .models import choose_dtype, load_policy, load_tokenizer, model_context, pick_device, resolve_model, \
     save_pretrained, stop_token_ids
@@ -318,7 +318,9 @@ class Run:
 
                 fn = get_task(stage.data.task).rewards.get(fn, fn)
             specs.append(RewardSpec(fn=fn, weight=r.weight, kwargs=dict(r.kwargs), name=r.name))
-        return RewardScorer(specs, timeout_s=stage.reward_timeout_s)
+        pol = stage.reward_policy
+        return RewardScorer(specs, timeout_s=stage.reward_timeout_s, memory_mb=pol.memory_mb,
+                            file_size_mb=pol.file_size_mb)
 
     def _resolve_late(self, stage, sd: "StageData", tok, context) -> None:
         """Data made by an earlier stage of this run (`from_stage`) exists only now: load and check it."""
@@ -373,8 +375,13 @@ class Run:
                 with self._scorer(stage) as scorer:
                     experience = Experience(stage, tok, rows=sd.rows.rows, scorer=scorer, **kw)
                     state = self._start(model, stage, seed, experience, resume, sink)
-                    last = run_stage(state, stage, device=device, sink=sink, max_steps=self.max_steps,
-                                     on_step=on_step, on_boundary=saver)
+                    saver.mark(state)
+                    try:
+                        last = run_stage(state, stage, device=device, sink=sink, max_steps=self.max_steps,
+                                         on_step=on_step, on_boundary=saver)
+                    except RewardFailure:
+                        saver.save_before_step(state)
+                        raise
                     result["reward_errors"] = sink.reward_errors
         finally:
             progress.close()
@@ -428,6 +435,7 @@ class Checkpointer:
         self.every, self.keep = run.cfg.checkpoint.every, run.cfg.checkpoint.keep
         self.root = run.out / "checkpoints"
         self.prev = start  # the step at the previous boundary (a batch may hold several optimizer steps)
+        self.snapshot = None
 
     def __call__(self, state) -> None:
         stop = self.run.stop
@@ -438,6 +446,23 @@ class Checkpointer:
         if stop.requested:
             raise Interrupted(f"stopped by {stop.name()} at step {state.step} of stage {self.stage.name!r}; checkpoint "
                               f"saved in {self.root}: rerun the same command to resume", stop.signum)
+        if self.snapshot is not None:
+            self.mark(state)
+
+    def mark(self, state) -> None:
+        """Remember what making the next step's experience changes (sources, sampler RNG, torch RNG), so a step
+        that fails while making it can still be saved as the state before it (`save_before_step`)."""
+        self.snapshot = (copy.deepcopy(state.experience.state_dict()), state.generator.get_state(),
+                         torch.get_rng_state())
+
+    def save_before_step(self, state) -> None:
+        """The checkpoint of the last finished step, when the next one failed before its update."""
+        experience, generator, rng = self.snapshot
+        state.experience.load_state_dict(experience)
+        state.generator.set_state(generator)
+        torch.set_rng_state(rng)
+        if state.step:
+            self.save(state)
 
     def save(self, state) -> None:
         extra = {"config": stage_config(self.stage), "reward_errors": self.sink.reward_errors,

@@ -14,17 +14,19 @@ What the trainer does with a masked sample (drop it, zero its advantage, abort o
 rate) is its decision. A wrong number of values or a non-numeric value is a bug in the function, not a
 per-sample error: ValueError naming the function.
 
-Cost of a hang: about two timeouts (inside its batch call, then alone) plus a worker restart (~0.2 s)
-each time. After ``max_sample_timeouts`` hung samples of one function in one batch, that function's
-remaining samples are masked untried (kind "skipped"), so a function that always hangs cannot stall a
-step for N timeouts. How the worker is started (spawn, or fork for closures) is explained in worker.py.
+Cost of a hang: at most about two timeouts per function and batch (the batch call, then the first hung
+sample alone) plus a worker restart (~0.2 s): after ``max_sample_timeouts`` (default 1) hung samples of one
+function in one batch, its remaining samples are masked untried (kind "skipped"), so a function that
+always hangs cannot stall a step for N timeouts. How the worker is started (a fresh interpreter, or a fork
+for closures), limited and ended is explained in worker.py; when failures stop a run is the trainer's
+failure policy (``reward_policy`` in a recipe).
 """
 from __future__ import annotations
 
 import inspect
 import logging
 import math
-import multiprocessing
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -136,7 +138,9 @@ class RewardScorer:
         *,
         timeout_s: float = 30.0,
         in_process: bool = False,
-        max_sample_timeouts: int = 2,
+        max_sample_timeouts: int = 1,
+        memory_mb: int | None = 8192,
+        file_size_mb: int | None = 1024,
     ):
         if not specs:
             raise ValueError("RewardScorer needs at least one RewardSpec")
@@ -149,6 +153,7 @@ class RewardScorer:
         if duplicates := sorted({n for n in names if names.count(n) > 1}):
             raise ValueError(f"reward names must be unique, {duplicates} repeat; give each spec a distinct name=")
         self.timeout_s, self.in_process, self.max_sample_timeouts = timeout_s, in_process, max_sample_timeouts
+        self.limits = {"memory_mb": memory_mb, "file_size_mb": file_size_mb}
         self._runner: InProcessRunner | WorkerProcess | None = None
         self._closed = False
         self._checked_columns: set[frozenset[str]] = set()
@@ -172,14 +177,15 @@ class RewardScorer:
             triples = [(r.name, r.fn if self.in_process else r.target, r.kwargs) for r in self.rewards]
             if self.in_process:
                 self._runner = InProcessRunner(triples)
-            elif self.context == "fork" and "fork" not in multiprocessing.get_all_start_methods():
+            elif self.context == "fork" and not hasattr(os, "fork"):
                 opaque = [r.name for r in self.rewards if not isinstance(r.target, str)]
                 raise ValueError(
                     f"rewards {opaque} cannot be imported by name and this platform cannot fork: define them "
                     "at module level in an importable file (name them 'module:function'), or pass in_process=True"
                 )
             else:
-                self._runner = WorkerProcess(triples, context=self.context, timeout_s=self.timeout_s)
+                self._runner = WorkerProcess(triples, context=self.context, timeout_s=self.timeout_s,
+                                             limits=self.limits)
         if isinstance(self._runner, WorkerProcess):
             self._runner.start()
 
@@ -359,10 +365,10 @@ def _after_stall(
         logger.warning("reward %r: batch call failed (%s); scoring sample by sample", names[job.fn], stall.message)
         return [Job(job.fn, job.indices, whole=False), *plan[1:]]
     failures.append(Failure(job.fn, job.indices[0], stall.kind, stall.message))
-    stalls[job.fn] += 1
+    stalls[job.fn] += stall.kind == "timeout"  # a crash costs no waiting: only hangs use up the budget
     rest = job.indices[1:]
     if rest and stalls[job.fn] >= max_sample_timeouts:
-        note = f"not tried: the function already stalled on {stalls[job.fn]} samples of this batch"
+        note = f"not tried: the function already timed out on {stalls[job.fn]} samples of this batch"
         failures.extend(Failure(job.fn, i, "skipped", note) for i in rest)
         rest = ()
     return ([Job(job.fn, rest, whole=False)] if rest else []) + plan[1:]

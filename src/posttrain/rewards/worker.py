@@ -24,20 +24,23 @@ scorer must guard its entry point with ``if __name__ == "__main__":``.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
-import multiprocessing
-import multiprocessing.connection
-import multiprocessing.util
 import numbers
 import os
 import signal
+import subprocess
 import sys
+import threading
+import time
 import traceback
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from posttrain.rewards.builtin import BUILTIN
+from posttrain.rewards.procs import JsonPipe, become_subreaper, kill_tree, reap_orphans, set_limits
 
 
 Message = tuple
@@ -217,25 +220,55 @@ def run_plan(fns: list[tuple[str, Callable, dict]], batch: Batch, plan: list[Job
     yield ("done",)
 
 
-def serve(conn: multiprocessing.connection.Connection, targets: list[Target]) -> None:
-    """Worker main loop: load the functions, then answer plans until "close" or the parent goes away."""
-    os.setpgrp()  # own process group: the parent can kill anything a reward function started, too
+def serve(pipe: JsonPipe, targets: list[Target], limits: dict, parent: int) -> None:
+    """Worker main loop: limits, load the functions, then answer plans until "close" or the parent goes away.
+    Whatever the rewards started is ended with the worker (it is their subreaper)."""
+    os.dup2(2, 1)  # a reward's prints go to stderr: the protocol has its own pipe, which output cannot corrupt
+    become_subreaper()
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
     try:
+        set_limits(**limits)
         fns = [(name, resolve_reward_fn(target), fixed) for name, target, fixed in targets]
     except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
-        conn.send(("load_error", describe_error(e)[0]))
+        pipe.send(["load_error", describe_error(e)[0]])
         return
-    conn.send(("ready",))
+    pipe.send(["ready"])
+    try:
+        while True:
+            try:
+                request = pipe.recv()
+            except (EOFError, OSError):  # the parent exited
+                return
+            if request[0] == "close":
+                return
+            _, batch, plan = request
+            for message in run_plan(fns, Batch(**batch), [Job(fn, tuple(ix), whole) for fn, ix, whole in plan]):
+                pipe.send(message)
+            reap_orphans()
+    finally:
+        kill_tree(os.getpid(), include_root=False)
+
+
+def _watch_parent(parent: int) -> None:
+    """A worker whose trainer died (even by SIGKILL, mid-call) ends itself and everything it started."""
     while True:
-        try:
-            request = conn.recv()
-        except (EOFError, OSError):  # the parent exited
-            return
-        if request[0] == "close":
-            return
-        _, batch, plan = request
-        for message in run_plan(fns, batch, plan):
-            conn.send(message)
+        time.sleep(0.5)
+        if os.getppid() != parent:
+            kill_tree(os.getpid(), include_root=False)
+            os._exit(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m posttrain.rewards.serve RFD WFD`: a worker that imports posttrain and the reward modules, never
+    the user's main script. Its first message says what to load: {"targets", "path", "limits", "parent"}."""
+    rfd, wfd = (int(x) for x in (argv or sys.argv[1:])[:2])
+    pipe = JsonPipe(rfd, wfd)
+    init = pipe.recv()
+    for entry in reversed(init["path"]):  # the trainer's import path: modules beside the recipe, the cwd, ...
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+    serve(pipe, [tuple(t) for t in init["targets"]], init["limits"], init["parent"])
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -258,44 +291,66 @@ class InProcessRunner:
 class WorkerProcess:
     """A persistent worker process, started on first use and restarted after a hang or crash.
 
-    ``targets`` are (name, reference or callable, fixed kwargs); ``context`` is "spawn" (references only)
-    or "fork".
+    ``targets`` are (name, reference or callable, fixed kwargs); ``context`` is "spawn" (references only: a
+    fresh interpreter running ``python -m posttrain.rewards.serve``, which never imports the caller's main
+    script) or "fork" (closures, inherited without pickling). Requests and replies are JSON lines on a pipe
+    pair; the worker runs in its own session, and stopping it ends its whole process tree.
     """
 
-    def __init__(self, targets: list[Target], *, context: str, timeout_s: float, start_timeout_s: float = 120.0):
+    def __init__(self, targets: list[Target], *, context: str, timeout_s: float, start_timeout_s: float = 120.0,
+                 limits: dict | None = None):
         self.targets, self.context = targets, context
         self.timeout_s, self.start_timeout_s = timeout_s, start_timeout_s
-        self.process: multiprocessing.process.BaseProcess | None = None
-        self.conn: multiprocessing.connection.Connection | None = None
-        self._finalizer: multiprocessing.util.Finalize | None = None
+        self.limits = dict(limits or {})
+        self.pid: int | None = None
+        self.popen: subprocess.Popen | None = None
+        self.pipe: JsonPipe | None = None
         self.restarts = 0
+        self._cell: list = [None]  # (pid, pipe, popen) of the running worker, for the finalizer
+        weakref.finalize(self, WorkerProcess._cleanup, self._cell)  # on collection and at interpreter exit
 
     def start(self) -> None:
-        if self.process is not None and self.process.is_alive():
+        if self.pid is not None and _poll(self.pid, self.popen) is None:
             return
         self._stop()
-        ctx = multiprocessing.get_context(self.context)
-        parent, child = ctx.Pipe()
-        # Not a daemon: reward functions may use multiprocessing themselves. The finalizer below stops the
-        # worker when this object is collected, on close(), or at interpreter exit (before multiprocessing
-        # joins non-daemon children, thanks to its exit priority).
-        process = ctx.Process(target=serve, args=(child, self.targets), name="posttrain-reward-worker")
-        process.start()
-        child.close()
-        self.process, self.conn = process, parent
-        self._finalizer = multiprocessing.util.Finalize(self, _stop_process, args=(process, parent), exitpriority=10)
-        if not parent.poll(self.start_timeout_s):
-            self._stop()
-            raise RuntimeError(f"the reward worker did not start within {self.start_timeout_s:g} s")
+        to_child, from_parent = os.pipe()  # (read, write) of the request pipe, (read, write) of the reply pipe
+        from_child, to_parent = os.pipe()
+        parent = os.getpid()
+        if self.context == "spawn":
+            self.popen = subprocess.Popen(
+                [sys.executable, "-m", "posttrain.rewards.serve", str(to_child), str(to_parent)],
+                pass_fds=(to_child, to_parent), stdin=subprocess.DEVNULL, start_new_session=True)
+            self.pid = self.popen.pid
+        else:
+            self.pid = os.fork()
+            if self.pid == 0:  # the worker: never returns into the caller's code
+                code = 0
+                try:
+                    os.setsid()
+                    for s in (signal.SIGTERM, signal.SIGINT):
+                        signal.signal(s, signal.SIG_DFL)
+                    os.close(from_parent)
+                    os.close(from_child)
+                    serve(JsonPipe(to_child, to_parent), self.targets, self.limits, parent)
+                except BaseException:  # noqa: BLE001
+                    code = 1
+                os._exit(code)
+        os.close(to_child)
+        os.close(to_parent)
+        self.pipe = JsonPipe(from_child, from_parent)
+        self._cell[0] = (self.pid, self.pipe, self.popen)
         try:
-            reply = parent.recv()
-        except EOFError:
-            code = self._stop()
-            raise RuntimeError(
-                f"the reward worker exited during start-up (exit code {code}); its traceback is printed above. "
-                "A spawned worker imports your main script again: put the script's entry point under "
-                "`if __name__ == \"__main__\":`"
-            ) from None
+            if self.context == "spawn":
+                self.pipe.send({"targets": [list(t) for t in self.targets], "path": list(sys.path),
+                                "limits": self.limits, "parent": parent})
+            reply = self.pipe.recv(self.start_timeout_s)
+        except TimeoutError:
+            self._stop(kill=True)
+            raise RuntimeError(f"the reward worker did not start within {self.start_timeout_s:g} s") from None
+        except (EOFError, BrokenPipeError, OSError):
+            code = self._stop(kill=True)
+            raise RuntimeError(f"the reward worker exited during start-up (exit code {code}); its error is printed "
+                               "above") from None
         if reply[0] == "load_error":
             self._stop()
             raise ValueError(f"the reward worker could not load the reward functions: {reply[1]}")
@@ -303,20 +358,21 @@ class WorkerProcess:
     def execute(self, batch: Batch, plan: list[Job]) -> Iterator[Message]:
         """Send the plan; yield replies; raise Stalled when a call exceeds ``timeout_s`` or the worker dies."""
         self.start()
+        request = ["run", dataclasses.asdict(batch), [[j.fn, list(j.indices), j.whole] for j in plan]]
         try:
-            self.conn.send(("run", batch, plan))
-        except (BrokenPipeError, OSError):  # died while idle: nothing was running, so just start again
-            self._stop()
+            self.pipe.send(request)
+        except OSError:  # died while idle: nothing was running, so just start again
+            self._stop(kill=True)
             self.start()
-            self.conn.send(("run", batch, plan))
+            self.pipe.send(request)
         finished = False
         try:
             while True:
-                if not self.conn.poll(self.timeout_s):
-                    self._stop(kill=True)
-                    raise Stalled("timeout", f"no result within the {self.timeout_s:g} s timeout; worker killed")
                 try:
-                    message = self.conn.recv()
+                    message = tuple(self.pipe.recv(self.timeout_s))
+                except TimeoutError:
+                    self._stop(kill=True)
+                    raise Stalled("timeout", f"no result within the {self.timeout_s:g} s timeout; worker killed") from None
                 except (EOFError, OSError):
                     code = self._stop(kill=True)
                     raise Stalled("crash", f"the reward worker died (exit code {code}) during this call") from None
@@ -329,38 +385,49 @@ class WorkerProcess:
                 self._stop(kill=True)  # be taken for the next batch's, so this worker must go
 
     def _stop(self, kill: bool = False) -> int | None:
-        """Stop the current worker (gracefully unless ``kill``); return its exit code."""
-        if self.process is None:
+        """Stop the current worker (gracefully unless ``kill``) and everything it started; its exit code."""
+        if self.pid is None:
             return None
-        process = self.process
         if kill:
-            _kill_group(process)
-        self._finalizer()  # runs _stop_process once and unregisters it
-        self.process = self.conn = self._finalizer = None
-        if kill:
+            kill_tree(self.pid)
             self.restarts += 1
-        return process.exitcode
+        code = WorkerProcess._cleanup(self._cell)
+        self.pid = self.popen = self.pipe = None
+        self._cell[0] = None
+        return code
+
+    @staticmethod
+    def _cleanup(cell: list) -> int | None:
+        """Ask the worker to exit, end its tree if it does not within a second, reap it (no zombie)."""
+        if cell[0] is None:
+            return None
+        pid, pipe, popen = cell[0]
+        cell[0] = None
+        try:
+            pipe.send(["close"])
+        except OSError:
+            pass
+        deadline = time.monotonic() + 1.0
+        code = None
+        while code is None and time.monotonic() < deadline:
+            code = _poll(pid, popen)
+            if code is None:
+                time.sleep(0.01)
+        if code is None:
+            kill_tree(pid)
+            code = _poll(pid, popen, block=True)
+        pipe.close()
+        return code
 
     def close(self) -> None:
         self._stop()
 
 
-def _kill_group(process: multiprocessing.process.BaseProcess) -> None:
-    """SIGKILL the worker's process group (the worker and anything its reward functions started)."""
+def _poll(pid: int, popen, block: bool = False) -> int | None:
+    if popen is not None:
+        return popen.wait() if block else popen.poll()
     try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):  # not yet its own group leader: kill just the worker
-        process.kill()
-
-
-def _stop_process(process: multiprocessing.process.BaseProcess, conn: multiprocessing.connection.Connection) -> None:
-    """Ask the worker to exit, kill its group if it does not within a second, and reap it (no zombie)."""
-    if process.exitcode is None:
-        try:
-            conn.send(("close",))
-        except (OSError, ValueError):
-            pass
-        multiprocessing.connection.wait([process.sentinel], timeout=1.0)
-        _kill_group(process)  # still unreaped, so its pid cannot have been reused; also ends leftovers
-    process.join()
-    conn.close()
+        got, status = os.waitpid(pid, 0 if block else os.WNOHANG)
+    except ChildProcessError:  # reaped already
+        return -1
+    return os.waitstatus_to_exitcode(status) if got else None

@@ -89,6 +89,54 @@ class _Questions:
         self.first_count = {g: float(c) for g, c in zip(self.group.tolist(), self.count.tolist())}
 
 
+class RewardHealth:
+    """The failure policy: masked samples / scored samples over the last `window` steps above `max_rate`
+    stops the run (RewardFailure, naming the function that failed most and its last error); a step whose
+    every reward failed is logged as such. Per-sample errors stay masked and counted below that."""
+
+    def __init__(self, max_rate: float, window: int):
+        self.max_rate, self.window = max_rate, window
+        self.steps: list[tuple[int, int]] = []  # (scored, masked) per step, the last `window`
+        self.scored = self.masked = 0  # this step's
+        self.last: dict[str, str] = {}  # function -> its last error
+        self.count: dict[str, int] = {}  # function -> errors in the window's steps (approximate: all so far)
+
+    def add(self, rewards: list[float], errors: list) -> None:
+        self.scored += len(rewards)
+        self.masked += sum(1 for r in rewards if math.isnan(r))
+        for e in errors:
+            self.last[e.fn] = f"row {e.row_id!r}: {e.message}"
+            self.count[e.fn] = self.count.get(e.fn, 0) + 1
+
+    def end_step(self, step: int) -> None:
+        if not self.scored:
+            return
+        if self.masked == self.scored:
+            import logging
+
+            logging.getLogger("posttrain").warning("step %d: every reward failed (%d samples masked; last errors: "
+                                                   "%s)", step + 1, self.masked, "; ".join(
+                                                       f"{k}: {v}" for k, v in self.last.items()))
+        self.steps = (self.steps + [(self.scored, self.masked)])[-self.window:]
+        self.scored = self.masked = 0
+        scored, masked = sum(s for s, _ in self.steps), sum(m for _, m in self.steps)
+        if len(self.steps) == self.window and masked > self.max_rate * scored:
+            worst = max(self.count, key=self.count.get) if self.count else "?"
+            from ..errors import RewardFailure
+
+            raise RewardFailure(
+                f"rewards failed on {masked} of {scored} samples over the last {self.window} steps (more than "
+                f"reward_policy.max_error_rate={self.max_rate:g}); {worst!r} failed most, last on "
+                f"{self.last.get(worst, '?')}. The run stops with the checkpoint of the step before; fix the reward "
+                "function (run.log has every error) and rerun the same command to resume")
+
+    def state_dict(self) -> dict:
+        return {"steps": [list(x) for x in self.steps]}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.steps = [tuple(x) for x in d["steps"]]
+
+
 class Experience:
     """Builds one Batch per step from a stage's sources. Holds no model: the policy is passed in."""
 
@@ -106,13 +154,14 @@ class Experience:
         self.total_steps = total_steps
         self.on_data = on_data
         self.streams = {STREAM_IDS[n]: c for n, c in stage_streams(stage).items()}
+        self.health = RewardHealth(stage.reward_policy.max_error_rate, stage.reward_policy.window)
         self._prompt_cache: dict[int, list[int]] = {}
         self._compute: dict[str, int] = {}
 
     # ---- state ----------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        out = {"prompts": self.prompts.state_dict()}
+        out = {"prompts": self.prompts.state_dict(), "health": self.health.state_dict()}
         for name in ("demos", "buffer", "pool"):
             src = getattr(self, name)
             if src is not None:
@@ -121,6 +170,7 @@ class Experience:
 
     def load_state_dict(self, d: dict) -> None:
         self.prompts.load_state_dict(d["prompts"])
+        self.health.load_state_dict(d["health"])
         for name in ("demos", "buffer", "pool"):
             if name in d:
                 getattr(self, name).load_state_dict(d[name])
@@ -133,6 +183,7 @@ class Experience:
             return StepData(demo_batch(self.demos.take(self.s.batch.size), self.pad_id))
         self._compute = {"prefill_tokens": 0, "generated_tokens": 0, "ref_forward_tokens": 0}
         data = self._verified(model, generator) if self.pool is not None else self._rollouts(model, step, generator)
+        self.health.end_step(step)  # may stop the run: before this step's update, so the state is the last step's
         data.values.update(self._compute)  # what this step's sampling and no-grad passes processed (for FLOPs)
         return data
 
@@ -169,6 +220,7 @@ class Experience:
         part.rewards = scored.total.tolist()
         part.per_fn = {name: v.tolist() for name, v in scored.per_fn.items()}
         part.errors = list(scored.errors)
+        self.health.add(part.rewards, part.errors)
 
     def _question_rows(self, model, keys: list[int], g0: int, step: int, generator, timing: dict) -> _Rows:
         """Every scored row of the questions `keys` (group ids g0, g0 + 1, ...): free rollouts, prefixed
