@@ -78,3 +78,43 @@ def starts_sleeper_then_hangs(prompts, completions, pid_file, **kwargs):
 def torch_loaded(prompts, completions, **kwargs):
     """1.0 if torch is imported in the process running this function."""
     return [float("torch" in sys.modules)] * len(completions)
+
+
+def starts_daemon(prompts, completions, pid_file, hang, **kwargs):
+    """Starts a `sleep` in a new session (a daemon's escape from the process group), records its pid, then
+    returns (hang[0] false) or hangs: the worker's stop must end the daemon either way."""
+    child = subprocess.Popen(["sleep", "3600"], start_new_session=True)
+    with open(pid_file[0], "w") as f:
+        f.write(str(child.pid))
+    if hang[0]:
+        time.sleep(3600)
+    return [1.0] * len(completions)
+
+
+def allocates(prompts, completions, mb, **kwargs):
+    """Allocates `mb` MiB (and touches it) before scoring: past the worker's memory limit this raises."""
+    block = bytearray(mb[0] * 2**20)
+    block[:: 4096] = b"x" * len(block[:: 4096])
+    return [float(len(c)) for c in completions]
+
+
+def floods_stdout(prompts, completions, **kwargs):
+    """Prints 8 MB (no newline at the end) before returning: the replies travel on a pipe of their own."""
+    sys.stdout.write("{not json " * 800_000)
+    sys.stdout.flush()
+    return [float(len(c)) for c in completions]
+
+
+def always_raises(prompts, completions, **kwargs):
+    raise RuntimeError("the verifier is broken")
+
+
+def fails_one_in_ten(prompts, completions, id, **kwargs):
+    """Raises for rows whose id ends in 0 (one row in ten)."""
+    if any(str(i).endswith("0") for i in id):
+        raise RuntimeError("cannot score this row")
+    return [float(len(c)) / 10 for c in completions]
+
+
+def always_hangs(prompts, completions, **kwargs):
+    time.sleep(3600)

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +68,8 @@ def train(recipe: str | Path | dict | Recipe, *, out: str | Path | None = None, 
     they replace the recipe's `rewards` for those stages.
     overrides: dotted keys, e.g. {"stages.0.steps": 5} or ["stages.0.clip.eps_high=0.28"].
     """
-    raw, _ = recipe_data(recipe)
+    raw, origin = recipe_data(recipe)
+    _search_beside(origin)
     data_map = _per_stage(data, raw)
     reward_map = _per_stage(rewards, raw)
     for i, st in enumerate(raw.get("stages", [])):
@@ -85,6 +87,15 @@ def train(recipe: str | Path | dict | Recipe, *, out: str | Path | None = None, 
     cfg = load_recipe(raw, overrides)
     return Run(cfg, out=out, max_steps=max_steps, data=data_map, rewards=reward_map, progress=progress,
                fresh=fresh, allow_change=tuple(allow_change)).execute()
+
+
+def _search_beside(origin: str) -> None:
+    """Reward modules (`module:function`) are found beside the recipe file too (after the import path)."""
+    if origin.startswith("<") or origin.startswith("builtin:"):
+        return
+    folder = str(Path(origin).resolve().parent)
+    if folder not in sys.path:
+        sys.path.append(folder)
 
 
 def _per_stage(value, raw: dict) -> dict:
@@ -164,6 +175,8 @@ class Run:
         self.bad_rows = BadRows(self.out)
         stage_data = [StageData(None, None, None, None) if s.name in progress.done else self._load_stage_data(s)
                       for s in cfg.stages]
+        for stage, sd in zip(cfg.stages, stage_data):
+            self._check_rewards(stage, sd)
         resume_from = str(progress.last_model() or cfg.model)
         try:
             tok, context = load_tokenizer(resolve_model(resume_from)), model_context(resume_from)
@@ -304,6 +317,18 @@ class Run:
         paired = PairedDemos(None, sd.demos if get_preset(stage.method).needs_demonstrations else None,
                              sd.demos_fmt)
         sd.rows = self.bad_rows.add(stage, stage.data, sd.rows, paired.check(sd.rows, stage.method))
+
+    def _check_rewards(self, stage, sd: "StageData") -> None:
+        """Before the model loads: the reward functions import, and accept the data's columns as keywords."""
+        if sd.rows is None or not get_preset(stage.method).needs_rewards:
+            return
+        from .training.experience import reward_columns
+
+        try:
+            with self._scorer(stage) as scorer:
+                scorer.check_columns(reward_columns(sd.rows.rows))
+        except ValueError as e:
+            raise RecipeError(f"stage {stage.name!r}: {e}") from None
 
     def _scorer(self, stage):
         from .rewards import RewardScorer, RewardSpec

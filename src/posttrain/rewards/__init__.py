@@ -200,7 +200,7 @@ class RewardScorer:
     ) -> RewardBatch:
         n = len(completions)
         self._check_batch(n, prompts=prompts, completion_ids=completion_ids, row_ids=row_ids, **columns)
-        self._check_signatures(columns)
+        self.check_columns(columns)
         self.start()
         batch = Batch(
             prompts=list(prompts),
@@ -227,8 +227,10 @@ class RewardScorer:
                     f"reward batch: {key!r} has {len(values)} entries for {n} completions; pass one per completion"
                 )
 
-    def _check_signatures(self, columns: dict[str, list]) -> None:
-        """Fail fast on a call that could only fail: every sample masked would hide a configuration error."""
+    def check_columns(self, columns) -> None:
+        """Every function can be called with the dataset's columns (names) as keywords: ValueError otherwise.
+        A call that could only fail would mask every sample and hide a configuration error, so the trainer
+        checks this before the model loads, and every batch with new columns is checked again."""
         key = frozenset(columns)
         if key in self._checked_columns:
             return

@@ -146,6 +146,7 @@ class Experience:
         self.s, self.p = stage, get_preset(stage.method)
         self.tok, self.pad_id, self.stop_ids, self.device = tokenizer, pad_id, list(stop_ids), device
         self.rows = rows or []
+        self.columns = reward_columns(self.rows)
         self.prompts = DataCursor(len(self.rows), seed, stage.data.shuffle)
         self.demos, self.paired, self.scorer, self.ref_model = demos, paired, scorer, ref_model
         self.buffer = Buffer(stage.sources.buffer_size) if "buffer" in self.p.sources else None
@@ -214,7 +215,7 @@ class Experience:
             a, b = row.completion_span()
             comp_ids.append(row.input_ids[a:b])
         completions = [completion_text(p, c, self.tok) for p, c in zip(prompts, comp_ids)]
-        columns = {k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"} if rows else {}
+        columns = {k: [r.get(k) for r in rows] for k in self.columns}
         row_ids = [r.get("id", k) for r, k in zip(rows, keys)]
         scored = self.scorer(prompts, completions, columns=columns, completion_ids=comp_ids, row_ids=row_ids)
         part.rewards = scored.total.tolist()
@@ -493,6 +494,12 @@ class Experience:
         values.update(rft_round=self.pool.round, verified_frac=len(pool) / max(len(all_rows.rows), 1),
                       reward_errors=len(all_rows.errors))
         return all_rows.errors
+
+
+def reward_columns(rows: list[dict]) -> list[str]:
+    """The dataset columns reward functions receive as keyword lists: every column of any row but the prompt
+    (a row without one passes None)."""
+    return sorted({k for r in rows for k in r} - {"prompt"})
 
 
 def verified(rows: list[Row], rewards: list[float], threshold: float, seen: set) -> list[tuple[Row, float]]:
