@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from posttrain.rewards.builtin import BUILTIN
+from posttrain.rewards.builtin import BUILTIN, code_execution
 from posttrain.rewards.worker import (
     Batch,
     InProcessRunner,
@@ -46,7 +46,8 @@ from posttrain.rewards.worker import (
 if TYPE_CHECKING:  # torch is imported where tensors are built: the worker process imports this package,
     import torch  # and a worker (re)start without torch takes ~0.2 s instead of ~2 s
 
-__all__ = ["BUILTIN", "RewardBatch", "RewardError", "RewardScorer", "RewardSpec", "resolve_reward_fn"]
+__all__ = ["BUILTIN", "RewardBatch", "RewardError", "RewardScorer", "RewardSpec", "code_execution",
+           "resolve_reward_fn"]
 
 logger = logging.getLogger(__name__)
 _RESERVED = ("prompts", "completions", "completion_ids")

@@ -238,9 +238,17 @@ def format_match(prompts: list, completions: list, pattern: str = _DEFAULT_FORMA
     return [float(regex.search(completion_text(c)) is not None) for c in completions]
 
 
+def code_execution(prompts: list, completions: list, tests: list, **kw) -> list:
+    """Runs each completion's program against its row's tests in a sandbox (rewards/code.py)."""
+    from posttrain.rewards.code import code_execution as run
+
+    return run(prompts, completions, tests, **kw)
+
+
 BUILTIN: dict[str, Callable] = {
     "exact": exact_match,
     "numeric": numeric_match,
     "math": math_match,
     "format": format_match,
+    "code": code_execution,
 }
