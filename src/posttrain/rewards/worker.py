@@ -11,16 +11,19 @@ reward function — and the worker streams back one message per finished call:
 
 The parent waits at most ``timeout_s`` for each message, i.e. for each call; nothing here uses
 ``signal.alarm`` (it only works on the main thread and clobbers the user's own handlers). When a call
-hangs or the worker dies, ``WorkerProcess.execute`` kills the worker's whole process group (the worker
-and anything its reward functions started) and raises ``Stalled``; the retry policy in
-``posttrain.rewards.score`` then masks what it must and sends the rest of the plan to a fresh worker.
+hangs or the worker dies, ``WorkerProcess.execute`` ends the worker's whole process tree and raises
+``Stalled``; the retry policy in ``posttrain.rewards.score`` then masks what it must and sends the rest of
+the plan to a fresh worker.
 
-Process start: ``spawn`` (a fresh interpreter, safe beside torch's threads) when every function can be
-named by reference (built-in name or ``module:function``). Callables that cannot be imported by name
-(lambdas, closures, functions defined in ``__main__``) are handed to a ``fork``ed worker instead (Linux):
-it inherits them without pickling, but it must not use torch itself (a fork of a process running
-torch's thread pools may deadlock there). As with any ``spawn``, a user's training script that creates a
-scorer must guard its entry point with ``if __name__ == "__main__":``.
+Process start: a fresh interpreter, ``python -m posttrain.rewards.serve``, when every function can be named
+by reference (built-in name or ``module:function``): it imports posttrain and the reward modules with the
+trainer's import path, never the user's main script. Callables that cannot be imported by name (lambdas,
+closures, functions defined in ``__main__``) are handed to a ``fork``ed worker instead (Linux): it inherits
+them without pickling, but it must not use torch itself (a fork of a process running torch's thread pools
+may deadlock there). Either way every message is a line of JSON on a pipe pair of its own (procs.py):
+nothing coming back is unpickled, and a reward's prints (sent to stderr) cannot corrupt the protocol. The
+worker runs in its own session with memory and file-size rlimits, is the subreaper of everything its
+rewards start, and ends that whole tree when it stops, when it is killed, and when its trainer dies.
 """
 from __future__ import annotations
 
