@@ -90,4 +90,7 @@ def test_format_match_default_and_custom_pattern():
 
 
 def test_builtin_registry_names():
-    assert BUILTIN == {"exact": exact_match, "numeric": numeric_match, "math": math_match, "format": format_match}
+    from posttrain.rewards.builtin import code_execution
+
+    assert BUILTIN == {"exact": exact_match, "numeric": numeric_match, "math": math_match, "format": format_match,
+                       "code": code_execution}

@@ -195,7 +195,7 @@ def test_missing_column_fails_before_scoring(no_leaks):
 @pytest.mark.parametrize(
     "spec, message",
     [
-        ("exactt", r"unknown built-in reward 'exactt'; built-ins are exact, format, math, numeric"),
+        ("exactt", r"unknown built-in reward 'exactt'; built-ins are code, exact, format, math, numeric"),
         ("no_such_module_xyz:f", r"no module 'no_such_module_xyz' on sys.path or in the current directory"),
         ("reward_fns:lenght", r"has no attribute 'lenght'; its public callables are: .*length"),
     ],

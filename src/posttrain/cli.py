@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--data", help="JSONL / Parquet / dataset dir with prompt + answer columns")
     src.add_argument("--task", help="a built-in task (see `posttrain tasks`)")
     e.add_argument("--split", action="append", help="task split(s) to evaluate (default: id); repeatable")
-    e.add_argument("--reward", help="verifier for --data: builtin name (exact, numeric, math) or module:function "
+    e.add_argument("--reward", help="verifier for --data: builtin name (exact, numeric, math, code) or module:function "
                    "(default: math); with --task, the task's primary reward")
     e.add_argument("--n", type=int, default=None, help="evaluate the first N rows (default: all for --data, "
                    "300 for --task)")
