@@ -118,3 +118,9 @@ def fails_one_in_ten(prompts, completions, id, **kwargs):
 
 def always_hangs(prompts, completions, **kwargs):
     time.sleep(3600)
+
+
+def spins(prompts, completions, **kwargs):
+    """Burns CPU for ever (a runaway verifier): the worker's CPU limit ends it."""
+    while True:
+        pass

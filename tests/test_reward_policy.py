@@ -56,6 +56,14 @@ def test_memory_past_the_limit_is_a_masked_error_not_a_dead_host(no_leaks):
     assert values(small, "allocates") == [1.0, 2.0, 3.0]
 
 
+def test_cpu_time_past_the_limit_ends_the_call_before_the_wall_clock_timeout(no_leaks):
+    started = time.monotonic()
+    with RewardScorer([RewardSpec("reward_fns:spins")], timeout_s=30, cpu_s=1) as scorer:
+        out = scorer(["p"], ["x"], columns={}, completion_ids=[[1]], row_ids=[0])
+    assert [e.kind for e in out.errors] == ["crash"] and "exit code -24" in out.errors[0].message  # SIGXCPU
+    assert time.monotonic() - started < 10
+
+
 def test_a_reward_flooding_stdout_cannot_corrupt_the_replies(no_leaks, capfd):
     with RewardScorer([RewardSpec("reward_fns:floods_stdout")], timeout_s=20) as scorer:
         out = scorer(["p"] * 3, ["a", "bb", "ccc"], columns={}, **N3)
@@ -147,3 +155,21 @@ def test_reward_modules_are_found_beside_the_recipe_and_checked_before_the_model
     with pytest.raises(RecipeError, match=r"stage 'grpo': reward 'needs_tests' cannot be called with keywords .*"
                                           r"add the missing column to the dataset"):
         posttrain.train(str(folder / "bad.yaml"), out=tmp_path / "bad", progress=False)
+
+
+@pytest.mark.slow
+def test_after_sigterm_no_process_a_reward_started_survives_the_run(tmp_path, model_dirs):
+    """A reward that leaves a daemon (new session) behind on every call; SIGTERM stops the run (exit 75) and
+    every process it or its rewards started is gone: found by an environment tag they all inherit."""
+    from posttrain.errors import EXIT_INTERRUPTED
+    from test_signals import cli
+
+    pid_file = tmp_path / "daemon.pid"
+    rows = [{**r, "pid_file": str(pid_file), "hang": False} for r in ROWS[:4]]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = rl(model_dirs["llama"], steps=4, data={"path": str(tmp_path / "rows.jsonl")},
+                rewards=[{"fn": "reward_fns:starts_daemon"}])
+    (tmp_path / "r.yaml").write_text(json.dumps(recipe))
+    p, left = cli(tmp_path / "r.yaml", tmp_path / "run", fault="step@3=term")
+    assert p.returncode == EXIT_INTERRUPTED, p.stderr[-3000:]
+    assert left == [] and gone(int(pid_file.read_text()), within=0.1)

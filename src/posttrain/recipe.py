@@ -167,7 +167,8 @@ class RewardPolicyConfig(Strict):
 
     max_error_rate: float = Field(0.5, ge=0, le=1)  # masked samples / scored samples over `window` steps
     window: int = Field(5, gt=0)  # steps
-    memory_mb: int = Field(8192, gt=0)  # address-space limit of the reward worker (RLIMIT_AS)
+    memory_mb: int = Field(8192, gt=0)  # address space the reward worker may add (RLIMIT_AS)
+    cpu_s: int = Field(300, gt=0)  # CPU seconds per batch of reward calls (RLIMIT_CPU; threads add up)
     file_size_mb: int = Field(1024, gt=0)  # largest file a reward may write (RLIMIT_FSIZE)
 
 

@@ -345,7 +345,7 @@ class Run:
             specs.append(RewardSpec(fn=fn, weight=r.weight, kwargs=dict(r.kwargs), name=r.name))
         pol = stage.reward_policy
         return RewardScorer(specs, timeout_s=stage.reward_timeout_s, memory_mb=pol.memory_mb,
-                            file_size_mb=pol.file_size_mb)
+                            file_size_mb=pol.file_size_mb, cpu_s=pol.cpu_s)
 
     def _resolve_late(self, stage, sd: "StageData", tok, context) -> None:
         """Data made by an earlier stage of this run (`from_stage`) exists only now: load and check it."""

@@ -142,6 +142,7 @@ class RewardScorer:
         max_sample_timeouts: int = 1,
         memory_mb: int | None = 8192,
         file_size_mb: int | None = 1024,
+        cpu_s: int | None = 300,
     ):
         if not specs:
             raise ValueError("RewardScorer needs at least one RewardSpec")
@@ -154,7 +155,7 @@ class RewardScorer:
         if duplicates := sorted({n for n in names if names.count(n) > 1}):
             raise ValueError(f"reward names must be unique, {duplicates} repeat; give each spec a distinct name=")
         self.timeout_s, self.in_process, self.max_sample_timeouts = timeout_s, in_process, max_sample_timeouts
-        self.limits = {"memory_mb": memory_mb, "file_size_mb": file_size_mb}
+        self.limits = {"memory_mb": memory_mb, "file_size_mb": file_size_mb, "cpu_s": cpu_s}
         self._runner: InProcessRunner | WorkerProcess | None = None
         self._closed = False
         self._checked_columns: set[frozenset[str]] = set()

@@ -89,6 +89,18 @@ def set_limits(*, memory_mb: int | None = None, file_size_mb: int | None = None,
         _limit(resource.RLIMIT_NPROC, processes)
 
 
+def limit_cpu(seconds: float) -> None:
+    """Allow this process `seconds` more CPU time (user + system) from now: RLIMIT_CPU is a lifetime total, so
+    a long-lived worker moves it before each plan."""
+    import resource
+
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    soft, hard = resource.getrlimit(resource.RLIMIT_CPU)
+    value = int(used.ru_utime + used.ru_stime + seconds) + 1
+    # Only the soft limit moves (SIGXCPU when reached): a lowered hard limit could not be raised again.
+    resource.setrlimit(resource.RLIMIT_CPU, (value if hard == resource.RLIM_INFINITY else min(value, hard), hard))
+
+
 def _limit(kind: int, value: int) -> None:
     import resource
 

@@ -22,7 +22,7 @@ closures, functions defined in ``__main__``) are handed to a ``fork``ed worker i
 them without pickling, but it must not use torch itself (a fork of a process running torch's thread pools
 may deadlock there). Either way every message is a line of JSON on a pipe pair of its own (procs.py):
 nothing coming back is unpickled, and a reward's prints (sent to stderr) cannot corrupt the protocol. The
-worker runs in its own session with memory and file-size rlimits, is the subreaper of everything its
+worker runs in its own session with memory, file-size and per-batch CPU-time rlimits, is the subreaper of everything its
 rewards start, and ends that whole tree when it stops, when it is killed, and when its trainer dies.
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from posttrain.rewards.builtin import BUILTIN
-from posttrain.rewards.procs import JsonPipe, become_subreaper, kill_tree, reap_orphans, set_limits
+from posttrain.rewards.procs import JsonPipe, become_subreaper, kill_tree, limit_cpu, reap_orphans, set_limits
 
 
 Message = tuple
@@ -229,6 +229,8 @@ def serve(pipe: JsonPipe, targets: list[Target], limits: dict, parent: int) -> N
     os.dup2(2, 1)  # a reward's prints go to stderr: the protocol has its own pipe, which output cannot corrupt
     become_subreaper()
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    limits = dict(limits)
+    cpu_s = limits.pop("cpu_s", None)
     try:
         set_limits(**limits)
         fns = [(name, resolve_reward_fn(target), fixed) for name, target, fixed in targets]
@@ -245,6 +247,8 @@ def serve(pipe: JsonPipe, targets: list[Target], limits: dict, parent: int) -> N
             if request[0] == "close":
                 return
             _, batch, plan = request
+            if cpu_s:  # CPU seconds for this plan on top of what the worker used so far (SIGXCPU ends it: a crash)
+                limit_cpu(cpu_s)
             for message in run_plan(fns, Batch(**batch), [Job(fn, tuple(ix), whole) for fn, ix, whole in plan]):
                 pipe.send(message)
             reap_orphans()
