@@ -336,8 +336,7 @@ class WorkerProcess:
                     os.setsid()
                     for s in (signal.SIGTERM, signal.SIGINT):
                         signal.signal(s, signal.SIG_DFL)
-                    os.close(from_parent)
-                    os.close(from_child)
+                    _close_fds_but(0, 1, 2, to_child, to_parent)  # the trainer's files and locks stay the trainer's
                     serve(JsonPipe(to_child, to_parent), self.targets, self.limits, parent)
                 except BaseException:  # noqa: BLE001
                     code = 1
@@ -428,6 +427,16 @@ class WorkerProcess:
 
     def close(self) -> None:
         self._stop()
+
+
+def _close_fds_but(*keep: int) -> None:
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 def _poll(pid: int, popen, block: bool = False) -> int | None:
