@@ -173,21 +173,74 @@ def model_context(name_or_path: str) -> int | None:
     return getattr(AutoConfig.from_pretrained(resolve_model(name_or_path)), "max_position_embeddings", None)
 
 
+def model_rows(name_or_path: str) -> int | None:
+    """The number of rows of the model's input embedding (its config's vocab_size), from its config alone."""
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.from_pretrained(resolve_model(name_or_path)), "vocab_size", None)
+
+
+def ids_we_produce(tokenizer: PreTrainedTokenizerBase) -> dict[int, str]:
+    """The token ids training and generation put into a model whatever the data says: eos, pad, the known
+    end-of-turn tokens, and every token the chat template adds around a conversation."""
+    ids = {i: "eos" for i in [tokenizer.eos_token_id] if i is not None}
+    if tokenizer.pad_token_id is not None:
+        ids.setdefault(tokenizer.pad_token_id, "pad")
+    for i in _end_of_turn_ids(tokenizer):
+        ids.setdefault(i, "end of turn")
+    if getattr(tokenizer, "chat_template", None):
+        probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                 {"role": "assistant", "content": "a"}]
+        try:
+            text = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=False)
+            text += tokenizer.apply_chat_template(probe[:2], tokenize=False, add_generation_prompt=True)
+            for i in tokenizer(text, add_special_tokens=False)["input_ids"]:
+                ids.setdefault(i, "the chat template")
+        except Exception:  # noqa: BLE001 - a template that cannot render this probe is reported where it is used
+            pass
+    return ids
+
+
 def check_compatible(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
-    """The tokenizer's ids must all index a row of the input embedding matrix."""
+    """Every id training and generation will feed the model must index a row of its input embedding.
+
+    A tokenizer may be longer than the embedding (transformers 5 loads a Qwen2 directory's tokenizer with
+    `<|endoftext|>` one past the rows, say): that is an error only for ids we produce (eos, pad, end of turn,
+    the chat template's tokens). A pad past the rows falls back to eos. Other ids past the rows are logged;
+    a data row that contains one is a bad row (`data.encode` checks every row)."""
     rows = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > rows:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's input embedding has only "
-                         f"{rows} rows: ids >= {rows} would index past the embedding matrix. Use the tokenizer "
-                         "saved with this model, or resize the embeddings (model.resize_token_embeddings) first")
+    if len(tokenizer) <= rows:
+        return
+    produced = ids_we_produce(tokenizer)
+    if produced.get(tokenizer.pad_token_id) == "pad" and tokenizer.pad_token_id >= rows and \
+            tokenizer.eos_token_id is not None and tokenizer.eos_token_id < rows:
+        log.info("pad token %s (id %d) is past the model's %d embedding rows: padding with eos %s instead",
+                 tokenizer.pad_token, tokenizer.pad_token_id, rows, tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+        produced = ids_we_produce(tokenizer)
+    bad = sorted(i for i in produced if i >= rows)
+    if bad:
+        named = ", ".join(f"{tokenizer.convert_ids_to_tokens(i)!r} (id {i}, {produced[i]})" for i in bad)
+        raise ValueError(f"the model's input embedding has {rows} rows, but training would feed it {named}. Add "
+                         "rows for them with `resize_embeddings: true` in the recipe (new rows start at the mean "
+                         "embedding), or use a tokenizer whose special tokens fit the model")
+    past = [tokenizer.convert_ids_to_tokens(i) for i in range(rows, len(tokenizer))]
+    log.info("tokens %s (ids %d..%d) are past the model's %d embedding rows; nothing posttrain adds uses them, "
+             "and a data row containing one is reported as a bad row", past[:5], rows, len(tokenizer) - 1, rows)
 
 
-def load_policy(name_or_path: str, *, dtype: str | torch.dtype = "auto", device: str = "auto"):
-    """(model, tokenizer) from one place, checked for compatibility; logs the dtype and device chosen."""
+def load_policy(name_or_path: str, *, dtype: str | torch.dtype = "auto", device: str = "auto",
+                resize_embeddings: bool = False):
+    """(model, tokenizer) from one place, checked for compatibility; logs the dtype and device chosen.
+    `resize_embeddings` gives the model a row for every token of the tokenizer first."""
     device = pick_device(device)
     torch_dtype = choose_dtype(dtype, device)
     model = load_model(name_or_path, dtype=torch_dtype, device=device)
     tokenizer = load_tokenizer(resolve_model(name_or_path))
+    if resize_embeddings and len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        log.info("resizing the embeddings of %s from %d to %d rows", name_or_path,
+                 model.get_input_embeddings().num_embeddings, len(tokenizer))
+        model.resize_token_embeddings(len(tokenizer))
     check_compatible(model, tokenizer)
     log.info("loaded %s: %s on %s, %.2fM parameters", name_or_path, str(torch_dtype).removeprefix("torch."),
              device, sum(p.numel() for p in model.parameters()) / 1e6)

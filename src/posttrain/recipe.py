@@ -241,6 +241,7 @@ class CheckpointConfig(Strict):
 
 class Recipe(Strict):
     model: str  # builtin:tiny, a local model directory, or a hub id
+    resize_embeddings: bool = False  # give the model an embedding row for every token of its tokenizer
     seed: int = 0
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

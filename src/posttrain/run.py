@@ -29,14 +29,14 @@ import yaml
 
 from . import faults
 from .data import detect_format, encode_dataset, encode_prompt, load_rows
-from .data.encode import max_token_chars, text_chars
+from .data.encode import max_token_chars, past_rows, text_chars
 from .data.formats import check_rows
 from .data.loading import BadRow, excerpt
 from .data.loading import RowSet
 from .errors import Interrupted, RewardFailure
 from .jsonio import dumps, write_atomic
-from .models import choose_dtype, load_policy, load_tokenizer, model_context, pick_device, resolve_model, \
-    save_pretrained, stop_token_ids
+from .models import choose_dtype, load_policy, load_tokenizer, model_context, model_rows, pick_device, \
+    resolve_model, save_pretrained, stop_token_ids
 from .objective.presets import PRESETS, get_preset
 from .recipe import Recipe, RecipeError, dump_recipe, load_recipe, recipe_data
 from .rundir import BadRows, RunLock, StageProgress, StopRequest, changes, move_aside, refuse_changes, stage_config
@@ -119,6 +119,7 @@ class Run:
         self.fresh, self.allow = fresh, allow_change
         self.stop = StopRequest()
         self.resume: tuple[checkpoint.Found, dict] | None = None  # (checkpoint, its state.json) of the running stage
+        self.vocab_rows: int | None = None  # the model's embedding rows: a row holding a later id is a bad row
 
     def execute(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -180,13 +181,15 @@ class Run:
         resume_from = str(progress.last_model() or cfg.model)
         try:
             tok, context = load_tokenizer(resolve_model(resume_from)), model_context(resume_from)
+            self.vocab_rows = len(tok) if cfg.resize_embeddings else model_rows(resume_from)
         except Exception:
             self.bad_rows.verdict()  # the bad rows found so far first, when the model cannot even be found
             raise
         for stage, sd in zip(cfg.stages, stage_data):
             self._check_lengths(stage, sd, tok, context)
         self.bad_rows.verdict()
-        model, tok = load_policy(resume_from, dtype=choose_dtype(cfg.dtype, device), device=device)
+        model, tok = load_policy(resume_from, dtype=choose_dtype(cfg.dtype, device), device=device,
+                                 resize_embeddings=cfg.resize_embeddings)
         stop_ids = stop_token_ids(tok, model)
         pad_id = tok.pad_token_id
         summary: dict[str, Any] = {"model": cfg.model, "out": str(self.out), "device": device,
@@ -292,14 +295,15 @@ class Run:
         if sd.rows is None or sd.encoded is not None:
             return
         if preset.data != "demonstrations":
-            sd.rows = self.bad_rows.add(stage, stage.data, sd.rows, _long_prompts(stage, sd.rows, tok, context))
+            sd.rows = self.bad_rows.add(stage, stage.data, sd.rows,
+                                        _long_prompts(stage, sd.rows, tok, context, self.vocab_rows))
         if preset.data == "demonstrations" or "demonstrations" in preset.sources:
             section, rows, fmt = (stage.demos, sd.demos, sd.demos_fmt) if sd.demos is not None else \
                 (stage.data, sd.rows, sd.fmt)
             if preset.data != "demonstrations" and sd.demos is None:
                 fmt = "prompt_answer"  # the rows' own completion / solution column
             max_len = min(section.max_len, context or section.max_len)
-            examples, bad = encode_dataset(rows, fmt, tok, max_len=max_len)
+            examples, bad = encode_dataset(rows, fmt, tok, max_len=max_len, vocab_rows=self.vocab_rows)
             rest = self.bad_rows.add(stage, section, rows, bad)
             if preset.data == "demonstrations":  # (a hybrid's prompts stay: only their demonstration is out)
                 sd.rows = rest
@@ -506,23 +510,25 @@ class StageData:
     encoded: list | None = None  # the encoded demonstrations, once the tokenizer is known
 
 
-def _long_prompts(stage, rowset: RowSet, tok, context: int | None) -> list[BadRow]:
-    """RL prompts longer than data.max_len, or than the model's context less rollout.max_new_tokens."""
+def _long_prompts(stage, rowset: RowSet, tok, context: int | None, vocab_rows: int | None = None) -> list[BadRow]:
+    """RL prompts longer than data.max_len, or than the model's context less rollout.max_new_tokens, or holding a
+    token past the model's embedding rows."""
     limit, room = stage.data.max_len, (context - stage.rollout.max_new_tokens if context else None)
     cap = min(limit, room) if room is not None else limit
     per_token = max_token_chars(tok)
     bad = []
     for i, row in enumerate(rowset.rows):
         chars = text_chars(row["prompt"])
-        n = (chars + per_token - 1) // per_token if chars > cap * per_token else len(encode_prompt(row["prompt"], tok))
-        if n > limit:
-            why = f"the prompt is {'at least ' if chars > cap * per_token else ''}{n} tokens long, more than data.max_len={limit}"
-        elif room is not None and n > room:
+        ids = None if chars > cap * per_token else encode_prompt(row["prompt"], tok)
+        n = (chars + per_token - 1) // per_token if ids is None else len(ids)
+        why = past_rows(ids, tok, vocab_rows) if ids is not None else None
+        if why is None and n > limit:
+            why = f"the prompt is {'at least ' if ids is None else ''}{n} tokens long, more than data.max_len={limit}"
+        elif why is None and room is not None and n > room:
             why = (f"the prompt is {n} tokens long: with rollout.max_new_tokens={stage.rollout.max_new_tokens} it "
                    f"does not fit the model's context of {context} tokens")
-        else:
-            continue
-        bad.append(BadRow(rowset.origin, rowset.number(i), "prompt", why, excerpt(row)))
+        if why is not None:
+            bad.append(BadRow(rowset.origin, rowset.number(i), "prompt", why, excerpt(row)))
     return bad
 
 

@@ -157,7 +157,8 @@ def encode_sft(row: dict, fmt: str, tokenizer) -> Encoded:
     return enc
 
 
-def encode_dataset(rowset: RowSet, fmt: str, tokenizer, *, max_len: int) -> tuple[list[Encoded], list[BadRow]]:
+def encode_dataset(rowset: RowSet, fmt: str, tokenizer, *, max_len: int,
+                   vocab_rows: int | None = None) -> tuple[list[Encoded], list[BadRow]]:
     """Encode every row: (the encoded rows, the bad ones). A row that cannot be encoded (nothing supervised,
     no demonstration) or is longer than `max_len` tokens is a bad row with its reason; the caller decides
     (data.max_bad_fraction). Nothing is ever truncated: a cut-off target teaches the model to stop
@@ -180,8 +181,20 @@ def encode_dataset(rowset: RowSet, fmt: str, tokenizer, *, max_len: int) -> tupl
             bad.append(BadRow(rowset.origin, n, None, f"is {len(enc)} tokens long, more than data.max_len={max_len}",
                               excerpt(row)))
             continue
+        if (why := past_rows(enc.input_ids, tokenizer, vocab_rows)) is not None:
+            bad.append(BadRow(rowset.origin, n, None, why, excerpt(row)))
+            continue
         encoded.append(enc)
     return encoded, bad
+
+
+def past_rows(ids: list[int], tokenizer, vocab_rows: int | None) -> str | None:
+    """Why `ids` cannot go into a model with `vocab_rows` embedding rows (None when they can)."""
+    if vocab_rows is None or not ids or max(ids) < vocab_rows:
+        return None
+    i = next(i for i in ids if i >= vocab_rows)
+    return (f"contains the token {tokenizer.convert_ids_to_tokens(i)!r} (id {i}), past the model's {vocab_rows} "
+            "embedding rows (remove it from the text, or set resize_embeddings: true)")
 
 
 def max_token_chars(tokenizer) -> int:

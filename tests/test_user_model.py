@@ -1,0 +1,68 @@
+"""A user's own model (issue 12): a Qwen2 directory whose tokenizer holds one token past the model's embedding
+rows (as transformers 5 loads Qwen2's `<|endoftext|>`). Only what can actually go wrong is refused."""
+import copy
+import json
+
+import pytest
+
+import posttrain
+from posttrain.models import check_compatible, save_pretrained
+from posttrain.tiny import tiny_model
+from test_resume import RL_ROWS, SFT_ROWS
+from letter_rewards import varied
+from test_train_e2e import metrics
+
+EXTRA = "<|extra|>"
+
+
+@pytest.fixture(scope="module")
+def user_model(tmp_path_factory, tokenizer):
+    """A qwen2 model with exactly len(base vocabulary) rows, saved with a tokenizer one token longer."""
+    model = tiny_model("qwen2", tokenizer, seed=0)
+    tok = copy.deepcopy(tokenizer)
+    tok.add_tokens([EXTRA], special_tokens=True)
+    assert len(tok) == model.get_input_embeddings().num_embeddings + 1
+    path = tmp_path_factory.mktemp("user") / "qwen2-user"
+    save_pretrained(model, tok, path, stop_ids=[tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")])
+    return str(path), model, tok
+
+
+def test_a_token_past_the_rows_that_nothing_produces_is_accepted(user_model, caplog):
+    _, model, tok = user_model
+    with caplog.at_level("INFO", logger="posttrain"):
+        check_compatible(model, tok)
+    assert "'<|extra|>'" in caplog.text and "past the model's 320 embedding rows" in caplog.text
+
+
+def test_a_pad_past_the_rows_falls_back_to_eos_and_an_eos_past_them_is_refused_naming_it(user_model):
+    _, model, tok = user_model
+    padded = copy.deepcopy(tok)
+    padded.pad_token = EXTRA
+    check_compatible(model, padded)
+    assert padded.pad_token == padded.eos_token
+    eos = copy.deepcopy(tok)
+    eos.eos_token = EXTRA
+    with pytest.raises(ValueError, match=r"has 320 rows, but training would feed it '<\|extra\|>' \(id 320, eos\).*"
+                                         r"resize_embeddings: true"):
+        check_compatible(model, eos)
+
+
+def test_the_users_model_trains_and_a_row_holding_the_token_is_a_bad_row(user_model, tmp_path):
+    path, _, _ = user_model
+    for method, rows in (("sft", SFT_ROWS), ("grpo", RL_ROWS)):
+        r = {"model": path, "device": "cpu", "stages": [{"method": method, "data": {}, "steps": 2,
+                                                         "batch": {"size": 2},
+                                                         "rollout": {"group_size": 2, "max_new_tokens": 4}}]}
+        summary = posttrain.train(r, out=tmp_path / method, data=rows, rewards=[varied], progress=False)
+        assert summary["stages"][method]["steps"] == 2
+    bad_rows = SFT_ROWS[:3] + [{"messages": [{"role": "user", "content": f"say {EXTRA}"},
+                                             {"role": "assistant", "content": "A"}]}]
+    r = {"model": path, "device": "cpu", "stages": [{"method": "sft", "data": {}, "steps": 1}]}
+    with pytest.raises(posttrain.data.DataError, match=r"row 4: contains the token '<\|extra\|>' \(id 320\), past "
+                                                       r"the model's 320 embedding rows"):
+        posttrain.train(r, out=tmp_path / "bad", data=bad_rows, progress=False)
+    r["resize_embeddings"] = True  # the fix the message offers: the model gets a row for it, and trains
+    summary = posttrain.train(r, out=tmp_path / "resized", data=bad_rows, progress=False)
+    config = json.loads((tmp_path / "resized" / "final" / "config.json").read_text())
+    assert summary["stages"]["sft"]["steps"] == 1 and config["vocab_size"] == 321
+    assert metrics(tmp_path / "resized")[0]["loss"] > 0
