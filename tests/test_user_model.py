@@ -66,3 +66,33 @@ def test_the_users_model_trains_and_a_row_holding_the_token_is_a_bad_row(user_mo
     config = json.loads((tmp_path / "resized" / "final" / "config.json").read_text())
     assert summary["stages"]["sft"]["steps"] == 1 and config["vocab_size"] == 321
     assert metrics(tmp_path / "resized")[0]["loss"] > 0
+
+
+def constant(prompts, completions, **kw):
+    return [1.0] * len(completions)
+
+
+def test_no_learning_signal_is_logged_every_step_and_warned_about(user_model, tmp_path, caplog):
+    """Every group's rewards equal: zero_var_frac 1.0 in every record, loss and gradient 0, and one warning
+    after 3 such steps; a reward that varies within groups gives a share below 1."""
+    path, _, _ = user_model
+    r = {"model": path, "device": "cpu", "stages": [{"method": "grpo", "data": {}, "steps": 4, "batch": {"size": 2},
+                                                     "rollout": {"group_size": 4, "max_new_tokens": 4}}]}
+    with caplog.at_level("WARNING", logger="posttrain"):
+        posttrain.train(r, out=tmp_path / "flat", data=RL_ROWS, rewards=[constant], progress=False)
+    recs = metrics(tmp_path / "flat")
+    assert [x["zero_var_frac"] for x in recs] == [1.0] * 4 and all(x["grad_norm"] == 0 for x in recs)
+    assert caplog.text.count("steps 1-3: in every group all rewards were equal") == 1
+    posttrain.train(r, out=tmp_path / "varied", data=RL_ROWS, rewards=[varied], progress=False)
+    assert all(x["zero_var_frac"] < 1 for x in metrics(tmp_path / "varied"))
+
+
+def test_misreadable_settings_are_explained_in_the_log(user_model, tmp_path, caplog):
+    path, _, _ = user_model
+    r = {"model": path, "device": "cpu", "stages": [{"method": "grpo", "data": {"limit": 2}, "steps": 6,
+                                                     "ppo_epochs": 2, "minibatches": 2, "batch": {"size": 4},
+                                                     "rollout": {"group_size": 2, "max_new_tokens": 4}}]}
+    with caplog.at_level("INFO", logger="posttrain"):
+        posttrain.train(r, out=tmp_path / "run", data=RL_ROWS, rewards=[varied], progress=False)
+    assert "6 optimizer steps are 2 rollout batches (ppo_epochs 2 x minibatches 2 = 4 updates per batch)" in caplog.text
+    assert "2 rows for a batch of 4: rows repeat within every step" in caplog.text

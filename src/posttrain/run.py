@@ -380,6 +380,7 @@ class Run:
         if stage.kl.beta:  # the reference is the policy at this stage's start
             ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         n_steps = min(stage.steps, self.max_steps) if self.max_steps else stage.steps
+        _explain_stage(stage, preset, sd, n_steps)
         progress = Progress(n_steps, stage.name, stage.log_every, tty=self.progress)
         sink = _StageSink(Sinks(sinks, progress), global_step)
         result: dict[str, Any] = {"name": stage.name, "method": stage.method, "format": sd.fmt,
@@ -446,6 +447,20 @@ class Run:
             log.info("stage %s round %d: %d verified samples -> %s", stage.name, round_, len(rows), path)
 
         return write
+
+
+def _explain_stage(stage, preset, sd: "StageData", n_steps: int) -> None:
+    """Say what the settings mean when they are easy to misread: optimizer steps vs. batches, repeated rows."""
+    updates = stage.ppo_epochs * stage.minibatches
+    if preset.needs_rewards and updates > 1:
+        log.info("stage %s: %d optimizer steps are %d rollout batches (ppo_epochs %d x minibatches %d = %d updates "
+                 "per batch); `steps` counts optimizer steps", stage.name, n_steps, -(-n_steps // updates),
+                 stage.ppo_epochs, stage.minibatches, updates)
+    pool = len(sd.encoded) if preset.data == "demonstrations" and sd.encoded is not None else \
+        len(sd.rows.rows) if sd.rows is not None else None
+    if pool is not None and pool < stage.batch.size:
+        log.warning("stage %s: %d rows for a batch of %d: rows repeat within every step (data.limit or a small "
+                    "dataset)", stage.name, pool, stage.batch.size)
 
 
 def _round_of(line: str) -> float:

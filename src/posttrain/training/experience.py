@@ -137,6 +137,33 @@ class RewardHealth:
         self.steps = [tuple(x) for x in d["steps"]]
 
 
+class GroupSignal:
+    """The share of question groups whose rewards are all equal (no group-relative learning signal), with a
+    warning when it stays at 100 % for `patience` steps: the loss and gradient are then zero, step after step."""
+
+    def __init__(self, patience: int = 3):
+        self.patience, self.streak = patience, 0
+
+    def update(self, part: "_Rows", step: int) -> float:
+        R = torch.tensor(part.rewards, dtype=torch.float64)
+        group = torch.tensor([r.group for r in part.rows])
+        mixed, valid = mixed_outcome(R, group), ~torch.isnan(R)
+        counted = {g for g, v in zip(group.tolist(), valid.tolist()) if v}
+        groups = [g for g in counted if int((valid & (group == g)).sum()) >= 2]
+        if not groups:
+            return math.nan
+        flat = sum(1 for g in groups if not bool(mixed[group == g].any())) / len(groups)
+        self.streak = self.streak + 1 if flat == 1.0 else 0
+        if self.streak == self.patience:
+            import logging
+
+            logging.getLogger("posttrain").warning(
+                "steps %d-%d: in every group all rewards were equal, so there is no learning signal (loss and "
+                "gradient 0). The task may be too hard or too easy for the model, or the reward constant; check "
+                "reward_mean and a few completions", step + 2 - self.patience, step + 1)
+        return flat
+
+
 class Experience:
     """Builds one Batch per step from a stage's sources. Holds no model: the policy is passed in."""
 
@@ -156,6 +183,7 @@ class Experience:
         self.on_data = on_data
         self.streams = {STREAM_IDS[n]: c for n, c in stage_streams(stage).items()}
         self.health = RewardHealth(stage.reward_policy.max_error_rate, stage.reward_policy.window)
+        self._signal = GroupSignal()
         self._prompt_cache: dict[int, list[int]] = {}
         self._compute: dict[str, int] = {}
 
@@ -311,6 +339,7 @@ class Experience:
             values.update(fill_ratio=n_groups / P, sample_rounds=rounds)
         values.update(self._rollout_metrics(all_rows))
         values["reward_errors"] = len(all_rows.errors)
+        values["zero_var_frac"] = self._signal.update(all_rows, step)
         if not kept.rows:  # every group filtered: an empty batch (the loop skips the update and logs it)
             return StepData(None, values, all_rows.errors)
         mix = self._add_demonstrations(kept, step, g0, values)
