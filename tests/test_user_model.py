@@ -96,3 +96,32 @@ def test_misreadable_settings_are_explained_in_the_log(user_model, tmp_path, cap
         posttrain.train(r, out=tmp_path / "run", data=RL_ROWS, rewards=[varied], progress=False)
     assert "6 optimizer steps are 2 rollout batches (ppo_epochs 2 x minibatches 2 = 4 updates per batch)" in caplog.text
     assert "2 rows for a batch of 4: rows repeat within every step" in caplog.text
+
+
+def test_completions_are_saved_and_nll_is_logged_for_every_demonstration_stream(user_model, tmp_path):
+    path, _, _ = user_model
+    r = {"model": path, "device": "cpu", "stages": [{"method": "grpo", "data": {}, "steps": 4, "batch": {"size": 2},
+                                                     "rollout": {"group_size": 2, "max_new_tokens": 4},
+                                                     "samples": {"every": 2, "n": 3}}]}
+    posttrain.train(r, out=tmp_path / "rl", data=RL_ROWS, rewards=[varied], progress=False)
+    saved = [json.loads(x) for x in (tmp_path / "rl" / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in saved] == [2, 2, 2, 4, 4, 4]
+    assert all(set(s) >= {"prompt", "completion", "reward", "rewards", "id"} for s in saved)
+    assert saved[0]["rewards"]["varied"] == saved[0]["reward"]
+    for method in ("sft", "dft"):
+        r = {"model": path, "device": "cpu", "stages": [{"method": method, "data": {}, "steps": 2}]}
+        posttrain.train(r, out=tmp_path / method, data=SFT_ROWS, progress=False)
+    sft, dft = metrics(tmp_path / "sft"), metrics(tmp_path / "dft")
+    assert all(abs(x["nll"] - x["loss"]) < 1e-5 for x in sft)  # SFT's objective is the NLL
+    assert dft[0]["nll"] == pytest.approx(sft[0]["nll"], abs=1e-5) and abs(dft[0]["loss"] - dft[0]["nll"]) > 1e-3
+
+
+def test_methods_that_do_not_exist_yet_are_named_not_mistaken(tmp_path):
+    from posttrain.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match=r"method 'dpo' \(preference optimisation\) is not in posttrain yet"):
+        posttrain.train({"model": "m", "stages": [{"method": "dpo", "data": {}}]}, out=tmp_path / "r", progress=False)
+    with pytest.raises(posttrain.data.DataError, match="the path does not exist"):
+        posttrain.train({"model": "m", "stages": [{"method": "sft", "data": {"path": str(tmp_path / "nope.jsonl")}}]},
+                        out=tmp_path / "r", progress=False)
+    assert not (tmp_path / "r").exists()  # a run that failed before it made anything leaves no directory

@@ -172,6 +172,13 @@ class RewardPolicyConfig(Strict):
     file_size_mb: int = Field(1024, gt=0)  # largest file a reward may write (RLIMIT_FSIZE)
 
 
+class SamplesConfig(Strict):
+    """A few of the policy's completions, with their rewards, in OUT/samples.jsonl every `every` steps."""
+
+    every: int = Field(10, ge=0)  # 0: never
+    n: int = Field(4, gt=0)
+
+
 class StopConfig(Strict):
     """End the stage early once this much has been trained on (checked after every optimizer step)."""
 
@@ -211,6 +218,7 @@ class StageConfig(Strict):
     overlong: OverlongConfig = Field(default_factory=OverlongConfig)
     reward_timeout_s: float = Field(30.0, gt=0)
     reward_policy: RewardPolicyConfig = Field(default_factory=RewardPolicyConfig)
+    samples: SamplesConfig = Field(default_factory=SamplesConfig)
     log_every: int = Field(1, gt=0)
 
     @field_validator("method")

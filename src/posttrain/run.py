@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -122,7 +123,20 @@ class Run:
         self.vocab_rows: int | None = None  # the model's embedding rows: a row holding a later id is a bad row
 
     def execute(self) -> dict:
+        if self.progress is False:  # quiet: transformers' per-file load and save bars too
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        created = not self.out.exists()
         self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            return self._locked()
+        except BaseException:
+            if created and {p.name for p in self.out.iterdir()} <= {".lock", "run.log", "config.yaml", "progress.json"}:
+                shutil.rmtree(self.out, ignore_errors=True)  # a run that failed before it made anything leaves nothing
+            raise
+
+    def _locked(self) -> dict:
         with RunLock(self.out), self.stop:
             if self.fresh:
                 move_aside(self.out)
@@ -200,6 +214,7 @@ class Run:
             log.info("resuming %s: stages %s finished, skipped", self.out, ", ".join(progress.done))
         keep = self._keep_record(progress)
         done_steps = sum(r["steps"] for r in progress.done.values()) + (self.resume[0].step if self.resume else 0)
+        self.samples = JsonlSink(self.out / "samples.jsonl", keep=keep)
         sinks = Sinks(JsonlSink(self.out / "metrics.jsonl", keep=keep),
                       TensorBoardSink(self.out / "tb", purge_step=done_steps + 1 if done_steps else None))
         t_run = time.perf_counter()
@@ -241,6 +256,7 @@ class Run:
         finally:
             sinks.close()
             curve.close()
+            self.samples.close()
         summary["wall_s"] = round(time.perf_counter() - t_run, 3)
         write_atomic(self.out / "summary.json", dumps(summary))
         progress.finish_run()
@@ -392,6 +408,8 @@ class Run:
         if preset.needs_demonstrations:
             kw["paired"] = PairedDemos(tok, sd.demos, sd.demos_fmt)
         resume = self.resume if self.resume is not None and self.resume[0].stage_index == i else None
+        kw["on_samples"] = lambda step, recs: [self.samples.write({"stage": stage.name, "step": step, **r})
+                                               for r in recs]
         if "verified" in preset.sources:
             kw["on_data"] = self._data_writer(stage, resume[1]["experience"]["pool"]["round"] if resume else 0)
         saver = Checkpointer(self, i, stage, sink, t0, start=resume[0].step if resume else 0)

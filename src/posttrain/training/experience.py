@@ -169,7 +169,7 @@ class Experience:
 
     def __init__(self, stage, tokenizer, *, pad_id: int, stop_ids=(), device="cpu", seed: int = 0, rows=None,
                  demos: Demonstrations | None = None, paired: PairedDemos | None = None, scorer=None,
-                 ref_model=None, total_steps: int = 1, on_data=None):
+                 ref_model=None, total_steps: int = 1, on_data=None, on_samples=None):
         self.s, self.p = stage, get_preset(stage.method)
         self.tok, self.pad_id, self.stop_ids, self.device = tokenizer, pad_id, list(stop_ids), device
         self.rows = rows or []
@@ -181,6 +181,7 @@ class Experience:
             if "verified" in self.p.sources else None
         self.total_steps = total_steps
         self.on_data = on_data
+        self.on_samples = on_samples  # on_samples(step, records): a few completions for samples.jsonl
         self.streams = {STREAM_IDS[n]: c for n, c in stage_streams(stage).items()}
         self.health = RewardHealth(stage.reward_policy.max_error_rate, stage.reward_policy.window)
         self._signal = GroupSignal()
@@ -340,11 +341,26 @@ class Experience:
         values.update(self._rollout_metrics(all_rows))
         values["reward_errors"] = len(all_rows.errors)
         values["zero_var_frac"] = self._signal.update(all_rows, step)
+        every = s.samples.every
+        if self.on_samples is not None and every and (step + 1) % every == 0:
+            self.on_samples(step + 1, self._sample_records(all_rows, s.samples.n))
         if not kept.rows:  # every group filtered: an empty batch (the loop skips the update and logs it)
             return StepData(None, values, all_rows.errors)
         mix = self._add_demonstrations(kept, step, g0, values)
         batch = self._assemble(model, kept, mix, values)
         return StepData(batch, values, all_rows.errors)
+
+    def _sample_records(self, part: _Rows, n: int) -> list[dict]:
+        """The first `n` free rollouts of a step as readable records: prompt, completion, rewards, row id."""
+        out = []
+        for i in [i for i, f in enumerate(part.free) if f][:n]:
+            row, src = part.rows[i], self.rows[part.rows[i].meta["key"]]
+            a, b = row.completion_span()
+            out.append({"id": src.get("id", row.meta["key"]), "prompt": src["prompt"],
+                        "completion": completion_text(src["prompt"], row.input_ids[a:b], self.tok),
+                        "reward": part.rewards[i], "rewards": {k: v[i] for k, v in part.per_fn.items()},
+                        "truncated": bool(row.truncated)})
+        return out
 
     def _shape_rewards(self, part: _Rows) -> None:
         """Soft overlong penalty on sampled rows' lengths; DAPO's overlong filter masks truncated rows."""

@@ -83,6 +83,7 @@ class Progress(NullSink):
         self.tty = sys.stderr.isatty() if tty is None else tty
         self.total, self.desc, self.every = total, desc, every
         self.t0 = time.perf_counter()
+        self.first: tuple[int, float] | None = None  # (step, time) of the first record
         self.bar = None
         if self.tty:
             from tqdm.auto import tqdm
@@ -98,10 +99,14 @@ class Progress(NullSink):
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix_str(self._summary(record))
             return
+        now = time.perf_counter()
+        if self.first is None:  # the ETA is timed from the first step on: start-up and compilation are not steps
+            self.first = (step, now)
         if step % self.every == 0 or step == self.total:
-            elapsed = time.perf_counter() - self.t0
-            eta = elapsed / max(step, 1) * (self.total - step)
-            log.info("[%s] step %d/%d %s elapsed %.0fs eta %.0fs", self.desc, step, self.total,
+            elapsed = now - self.t0
+            done, since = step - self.first[0], now - self.first[1]
+            eta = f"{since / done * (self.total - step):.0f}s" if done else "?"
+            log.info("[%s] step %d/%d %s elapsed %.0fs eta %s", self.desc, step, self.total,
                      self._summary(record), elapsed, eta)
 
     def close(self) -> None:

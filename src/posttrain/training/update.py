@@ -55,7 +55,7 @@ class ObjectiveSpec:
 
 # Diagnostics accumulated per micro-batch, in this order; then a (pg value, tokens) pair per stream.
 STAT_KEYS = ("loss", "kl", "entropy", "clipped", "clip_tokens", "ratio_sum", "ratio_tokens", "tokens",
-             "mismatch_sum", "mismatch_tokens", "forward_tokens", "samples")
+             "mismatch_sum", "mismatch_tokens", "forward_tokens", "samples", "nll_sum", "nll_tokens")
 STREAM_KEYS = tuple(f"{k}/{n}" for n in STREAMS for k in ("pg", "tokens"))
 
 
@@ -105,6 +105,8 @@ def accumulate_gradients(model, batch: Batch, spec: ObjectiveSpec, *, micro_size
                      t[ROLLOUT].ratio_sum if ROLLOUT in t else zero, own.sum(), mb.loss_mask.sum(), mism,
                      own.sum() if mb.sampler_logp is not None else zero, mb.attention_mask.sum(),
                      (mb.loss_mask.sum(1) > 0).sum()]
+            demo = mb.loss_mask * (ts == DEMO)  # demonstration tokens: their NLL compares across SFT-like methods
+            parts += [-(logp.detach() * demo).sum(), demo.sum()]
             for k in range(len(STREAMS)):
                 parts += [t[k].pg_value if k in t else zero, (mb.loss_mask * (ts == k)).sum()]
             acc += torch.stack([torch.as_tensor(p, device=device).reshape(()) for p in parts]).to(acc)
@@ -147,6 +149,8 @@ def step_record(stats: dict, spec: ObjectiveSpec, lr: float, *, has_sampler: boo
         out["clipfrac"] = stats["clipped"] / stats["clip_tokens"]
     if stats["ratio_tokens"] and any(c.weight != "one" or c.clip != "none" for c in spec.streams.values()):
         out["ratio_mean"] = stats["ratio_sum"] / stats["ratio_tokens"]
+    if stats["nll_tokens"]:  # mean NLL of the demonstration tokens, whatever the method's own objective (DFT's)
+        out["nll"] = stats["nll_sum"] / stats["nll_tokens"]
     if spec.kl_beta_loss:
         out["kl"] = stats["kl"]
     if spec.with_entropy:
