@@ -124,3 +124,8 @@ def spins(prompts, completions, **kwargs):
     """Burns CPU for ever (a runaway verifier): the worker's CPU limit ends it."""
     while True:
         pass
+
+
+def from_answer(prompts, completions, answer, **kwargs):
+    """The row's `answer` column as the reward, whatever the completion: lets a test set every value."""
+    return [float(a) for a in answer]

@@ -37,10 +37,13 @@ def test_extract_answer_takes_last_mark_else_last_number(text, expected):
 
 
 def test_exact_match_scores_marked_bare_and_malformed_answers():
-    completions = ["work\n#### 19", "it is 19", "#### 190", "#### 1", "no idea", "#### 1,234", "The answer is 19."]
-    answers = ["19", "19", "19", "19", "19", "1234", "19"]
-    # near misses ("190", "1" vs "19") are wrong; no number at all is wrong (0.0), not unscorable (None)
-    assert exact_match(None, completions, answer=answers) == [1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0]
+    completions = ["work\n#### 19", "it is 19", "#### 190", "#### 1", "no idea", "#### 1,234", "The answer is 19.",
+                   " 1 2 3 4\n", "1 2 3 4 5"]
+    answers = ["19", "19", "19", "19", "19", "1234", "19", "1 2 3 4", "1 2 3 4"]
+    # near misses ("190", "1" vs "19") are wrong; without a mark the whole answer must match ("it is 19" is not
+    # "19": that is numeric's last-number rule), so a sorted list is right only whole; nothing readable is 0.0
+    assert exact_match(None, completions, answer=answers) == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0]
+    assert numeric_match(None, ["it is 19"], answer=["19"]) == [1.0]
 
 
 def test_exact_match_reads_conversational_completions_and_gsm8k_gold():

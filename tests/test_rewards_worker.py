@@ -165,7 +165,7 @@ def test_spawned_worker_does_not_import_torch(no_leaks):
 def test_builtins_run_in_the_worker_with_fixed_kwargs(no_leaks):
     specs = [RewardSpec("exact"), RewardSpec("format", kwargs={"pattern": r"^<a>"}, weight=0.5)]
     with RewardScorer(specs, timeout_s=10) as scorer:
-        out = scorer(["p"] * 3, ["<a> #### 4", "#### 5", "<a> 6"], columns={"answer": ["4", "4", "6"]}, **N3)
+        out = scorer(["p"] * 3, ["<a> #### 4", "#### 5", "<a> #### 6"], columns={"answer": ["4", "4", "6"]}, **N3)
     assert out.total.tolist() == [1.5, 0.0, 1.5]
 
 

@@ -125,3 +125,43 @@ def test_methods_that_do_not_exist_yet_are_named_not_mistaken(tmp_path):
         posttrain.train({"model": "m", "stages": [{"method": "sft", "data": {"path": str(tmp_path / "nope.jsonl")}}]},
                         out=tmp_path / "r", progress=False)
     assert not (tmp_path / "r").exists()  # a run that failed before it made anything leaves no directory
+
+
+def test_accuracy_is_the_primary_rewards_success_rate_at_its_threshold(user_model, tmp_path):
+    """Training: accuracy reads the reward marked primary (not the first listed) against its threshold."""
+    path, _, _ = user_model
+    r = {"model": path, "device": "cpu", "stages": [{"method": "grpo", "data": {}, "steps": 2, "batch": {"size": 2},
+                                                     "rollout": {"group_size": 2, "max_new_tokens": 4},
+                                                     "rewards": [{"fn": "letter_rewards:varied"},
+                                                                 {"fn": "user_model_rewards:one", "primary": True,
+                                                                  "weight": 0.0}]}]}
+    (tmp_path / "user_model_rewards.py").write_text("def one(prompts, completions, **kw):\n"
+                                                    "    return [1.0] * len(completions)\n")
+    import sys
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        posttrain.train(r, out=tmp_path / "run", data=RL_ROWS, progress=False)
+    finally:
+        sys.path.remove(str(tmp_path))
+    recs = metrics(tmp_path / "run")
+    assert all(x["accuracy"] == 1.0 and x["reward/varied"] < 1.0 for x in recs)
+
+
+def test_eval_requires_a_verifier_reports_reward_mean_and_reads_another_answer_column(tmp_path, user_model, capsys):
+    from posttrain.cli import main
+
+    path, _, _ = user_model
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": "Say A.", "answer": a, "completion": "7"}) for a in ("0.5", "1")))
+    assert main(["eval", "--model", str(tmp_path / "no-model"), "--data", str(data)]) == 2  # before the model loads
+    assert "name the verifier of this data: --reward exact" in capsys.readouterr().err
+    common = ["eval", "--model", path, "--data", str(data), "--reward", "reward_fns:from_answer", "--max-new-tokens",
+              "2", "--json"]
+    assert main(common) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["accuracy"] == 0.5 and out["reward_mean"] == 0.75  # 1.0 reaches the default threshold, 0.5 not
+    assert main(common + ["--threshold", "0.5"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == 1.0
+    assert main(common + ["--answer-column", "completion"]) == 0
+    assert json.loads(capsys.readouterr().out)["reward_mean"] == 7.0

@@ -131,8 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--data", help="JSONL / Parquet / dataset dir with prompt + answer columns")
     src.add_argument("--task", help="a built-in task (see `posttrain tasks`)")
     e.add_argument("--split", action="append", help="task split(s) to evaluate (default: id); repeatable")
-    e.add_argument("--reward", help="verifier for --data: builtin name (exact, numeric, math, code) or module:function "
-                   "(default: math); with --task, the task's primary reward")
+    e.add_argument("--reward", help="verifier, required with --data: exact (the whole answer, or the marked one), "
+                   "numeric (the last number), math, code, or module:function; with --task, the task's primary "
+                   "reward")
+    e.add_argument("--answer-column", help="with --data: the column holding the reference answer (default: answer), "
+                   "e.g. completion")
+    e.add_argument("--threshold", type=float, default=1.0, help="a completion is correct when the verifier's reward "
+                   "reaches this (default 1.0); reward_mean is reported beside accuracy")
     e.add_argument("--n", type=int, default=None, help="evaluate the first N rows (default: all for --data, "
                    "300 for --task)")
     e.add_argument("--samples", type=int, default=0, help="K samples per prompt for pass@k (default 0: greedy only)")

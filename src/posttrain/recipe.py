@@ -53,10 +53,12 @@ class DataConfig(Strict):
 
 
 class RewardConfig(Strict):
-    fn: str  # builtin name (exact, numeric, math, format, or a task's reward) or "module:function"
+    fn: str  # builtin name (exact, numeric, math, format, code, or a task's reward) or "module:function"
     weight: float = 1.0
     kwargs: dict[str, Any] = Field(default_factory=dict)
     name: Optional[str] = None
+    primary: bool = False  # `accuracy` is this reward's success rate (default: the first reward's)
+    threshold: float = 1.0  # the value at which this reward counts a sample as a success
 
 
 class OptimConfig(Strict):

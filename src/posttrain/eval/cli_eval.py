@@ -3,12 +3,17 @@ from __future__ import annotations
 
 import math
 
-from ..data import detect_format, load_rows, validate
+from ..data import DataError, detect_format, load_rows, validate
+from ..rewards.builtin import completion_text as completion_content
 from ..models import load_policy, stop_token_ids
 from .task_eval import evaluate_task, reward_metrics
 
 
 def run_eval(args) -> dict:
+    if args.data and not args.reward:  # before the model loads
+        raise DataError(args.data, None, None, "name the verifier of this data: --reward exact (the whole answer), "
+                        "numeric (the last number), math, code (runs the program against a `tests` column) or "
+                        "module:function")
     model, tok = load_policy(args.model)
     stop_ids = stop_token_ids(tok, model)
     common = dict(max_new_tokens=args.max_new_tokens, samples=args.samples, temperature=args.temperature,
@@ -20,10 +25,16 @@ def run_eval(args) -> dict:
     from ..rewards import RewardScorer, RewardSpec
 
     rowset = load_rows(args.data)
+    if args.answer_column:  # the reference answer sits in another column (e.g. completion)
+        missing = [i + 1 for i, r in enumerate(rowset.rows) if args.answer_column not in r]
+        if missing:
+            raise DataError(rowset.origin, missing[0], args.answer_column, f"missing (--answer-column; {len(missing)} "
+                            "rows lack it)")
+        rowset.rows = [{**r, "answer": completion_content(r[args.answer_column])} for r in rowset.rows]
     fmt = detect_format(rowset, ("prompt_answer", "prompt_only"))
     validate(rowset, fmt)
     rows = rowset.rows[: args.n] if args.n else rowset.rows
-    name = args.reward or "math"
+    name = args.reward
     # The verifier runs like a training reward: out of process, with a timeout; a failing sample is unscored.
     with RewardScorer([RewardSpec(fn=name)], timeout_s=args.reward_timeout) as scorer:
         def verifier(prompts, completions, completion_ids, **columns):
@@ -31,4 +42,4 @@ def run_eval(args) -> dict:
                            row_ids=list(range(len(prompts))))
             return [None if math.isnan(v) else v for v in batch.total.tolist()]
 
-        return reward_metrics(model, tok, rows, {name: verifier}, name, **common)
+        return reward_metrics(model, tok, rows, {name: verifier}, name, threshold=args.threshold, **common)

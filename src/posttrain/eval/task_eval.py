@@ -13,10 +13,11 @@ from .metrics import evaluate
 
 def reward_metrics(model, tok, rows: list[dict], rewards: dict[str, Callable], primary: str, *, stop_ids, pad_id,
                    max_new_tokens: int, samples: int = 0, temperature: float = 1.0, seed: int = 0,
-                   answer: Callable[[str], "str | None"] | None = None) -> dict:
-    """Generic evaluation of `rows` (prompt + answer columns): `primary` decides correctness; every other reward
-    in `rewards` is averaged over the greedy completions and reported under its name. `answer` reads the answer
-    out of a completion's text, for maj@k."""
+                   answer: Callable[[str], "str | None"] | None = None, threshold: float = 1.0) -> dict:
+    """Generic evaluation of `rows` (prompt + answer columns): a completion is correct when the `primary` reward
+    reaches `threshold` (accuracy, pass@k); `reward_mean` is that reward's mean over the greedy completions, and
+    every other reward in `rewards` is averaged over them under its name. `answer` reads the answer out of a
+    completion's text, for maj@k."""
     prompts = [r["prompt"] for r in rows]
     prompt_ids = [encode_prompt(p, tok) for p in prompts]
     columns = {k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"} if rows else {}
@@ -28,11 +29,15 @@ def reward_metrics(model, tok, rows: list[dict], rewards: dict[str, Callable], p
         out = fn(ps, comps, completion_ids=comp_ids, **kw)
         return [float("nan") if v is None else float(v) for v in out]
 
+    last: dict = {}  # the primary's raw values of the last scored completions (the greedy ones precede `extra`)
+
     def score(idx, comp_ids):
-        return [float(v > 0.5) if not math.isnan(v) else v for v in call(rewards[primary], idx, comp_ids)]
+        last["raw"] = call(rewards[primary], idx, comp_ids)
+        return [float(v >= threshold) if not math.isnan(v) else v for v in last["raw"]]
 
     def extra(idx, comp_ids):
-        return {name: call(fn, idx, comp_ids) for name, fn in rewards.items() if name != primary}
+        out = {name: call(fn, idx, comp_ids) for name, fn in rewards.items() if name != primary}
+        return {**out, "reward_mean": last["raw"]}
 
     def answers(idx, comp_ids):
         return [answer(tok.decode(list(c), skip_special_tokens=True)) for c in comp_ids]

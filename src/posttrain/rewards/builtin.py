@@ -144,11 +144,15 @@ def _gold(answer: object) -> str | None:
 
 
 def exact_match(prompts: list, completions: list, answer: list, **kw) -> list[float | None]:
-    """1.0 where the extracted answer equals the gold answer after normalisation; None if gold is missing."""
+    """1.0 where the answer equals the gold answer after normalisation (case, surrounding space and ``$``, a final
+    period, thousands separators); None if gold is missing. The answer is the marked one (``#### 19``, ``The
+    answer is 19``, ``\\boxed{19}``) when the completion has a mark, else the whole completion: "1 2 3 4"
+    must equal "1 2 3 4" (the last-number rule is ``numeric``'s)."""
     scores: list[float | None] = []
     for completion, gold in zip(completions, answer, strict=True):
         gold = _gold(gold)
-        pred = extract_answer(completion_text(completion))
+        text = completion_text(completion)
+        pred = marked_answer(text) or text.strip() or None
         if gold is None:
             scores.append(None)
         else:

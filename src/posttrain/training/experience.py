@@ -382,13 +382,20 @@ class Experience:
                "reward_std": float(R[ok].std()) if ok.sum() > 1 else 0.0,
                "response_len": sum(part.rows[i].meta["sampled"] for i in free) / max(len(free), 1),
                "truncated_frac": sum(part.rows[i].truncated for i in free) / max(len(free), 1)}
+        primary, threshold = self._primary()
         for n, (name, vals) in enumerate(part.per_fn.items()):
             v = torch.tensor([vals[i] for i in free], dtype=torch.float64)
             v = v[~torch.isnan(v)]
             out[f"reward/{name}"] = float(v.mean()) if len(v) else float("nan")
-            if n == 0:
-                out["accuracy"] = out[f"reward/{name}"]
+            if n == primary:  # accuracy: the share of samples whose primary reward reaches its threshold
+                out["accuracy"] = float((v >= threshold).double().mean()) if len(v) else float("nan")
         return out
+
+    def _primary(self) -> tuple[int, float]:
+        """(index, threshold) of the reward `accuracy` is read from: the one marked primary, else the first."""
+        rewards = self.s.rewards
+        i = next((k for k, r in enumerate(rewards) if r.primary), 0)
+        return i, (rewards[i].threshold if rewards else 1.0)
 
     # ---- per-question gates and extra rows ------------------------------------------------------------
 
