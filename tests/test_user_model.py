@@ -165,3 +165,41 @@ def test_eval_requires_a_verifier_reports_reward_mean_and_reads_another_answer_c
     assert json.loads(capsys.readouterr().out)["accuracy"] == 1.0
     assert main(common + ["--answer-column", "completion"]) == 0
     assert json.loads(capsys.readouterr().out)["reward_mean"] == 7.0
+
+
+@pytest.fixture(scope="module")
+def no_template(tmp_path_factory, tokenizer):
+    """A model saved with a tokenizer that has no chat template, and that tokenizer (with one) elsewhere."""
+    root = tmp_path_factory.mktemp("tpl")
+    model = tiny_model("llama", tokenizer, seed=0)
+    bare = copy.deepcopy(tokenizer)
+    bare.chat_template = None
+    stop = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    save_pretrained(model, bare, root / "model", stop_ids=stop)
+    tokenizer.save_pretrained(str(root / "tokenizer"))
+    return root
+
+
+def test_chat_data_without_a_chat_template_fails_before_the_model_loads_for_every_method(no_template, tmp_path,
+                                                                                         capsys):
+    from posttrain.cli import main
+    from posttrain.recipe import RecipeError
+    from posttrain.tiny import CHAT_TEMPLATE
+
+    model = str(no_template / "model")
+    for method, rows in (("grpo", RL_ROWS), ("sft", SFT_ROWS)):
+        r = {"model": model, "device": "cpu", "stages": [{"method": method, "data": {}, "steps": 1,
+                                                          "batch": {"size": 2},
+                                                          "rollout": {"group_size": 2, "max_new_tokens": 4}}]}
+        with pytest.raises(RecipeError, match=r"row 1 is a chat .* has no chat template; set `chat_template:`"):
+            posttrain.train(r, out=tmp_path / method, data=rows, rewards=[varied], progress=False)
+        template = tmp_path / "chatml.jinja"
+        template.write_text(CHAT_TEMPLATE)
+        for k, fix in enumerate(({"chat_template": str(template)}, {"tokenizer": str(no_template / "tokenizer")})):
+            summary = posttrain.train({**r, **fix}, out=tmp_path / f"{method}-fix{k}", data=rows, rewards=[varied],
+                                      progress=False)
+            assert summary["stages"][method]["steps"] == 1
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"prompt": [{"role": "user", "content": "Say A."}], "answer": "A"}) + "\n")
+    assert main(["eval", "--model", model, "--data", str(data), "--reward", "exact"]) == 2
+    assert "row 1, field 'prompt': is a chat (a list of messages), but the tokenizer" in capsys.readouterr().err

@@ -114,8 +114,9 @@ def _end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return [vocab[t] for t in END_OF_TURN_TOKENS if t in vocab]
 
 
-def load_tokenizer(name_or_path: Any) -> PreTrainedTokenizerBase:
-    """Load a tokenizer (or take a loaded one) and make sure it has eos and pad tokens.
+def load_tokenizer(name_or_path: Any, chat_template: str | None = None) -> PreTrainedTokenizerBase:
+    """Load a tokenizer (or take a loaded one) and make sure it has eos and pad tokens. `chat_template` (Jinja
+    text, or the path of a file holding it) replaces the tokenizer's own.
 
     No pad -> pad = eos (logged). No eos -> the first known end-of-turn token (logged). Neither -> error,
     because nothing could mark where a sequence ends.
@@ -126,6 +127,10 @@ def load_tokenizer(name_or_path: Any) -> PreTrainedTokenizerBase:
     else:
         origin = resolve_model(name_or_path, required_file="tokenizer_config.json")
         tokenizer = AutoTokenizer.from_pretrained(origin)
+    if chat_template:
+        template = Path(chat_template).expanduser()
+        tokenizer.chat_template = template.read_text() if "{" not in chat_template and template.is_file() \
+            else chat_template
     if tokenizer.eos_token_id is None:
         eot = _end_of_turn_ids(tokenizer)
         if not eot:
@@ -230,13 +235,15 @@ def check_compatible(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase)
 
 
 def load_policy(name_or_path: str, *, dtype: str | torch.dtype = "auto", device: str = "auto",
-                resize_embeddings: bool = False):
+                resize_embeddings: bool = False, tokenizer: str | None = None, chat_template: str | None = None):
     """(model, tokenizer) from one place, checked for compatibility; logs the dtype and device chosen.
-    `resize_embeddings` gives the model a row for every token of the tokenizer first."""
+    `tokenizer` pairs the model with another tokenizer (a directory or hub id), `chat_template` with another
+    template; `resize_embeddings` gives the model a row for every token of the tokenizer first."""
     device = pick_device(device)
     torch_dtype = choose_dtype(dtype, device)
     model = load_model(name_or_path, dtype=torch_dtype, device=device)
-    tokenizer = load_tokenizer(resolve_model(name_or_path))
+    tokenizer = load_tokenizer(resolve_model(tokenizer or name_or_path, required_file="tokenizer_config.json"),
+                               chat_template)
     if resize_embeddings and len(tokenizer) > model.get_input_embeddings().num_embeddings:
         log.info("resizing the embeddings of %s from %d to %d rows", name_or_path,
                  model.get_input_embeddings().num_embeddings, len(tokenizer))

@@ -251,6 +251,8 @@ class CheckpointConfig(Strict):
 
 class Recipe(Strict):
     model: str  # builtin:tiny, a local model directory, or a hub id
+    tokenizer: Optional[str] = None  # another tokenizer for the model (a directory or hub id); default: the model's
+    chat_template: Optional[str] = None  # a Jinja chat template (text or a file) replacing the tokenizer's
     resize_embeddings: bool = False  # give the model an embedding row for every token of its tokenizer
     seed: int = 0
     device: str = "auto"

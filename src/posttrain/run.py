@@ -193,17 +193,22 @@ class Run:
         for stage, sd in zip(cfg.stages, stage_data):
             self._check_rewards(stage, sd)
         resume_from = str(progress.last_model() or cfg.model)
+        # A finished stage saved the tokenizer (and template) it trained with; the first stage may pair others.
+        tok_from, template = (resume_from, None) if progress.done else (cfg.tokenizer or cfg.model, cfg.chat_template)
         try:
-            tok, context = load_tokenizer(resolve_model(resume_from)), model_context(resume_from)
+            tok = load_tokenizer(resolve_model(tok_from, required_file="tokenizer_config.json"), template)
+            context = model_context(resume_from)
             self.vocab_rows = len(tok) if cfg.resize_embeddings else model_rows(resume_from)
         except Exception:
             self.bad_rows.verdict()  # the bad rows found so far first, when the model cannot even be found
             raise
         for stage, sd in zip(cfg.stages, stage_data):
+            _check_template(stage, sd, tok, tok_from)
             self._check_lengths(stage, sd, tok, context)
         self.bad_rows.verdict()
         model, tok = load_policy(resume_from, dtype=choose_dtype(cfg.dtype, device), device=device,
-                                 resize_embeddings=cfg.resize_embeddings)
+                                 resize_embeddings=cfg.resize_embeddings, tokenizer=None if progress.done else
+                                 cfg.tokenizer, chat_template=template)
         stop_ids = stop_token_ids(tok, model)
         pad_id = tok.pad_token_id
         summary: dict[str, Any] = {"model": cfg.model, "out": str(self.out), "device": device,
@@ -465,6 +470,19 @@ class Run:
             log.info("stage %s round %d: %d verified samples -> %s", stage.name, round_, len(rows), path)
 
         return write
+
+
+def _check_template(stage, sd: "StageData", tok, origin: str) -> None:
+    """Chat-form data needs a chat template: say so before the model loads, for every method."""
+    if getattr(tok, "chat_template", None):
+        return
+    for rowset in (sd.rows, sd.demos):
+        for i, row in enumerate(rowset.rows if rowset is not None else []):
+            if any(isinstance(row.get(k), list) for k in ("messages", "prompt", "completion")):
+                raise RecipeError(f"stage {stage.name!r}: {rowset.origin} row {rowset.number(i)} is a chat (a list of "
+                                  f"messages), but the tokenizer of {origin} has no chat template; set `chat_template:` "
+                                  "in the recipe (Jinja text or a file), pair the model with a `tokenizer:` that has "
+                                  "one, or give string prompts")
 
 
 def _explain_stage(stage, preset, sd: "StageData", n_steps: int) -> None:

@@ -33,6 +33,10 @@ def run_eval(args) -> dict:
         rowset.rows = [{**r, "answer": completion_content(r[args.answer_column])} for r in rowset.rows]
     fmt = detect_format(rowset, ("prompt_answer", "prompt_only"))
     validate(rowset, fmt)
+    chat = next((i for i, r in enumerate(rowset.rows) if isinstance(r.get("prompt"), list)), None)
+    if chat is not None and not getattr(tok, "chat_template", None):
+        raise DataError(rowset.origin, rowset.number(chat), "prompt", f"is a chat (a list of messages), but the "
+                        f"tokenizer of {args.model} has no chat template; give it one, or use string prompts")
     rows = rowset.rows[: args.n] if args.n else rowset.rows
     name = args.reward
     # The verifier runs like a training reward: out of process, with a timeout; a failing sample is unscored.
