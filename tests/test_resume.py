@@ -100,6 +100,7 @@ FAMILIES = {
     "chord_mu": stage("chord_mu", 4, mix={"mu_warmup": 1, "mu_decay": 3}),
     "relift": stage("relift", 5, sources={"buffer_size": 2}),
     "prefix_rft": stage("prefix_rft", 4),
+    "grpo_lora": {**stage("grpo", 4, kl={"beta": 0.1}, lora={"r": 4, "alpha": 8.0}), "name": "grpo_lora"},
 }
 
 

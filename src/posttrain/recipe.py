@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import difflib
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -181,6 +181,16 @@ class SamplesConfig(Strict):
     n: int = Field(4, gt=0)
 
 
+class LoraConfig(Strict):
+    """Train low-rank adapters instead of the whole policy (peft); merged into the weights at the stage's end."""
+
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32.0, gt=0)  # the update is (alpha / r) B A
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: Union[str, list[str]] = "all-linear"  # peft's names; "all-linear": every Linear but the head
+    quantize: Optional[Literal["4bit"]] = None  # QLoRA (a 4-bit base through bitsandbytes): CUDA only
+
+
 class StopConfig(Strict):
     """End the stage early once this much has been trained on (checked after every optimizer step)."""
 
@@ -221,6 +231,7 @@ class StageConfig(Strict):
     reward_timeout_s: float = Field(30.0, gt=0)
     reward_policy: RewardPolicyConfig = Field(default_factory=RewardPolicyConfig)
     samples: SamplesConfig = Field(default_factory=SamplesConfig)
+    lora: Optional[LoraConfig] = None
     log_every: int = Field(1, gt=0)
 
     @field_validator("method")

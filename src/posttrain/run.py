@@ -41,7 +41,7 @@ from .models import choose_dtype, load_policy, load_tokenizer, model_context, mo
 from .objective.presets import PRESETS, get_preset
 from .recipe import Recipe, RecipeError, dump_recipe, load_recipe, recipe_data
 from .rundir import BadRows, RunLock, StageProgress, StopRequest, changes, move_aside, refuse_changes, stage_config
-from .training import checkpoint
+from .training import checkpoint, lora
 from .training.loop import new_state, run_stage
 from .training.metrics import JsonlSink, Progress, Sinks, TensorBoardSink
 
@@ -245,8 +245,8 @@ class Run:
                 t0 = time.perf_counter() - (self.resume[1]["stage_wall_s"] if resumed else 0.0)
                 if curve.every and i == 0 and not resumed:
                     curve.point(model, stage.name, 0, 0, 0, 0.0)  # the base
-                result = self._run_stage(i, stage, sd, model, tok, stop_ids, pad_id, device, sinks, global_step,
-                                         on_step=curve.on_step(stage.name, t0), t0=t0)
+                result, model = self._run_stage(i, stage, sd, model, tok, stop_ids, pad_id, device, sinks,
+                                                global_step, on_step=curve.on_step(stage.name, t0), t0=t0)
                 global_step += result["steps"]
                 result["wall_s"] = round(time.perf_counter() - t0, 3)
                 curve.end_stage(result, model)
@@ -258,6 +258,10 @@ class Run:
                 summary["eval"]["after"] = summary["stages"][cfg.stages[-1].name]["eval"]
             faults.hit("final")
             save_pretrained(model, tok, self.out / "final", stop_ids=stop_ids)
+            last_stage = cfg.stages[-1]
+            if last_stage.lora is not None:  # the last stage's adapter beside the merged weights (peft loads it)
+                shutil.copytree(self.out / "stages" / last_stage.name / "adapter", self.out / "final" / "adapter",
+                                dirs_exist_ok=True)
         finally:
             sinks.close()
             curve.close()
@@ -397,9 +401,12 @@ class Run:
         self._resolve_late(stage, sd, tok, getattr(model.config, "max_position_embeddings", None))
         self.bad_rows.verdict()
         seed = self.cfg.seed + 7919 * i
+        if stage.lora is not None:
+            model = lora.attach(model, stage.lora, device)
         ref_model = None
-        if stage.kl.beta:  # the reference is the policy at this stage's start
-            ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        if stage.kl.beta:  # the reference is the policy at this stage's start (LoRA: the adapters disabled)
+            ref_model = lora.reference(model) if stage.lora is not None else \
+                copy.deepcopy(model).eval().requires_grad_(False)
         n_steps = min(stage.steps, self.max_steps) if self.max_steps else stage.steps
         _explain_stage(stage, preset, sd, n_steps)
         progress = Progress(n_steps, stage.name, stage.log_every, tty=self.progress)
@@ -440,7 +447,9 @@ class Run:
             progress.close()
         result.update(steps=state.step, samples=state.samples, tokens=state.tokens)
         result["final"] = {k: v for k, v in last.items() if k not in ("stage", "step", "global_step")}
-        return result
+        if stage.lora is not None:  # the adapter is kept beside the stage; the weights continue merged
+            model = lora.finish(model, self.out / "stages" / stage.name / "adapter")
+        return result, model
 
     def _start(self, model, stage, seed: int, experience, resume, sink):
         """A stage's TrainState: new, or restored from its checkpoint (after the reference model was copied from

@@ -75,7 +75,11 @@ def save(root: Path, stage_index: int, stage: str, state, extra: dict) -> Path:
             "tokens": state.tokens, "nonfinite": state.nonfinite, "nonfinite_streak": state.nonfinite_streak,
             "wall_s": state.wall_s, "seed": state.seed, "experience": state.experience.state_dict(),
             "scheduler": _scheduler_state(state.scheduler), "optimizer": opt_rest, "rng": _host_rng(), **extra}
-    writers = {"model.safetensors": lambda p: save_model(state.model, str(p)),
+    from . import lora
+
+    save_weights = (lambda p: save_file(lora.trainable(state.model), str(p))) if lora.is_lora(state.model) else \
+        (lambda p: save_model(state.model, str(p)))  # a LoRA stage saves its adapters only
+    writers = {"model.safetensors": save_weights,
                "optimizer.safetensors": lambda p: save_file(opt_tensors, str(p)),
                "rng.safetensors": lambda p: save_file(rng, str(p)),
                "state.json": lambda p: p.write_text(dumps(body), encoding="utf-8")}
@@ -166,8 +170,17 @@ def read_state(path: Path) -> dict:
 
 def load(path: Path, state) -> dict:
     """Restore a TrainState from the checkpoint at `path`; returns state.json (with the caller's `extra`)."""
+    from . import lora
+
     body = read_state(path)
-    missing, unexpected = load_model(state.model, str(path / "model.safetensors"), strict=False)
+    if lora.is_lora(state.model):  # the adapters only: every trainable parameter, nothing else
+        weights = load_file(str(path / "model.safetensors"))
+        want = set(lora.trainable(state.model))
+        missing, unexpected = sorted(want - set(weights)), sorted(set(weights) - want)
+        if not missing and not unexpected:
+            state.model.load_state_dict(weights, strict=False)
+    else:
+        missing, unexpected = load_model(state.model, str(path / "model.safetensors"), strict=False)
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not fit the model: missing {sorted(missing)[:5]}, unexpected "
                          f"{sorted(unexpected)[:5]}")

@@ -1,0 +1,66 @@
+"""LoRA stages: only the adapters train and are checkpointed; the KL reference is the base with the adapters
+disabled; `final/` holds merged weights (W + (alpha/r) B A, to 1e-6) that plain transformers loads, with the
+adapter beside it in `final/adapter/` that peft loads; QLoRA off a GPU is a clear error."""
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import posttrain
+from letter_rewards import varied
+from posttrain.recipe import RecipeError
+from test_resume import RL_ROWS, SFT_ROWS
+from test_train_e2e import metrics, model_dirs  # noqa: F401  (model_dirs: a fixture)
+
+LORA = {"r": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj", "down_proj"]}
+
+
+def test_a_lora_sft_stage_merges_to_base_plus_scaled_BA_and_keeps_the_adapter(tmp_path, model_dirs):
+    base_dir = model_dirs["llama"]
+    r = {"model": base_dir, "device": "cpu", "checkpoint": {"every": 1},
+         "stages": [{"method": "sft", "data": {}, "steps": 3, "optim": {"lr": 1e-2}, "lora": LORA}]}
+    posttrain.train(r, out=tmp_path / "run", data=SFT_ROWS, progress=False)
+    base = load_file(f"{base_dir}/model.safetensors")
+    final = load_file(tmp_path / "run" / "final" / "model.safetensors")
+    adapter = load_file(tmp_path / "run" / "final" / "adapter" / "adapter_model.safetensors")
+    scale = LORA["alpha"] / LORA["r"]
+    targeted = 0
+    for name, w in base.items():
+        prefix = "base_model.model." + name.removesuffix(".weight")
+        a, b = adapter.get(prefix + ".lora_A.weight"), adapter.get(prefix + ".lora_B.weight")
+        if a is None:
+            assert torch.equal(final[name], w), name  # not a target: untouched
+            continue
+        targeted += 1
+        expect = w.double() + scale * (b.double() @ a.double())
+        assert torch.allclose(final[name].double(), expect, atol=1e-6, rtol=0), name
+        assert not torch.equal(final[name], w), name  # the adapter did learn something
+    assert targeted == 3 * 2  # q, v, down in each of the 2 layers
+    ckpt = next((tmp_path / "run" / "checkpoints").iterdir())
+    assert all("lora_" in k for k in load_file(ckpt / "model.safetensors"))  # adapters only
+    # the merged weights load in plain transformers; peft's base + adapter gives the same outputs
+    from peft import PeftModel
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final").eval()
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir),
+                                           str(tmp_path / "run" / "final" / "adapter")).eval()
+    ids = torch.tensor([[5, 17, 42, 7, 99, 3]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, peft_model(ids).logits, atol=1e-5)
+
+
+def test_lora_grpo_with_kl_uses_the_disabled_adapters_as_reference(tmp_path, model_dirs):
+    r = {"model": model_dirs["llama"], "device": "cpu", "stages": [{
+        "method": "grpo", "data": {}, "steps": 3, "optim": {"lr": 1e-2}, "batch": {"size": 2},
+        "rollout": {"group_size": 4, "max_new_tokens": 6}, "kl": {"beta": 0.1}, "lora": LORA}]}
+    posttrain.train(r, out=tmp_path / "run", data=RL_ROWS, rewards=[varied], progress=False)
+    recs = metrics(tmp_path / "run")
+    assert recs[0]["kl"] == pytest.approx(0.0, abs=1e-7)  # at the start the policy is the reference
+    assert recs[-1]["kl"] > 0  # then the adapters move it away
+
+
+def test_qlora_off_a_gpu_is_a_clear_error(tmp_path, model_dirs):
+    r = {"model": model_dirs["llama"], "device": "cpu", "stages": [{
+        "method": "sft", "data": {}, "steps": 1, "lora": {**LORA, "quantize": "4bit"}}]}
+    with pytest.raises(RecipeError, match=r"lora.quantize: '4bit' \(QLoRA\) needs a CUDA GPU and bitsandbytes"):
+        posttrain.train(r, out=tmp_path / "run", data=SFT_ROWS, progress=False)
