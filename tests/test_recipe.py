@@ -146,3 +146,18 @@ def test_from_stage_must_name_an_earlier_data_making_stage():
     assert load_recipe({"model": "m", "stages": [rft, later]}).stages[1].data.from_stage == "a"
     assert "give one of path, task or from_stage" in error_of(
         {"model": "m", "stages": [rft, {**later, "data": {"from_stage": "a", "path": "y"}}]})
+
+
+def test_the_recipe_key_reference_is_in_sync_with_the_config_classes(capsys):
+    """docs/recipe-keys.md is `posttrain recipe-keys`; a new or changed key must be regenerated there."""
+    from pathlib import Path
+
+    from posttrain.cli import main
+
+    assert main(["recipe-keys"]) == 0
+    table = capsys.readouterr().out
+    doc = (Path(__file__).parents[1] / "docs" / "recipe-keys.md").read_text()
+    assert doc.endswith(table), "docs/recipe-keys.md is stale: regenerate it from `posttrain recipe-keys`"
+    for key in ("`stages.N.lora.r`", "`checkpoint.every`", "`stages.N.reward_policy.max_error_rate`",
+                "`stages.N.data.max_bad_fraction`", "`resize_embeddings`", "`chat_template`"):
+        assert key in table

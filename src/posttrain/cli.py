@@ -62,6 +62,13 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_recipe_keys(args) -> int:
+    from .recipe import key_reference
+
+    print(key_reference(), end="")
+    return 0
+
+
 def cmd_tasks(args) -> int:
     from .tasks import TASKS
 
@@ -151,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("methods", help="list the method presets and their components")
     m.add_argument("--json", action="store_true", help="print a JSON list with every component and default")
     m.set_defaults(fn=cmd_methods)
+
+    rk = sub.add_parser("recipe-keys", help="every recipe key with its type, default and meaning (Markdown)")
+    rk.set_defaults(fn=cmd_recipe_keys)
 
     k = sub.add_parser("tasks", help="list the built-in tasks")
     k.add_argument("--json", action="store_true", help="print a JSON list")

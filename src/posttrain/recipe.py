@@ -35,15 +35,14 @@ class DataConfig(Strict):
     path: Optional[str] = None  # JSONL / JSON / Parquet file, dataset directory, or hub id
     task: Optional[str] = None  # a built-in task name (`posttrain tasks`), instead of `path`
     from_stage: Optional[str] = None  # the data an earlier stage of this run made (RFT's verified samples)
-    split: str = "train"
+    split: str = "train"  # the split of a task or dataset dictionary
     format: Literal[DATA_FORMATS] = "auto"  # type: ignore[valid-type]
     max_len: int = Field(1024, gt=0)  # longest tokenised demonstration / prompt; a longer row is a bad row
     # Bad rows (unreadable, missing or mistyped fields, over-long, ...) are listed in OUT/bad_rows.jsonl; up to
     # this share of the rows they are dropped with a warning, beyond it the run stops before step 0.
-    max_bad_fraction: float = Field(0.0, ge=0, le=1)
+    max_bad_fraction: float = Field(0.0, ge=0, le=1)  # bad rows dropped up to this share; above: stop
     limit: Optional[int] = Field(None, gt=0)  # use only the first `limit` rows
-    shuffle: bool = True
-
+    shuffle: bool = True  # a fresh permutation each epoch
     @model_validator(mode="after")
     def _one_source(self) -> "DataConfig":
         given = [k for k in ("path", "task", "from_stage") if getattr(self, k) is not None]
@@ -53,15 +52,19 @@ class DataConfig(Strict):
 
 
 class RewardConfig(Strict):
+    """One reward function."""
+
     fn: str  # builtin name (exact, numeric, math, format, code, or a task's reward) or "module:function"
-    weight: float = 1.0
-    kwargs: dict[str, Any] = Field(default_factory=dict)
-    name: Optional[str] = None
+    weight: float = 1.0  # weight in the total reward
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # fixed keyword arguments
+    name: Optional[str] = None  # its name in metrics (default: the function's)
     primary: bool = False  # `accuracy` is this reward's success rate (default: the first reward's)
     threshold: float = 1.0  # the value at which this reward counts a sample as a success
 
 
 class OptimConfig(Strict):
+    """AdamW and the guard against non-finite steps."""
+
     lr: float = Field(1e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -73,17 +76,23 @@ class OptimConfig(Strict):
 
 
 class ScheduleConfig(Strict):
+    """The learning-rate schedule."""
+
     kind: Literal["cosine", "constant"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
 
 
 class BatchConfig(Strict):
+    """How many rows (prompts for RL) a step takes, and its micro-batches."""
+
     size: int = Field(8, gt=0)  # SFT: sequences per optimizer step; RL: prompts per rollout batch
     micro_size: Optional[int] = Field(None, gt=0)  # sequences per forward/backward (gradient accumulation)
 
 
 class RolloutConfig(Strict):
+    """How the policy samples completions."""
+
     group_size: int = Field(8, gt=0)  # completions sampled per prompt (G)
     max_new_tokens: int = Field(256, gt=0)
     temperature: float = Field(1.0, gt=0)
@@ -91,27 +100,37 @@ class RolloutConfig(Strict):
 
 
 class ClipConfig(Strict):
+    """Ratio clipping of the policy-gradient weight."""
+
     eps_low: Optional[float] = Field(None, ge=0, lt=1)
     eps_high: Optional[float] = Field(None, ge=0)
     eps_max: Optional[float] = Field(None, gt=0)  # CISPO truncation
 
 
 class KLConfig(Strict):
+    """A KL penalty to the stage's reference policy."""
+
     beta: Optional[float] = Field(None, ge=0)
     estimator: Optional[Literal[KL_ESTIMATORS]] = None  # type: ignore[valid-type]
     placement: Optional[Literal["loss", "reward"]] = None
 
 
 class EntropyConfig(Strict):
+    """An entropy bonus."""
+
     coef: Optional[float] = Field(None, ge=0)
 
 
 class AdvantageConfig(Strict):
+    """The advantage estimator."""
+
     kind: Optional[Literal[ADVANTAGES]] = None  # type: ignore[valid-type]
     std_eps: Optional[float] = Field(None, gt=0)
 
 
 class DynamicSamplingConfig(Strict):
+    """DAPO's dynamic sampling."""
+
     enabled: Optional[bool] = None
     max_rounds: int = Field(4, gt=0)  # extra sampling rounds allowed to refill the batch with mixed groups
 
@@ -126,6 +145,8 @@ class StreamConfig(Strict):
 
 
 class StreamsConfig(Strict):
+    """Components per stream (demo, rollout, prefix), over the preset's."""
+
     demo: Optional[StreamConfig] = None
     rollout: Optional[StreamConfig] = None
     prefix: Optional[StreamConfig] = None
@@ -159,6 +180,8 @@ class MixConfig(Strict):
 
 
 class OverlongConfig(Strict):
+    """What happens to completions cut at rollout.max_new_tokens."""
+
     mask_truncated: Optional[bool] = None
     soft_penalty: Optional[bool] = None
     cache: Optional[int] = Field(None, gt=0)  # soft-penalty ramp length; default 20% of max_new_tokens
@@ -199,41 +222,42 @@ class StopConfig(Strict):
 
 
 class StageConfig(Strict):
-    name: Optional[str] = None
-    method: str
+    """One stage: a method, its data, and any component it overrides."""
+
+    name: Optional[str] = None  # default: the method
+    method: str  # a preset: `posttrain methods`
     data: DataConfig
     demos: Optional[DataConfig] = None  # demonstrations from a separate dataset (CHORD, ReLIFT, LUFFY, ...)
-    rewards: list[RewardConfig] = Field(default_factory=list)
+    rewards: list[RewardConfig] = Field(default_factory=list)  # reward functions (RL methods)
     steps: int = Field(100, gt=0)  # optimizer steps (the schedule's length)
     stop: StopConfig = Field(default_factory=StopConfig)  # a budget of samples / tokens ending it sooner
-    optim: OptimConfig = Field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
-    batch: BatchConfig = Field(default_factory=BatchConfig)
-    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)  # AdamW
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)  # learning-rate schedule
+    batch: BatchConfig = Field(default_factory=BatchConfig)  # sizes
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)  # sampling
     ppo_epochs: int = Field(1, gt=0)  # passes over each rollout batch
     minibatches: int = Field(1, gt=0)  # optimizer steps per pass
     # Components of the preset's main stream (rollout for RL methods, demo for SFT methods); `streams` sets any.
     weight: Optional[Literal[tuple(WEIGHTS)]] = None  # type: ignore[valid-type]
     clip_level: Optional[Literal[CLIPS]] = None  # type: ignore[valid-type]
     aggregation: Optional[Literal[AGGREGATIONS]] = None  # type: ignore[valid-type]
-    streams: StreamsConfig = Field(default_factory=StreamsConfig)
-    normaliser: Optional[Literal["stream", "joint"]] = None
+    streams: StreamsConfig = Field(default_factory=StreamsConfig)  # per-stream components (demo, rollout, prefix)
+    normaliser: Optional[Literal["stream", "joint"]] = None  # stream: one normaliser per stream; joint: one over all
     shaping_gamma: Optional[float] = Field(None, gt=0)  # LUFFY's f(p) = p / (p + gamma)
     success_threshold: Optional[float] = None  # total reward at which a sample counts as correct
     sources: SourcesConfig = Field(default_factory=SourcesConfig)
     mix: MixConfig = Field(default_factory=MixConfig)
-    clip: ClipConfig = Field(default_factory=ClipConfig)
-    kl: KLConfig = Field(default_factory=KLConfig)
-    entropy: EntropyConfig = Field(default_factory=EntropyConfig)
-    advantage: AdvantageConfig = Field(default_factory=AdvantageConfig)
-    dynamic_sampling: DynamicSamplingConfig = Field(default_factory=DynamicSamplingConfig)
-    overlong: OverlongConfig = Field(default_factory=OverlongConfig)
-    reward_timeout_s: float = Field(30.0, gt=0)
+    clip: ClipConfig = Field(default_factory=ClipConfig)  # ratio clipping
+    kl: KLConfig = Field(default_factory=KLConfig)  # KL to the reference (the policy at the stage's start)
+    entropy: EntropyConfig = Field(default_factory=EntropyConfig)  # entropy bonus
+    advantage: AdvantageConfig = Field(default_factory=AdvantageConfig)  # advantage estimator
+    dynamic_sampling: DynamicSamplingConfig = Field(default_factory=DynamicSamplingConfig)  # DAPO's refill
+    overlong: OverlongConfig = Field(default_factory=OverlongConfig)  # completions cut at max_new_tokens
+    reward_timeout_s: float = Field(30.0, gt=0)  # seconds per reward call
     reward_policy: RewardPolicyConfig = Field(default_factory=RewardPolicyConfig)
     samples: SamplesConfig = Field(default_factory=SamplesConfig)
     lora: Optional[LoraConfig] = None
-    log_every: int = Field(1, gt=0)
-
+    log_every: int = Field(1, gt=0)  # steps between progress lines (metrics.jsonl has every step)
     @field_validator("method")
     @classmethod
     def _method_known(cls, v: str) -> str:
@@ -242,6 +266,8 @@ class StageConfig(Strict):
 
 
 class EvalConfig(Strict):
+    """Evaluation on a built-in task before the first stage and after each."""
+
     task: str
     splits: list[str] = Field(default_factory=lambda: ["id"])
     n: int = Field(200, gt=0)
@@ -265,14 +291,12 @@ class Recipe(Strict):
     tokenizer: Optional[str] = None  # another tokenizer for the model (a directory or hub id); default: the model's
     chat_template: Optional[str] = None  # a Jinja chat template (text or a file) replacing the tokenizer's
     resize_embeddings: bool = False  # give the model an embedding row for every token of its tokenizer
-    seed: int = 0
-    device: str = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    stages: list[StageConfig] = Field(min_length=1)
-    eval: Optional[EvalConfig] = None
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-
-
+    seed: int = 0  # seeds every stage (stage i uses seed + 7919 i)
+    device: str = "auto"  # auto (cuda if present), cpu or cuda[:N]
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on a GPU with it
+    stages: list[StageConfig] = Field(min_length=1)  # run in order; each starts from the previous one's policy
+    eval: Optional[EvalConfig] = None  # evaluation before and after each stage (a built-in task)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)  # checkpoint cadence and retention
 # ------------------------------------------------------------------------------------------------
 # Resolution: one place where preset defaults meet user overrides.
 # ------------------------------------------------------------------------------------------------
@@ -540,3 +564,55 @@ def dump_recipe(recipe: Recipe) -> str:
 
 def method_table() -> list[dict]:
     return [p.table_row() for p in PRESETS.values()]
+
+
+def key_reference() -> str:
+    """Every recipe key, its type, default and meaning, as a Markdown table generated from the config classes
+    (the meaning is each field's comment in this file): `posttrain recipe-keys`, and docs/recipe-keys.md."""
+    import inspect
+    import re
+
+    rows: list[tuple[str, str, str, str]] = []
+
+    def comments(cls) -> dict[str, str]:
+        out = {}
+        for line in inspect.getsource(cls).splitlines():
+            m = re.match(r"\s+(\w+): [^#]*?#\s*(.*)$", line)
+            if m and not m.group(2).startswith("type:"):
+                out[m.group(1)] = m.group(2).strip()
+        return out
+
+    def walk(cls, prefix: str) -> None:
+        notes = comments(cls)
+        for name, field in cls.model_fields.items():
+            path = f"{prefix}{name}"
+            inner = _config_class(field.annotation)
+            if inner is not None:
+                rows.append((path, inner.__name__, "", (inner.__doc__ or "").strip().split("\n")[0]))
+                walk(inner, f"{path}.{'N.' if _is_list(field.annotation) else ''}")
+                continue
+            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+            kind = re.sub(r"typing\.|<class '(\w+)'>", r"\1", str(field.annotation)).replace("NoneType", "None")
+            rows.append((path, kind, default, notes.get(name, "")))
+
+    walk(Recipe, "")
+    lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    lines += [f"| `{k}` | {t.replace('|', 'or')} | {d.replace('|', 'or')} | {m.replace('|', 'or')} |"
+              for k, t, d, m in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _config_class(annotation):
+    """The config class inside an annotation (StageConfig, Optional[LoraConfig], list[StageConfig]), or None."""
+    import typing
+
+    for cand in (annotation, *typing.get_args(annotation)):
+        if isinstance(cand, type) and issubclass(cand, BaseModel):
+            return cand
+    return None
+
+
+def _is_list(annotation) -> bool:
+    import typing
+
+    return typing.get_origin(annotation) is list
