@@ -163,8 +163,11 @@ def test_eval_requires_a_verifier_reports_reward_mean_and_reads_another_answer_c
     assert out["accuracy"] == 0.5 and out["reward_mean"] == 0.75  # 1.0 reaches the default threshold, 0.5 not
     assert main(common + ["--threshold", "0.5"]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] == 1.0
-    assert main(common + ["--answer-column", "completion"]) == 0
+    assert main(common + ["--answer-column", "completion", "--save-samples", str(tmp_path / "s.jsonl")]) == 0
     assert json.loads(capsys.readouterr().out)["reward_mean"] == 7.0
+    saved = [json.loads(x) for x in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert [(x["prompt"], x["reward"], x["answer"]) for x in saved] == [("Say A.", 7.0, "7")] * 2
+    assert all(isinstance(x["completion"], str) for x in saved)
 
 
 @pytest.fixture(scope="module")

@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "reward")
     e.add_argument("--answer-column", help="with --data: the column holding the reference answer (default: answer), "
                    "e.g. completion")
+    e.add_argument("--save-samples", metavar="FILE", help="with --data: write every greedy completion with its "
+                   "prompt, columns and reward to FILE (JSON lines)")
     e.add_argument("--threshold", type=float, default=1.0, help="a completion is correct when the verifier's reward "
                    "reaches this (default 1.0); reward_mean is reported beside accuracy")
     e.add_argument("--n", type=int, default=None, help="evaluate the first N rows (default: all for --data, "

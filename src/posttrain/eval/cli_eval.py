@@ -46,4 +46,12 @@ def run_eval(args) -> dict:
                            row_ids=list(range(len(prompts))))
             return [None if math.isnan(v) else v for v in batch.total.tolist()]
 
-        return reward_metrics(model, tok, rows, {name: verifier}, name, threshold=args.threshold, **common)
+        kept: list | None = [] if args.save_samples else None
+        result = reward_metrics(model, tok, rows, {name: verifier}, name, threshold=args.threshold, keep=kept,
+                                **common)
+    if kept is not None:
+        from ..jsonio import dumps
+
+        with open(args.save_samples, "w", encoding="utf-8") as f:
+            f.writelines(dumps(r, indent=None) + "\n" for r in kept)
+    return result

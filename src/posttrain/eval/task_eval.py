@@ -13,11 +13,12 @@ from .metrics import evaluate
 
 def reward_metrics(model, tok, rows: list[dict], rewards: dict[str, Callable], primary: str, *, stop_ids, pad_id,
                    max_new_tokens: int, samples: int = 0, temperature: float = 1.0, seed: int = 0,
-                   answer: Callable[[str], "str | None"] | None = None, threshold: float = 1.0) -> dict:
+                   answer: Callable[[str], "str | None"] | None = None, threshold: float = 1.0,
+                   keep: list | None = None) -> dict:
     """Generic evaluation of `rows` (prompt + answer columns): a completion is correct when the `primary` reward
     reaches `threshold` (accuracy, pass@k); `reward_mean` is that reward's mean over the greedy completions, and
     every other reward in `rewards` is averaged over them under its name. `answer` reads the answer out of a
-    completion's text, for maj@k."""
+    completion's text, for maj@k. `keep`, a list, receives every greedy completion: prompt, completion, reward."""
     prompts = [r["prompt"] for r in rows]
     prompt_ids = [encode_prompt(p, tok) for p in prompts]
     columns = {k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"} if rows else {}
@@ -33,6 +34,11 @@ def reward_metrics(model, tok, rows: list[dict], rewards: dict[str, Callable], p
 
     def score(idx, comp_ids):
         last["raw"] = call(rewards[primary], idx, comp_ids)
+        if keep is not None and "greedy" not in last:  # the first call scores the greedy completions
+            last["greedy"] = True
+            keep.extend({**{k: v for k, v in rows[i].items() if k != "prompt"}, "prompt": prompts[i],
+                         "completion": completion_text(prompts[i], c, tok), "reward": r}
+                        for i, c, r in zip(idx, comp_ids, last["raw"]))
         return [float(v >= threshold) if not math.isnan(v) else v for v in last["raw"]]
 
     def extra(idx, comp_ids):
