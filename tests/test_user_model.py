@@ -206,3 +206,23 @@ def test_chat_data_without_a_chat_template_fails_before_the_model_loads_for_ever
     data.write_text(json.dumps({"prompt": [{"role": "user", "content": "Say A."}], "answer": "A"}) + "\n")
     assert main(["eval", "--model", model, "--data", str(data), "--reward", "exact"]) == 2
     assert "row 1, field 'prompt': is a chat (a list of messages), but the tokenizer" in capsys.readouterr().err
+
+
+def test_a_recipe_evaluates_on_the_users_own_data_and_verifier(user_model, tmp_path):
+    from posttrain.recipe import RecipeError
+
+    path, _, _ = user_model
+    data = tmp_path / "held_out.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"Say {c}.", "answer": a}) for c, a in (("A", "1"), ("B", "0.5"))))
+    r = {"model": path, "device": "cpu", "stages": [{"method": "sft", "data": {}, "steps": 2}],
+         "eval": {"data": str(data), "reward": "reward_fns:from_answer", "every": 1, "curve_n": 2,
+                  "max_new_tokens": 2}}
+    summary = posttrain.train(r, out=tmp_path / "run", data=SFT_ROWS, progress=False)
+    for when in ("before", "after"):
+        assert summary["eval"][when]["data"]["accuracy"] == 0.5 and summary["eval"][when]["data"]["reward_mean"] == 0.75
+    curve = [json.loads(x) for x in (tmp_path / "run" / "curve.jsonl").read_text().splitlines()]
+    assert [c["step"] for c in curve] == [0, 1, 2] and curve[-1]["data"]["reward_mean"] == 0.75
+    for bad, words in (({"reward": "exact"}, "neither"), ({"task": "arith", "data": "x", "reward": "exact"}, "both"),
+                       ({"data": "x"}, "eval.data needs eval.reward")):
+        with pytest.raises(RecipeError, match=words):
+            posttrain.train({**r, "eval": bad}, out=tmp_path / "bad", data=SFT_ROWS, progress=False)

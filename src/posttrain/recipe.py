@@ -266,17 +266,33 @@ class StageConfig(Strict):
 
 
 class EvalConfig(Strict):
-    """Evaluation on a built-in task before the first stage and after each."""
+    """Evaluation before the first stage and after each: on a built-in task, or on your data with your verifier."""
 
-    task: str
-    splits: list[str] = Field(default_factory=lambda: ["id"])
+    task: Optional[str] = None  # a built-in task (its splits and rewards)
+    data: Optional[str] = None  # or your prompt rows (a file, directory or hub id), scored by `reward`
+    reward: Optional[str] = None  # the verifier of `data`: exact, numeric, math, code or module:function
+    answer_column: Optional[str] = None  # the column holding the reference answer of `data` (default: answer)
+    threshold: float = 1.0  # a completion is correct when the verifier's reward reaches this
+    splits: list[str] = Field(default_factory=lambda: ["id"])  # the task's splits (with `data`: one, named data)
     n: int = Field(200, gt=0)
     max_new_tokens: int = Field(64, gt=0)
     samples: int = Field(0, ge=0)  # K samples per prompt for pass@K (0: greedy only)
     temperature: float = Field(1.0, gt=0)
     every: int = Field(0, ge=0)  # also every N optimizer steps: greedy accuracy on curve_split -> curve.jsonl
-    curve_split: str = "dev"
+    curve_split: str = "dev"  # the task's split for the curve (with `data`: its first curve_n rows)
     curve_n: int = Field(100, gt=0)
+
+    @model_validator(mode="after")
+    def _task_or_data(self) -> "EvalConfig":
+        if (self.task is None) == (self.data is None):
+            raise ValueError("give eval.task (a built-in task) or eval.data (your rows, with eval.reward), not "
+                             + ("both" if self.task else "neither"))
+        if self.data is not None and not self.reward:
+            raise ValueError("eval.data needs eval.reward, its verifier: exact, numeric, math, code or "
+                             "module:function")
+        if self.data is not None:
+            self.__dict__["splits"] = ["data"]
+        return self
 
 
 class CheckpointConfig(Strict):
@@ -295,7 +311,7 @@ class Recipe(Strict):
     device: str = "auto"  # auto (cuda if present), cpu or cuda[:N]
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on a GPU with it
     stages: list[StageConfig] = Field(min_length=1)  # run in order; each starts from the previous one's policy
-    eval: Optional[EvalConfig] = None  # evaluation before and after each stage (a built-in task)
+    eval: Optional[EvalConfig] = None  # evaluation before and after each stage (a task, or your data)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)  # checkpoint cadence and retention
 # ------------------------------------------------------------------------------------------------
 # Resolution: one place where preset defaults meet user overrides.

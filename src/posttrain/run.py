@@ -615,11 +615,26 @@ class EvalHooks:
     def __init__(self, cfg: Recipe, tok, stop_ids, pad_id, device):
         self.cfg, self.tok, self.stop_ids, self.pad_id, self.device = cfg.eval, tok, stop_ids, pad_id, device
         self.active = cfg.eval is not None
+        self.rows = None
+        if self.active and self.cfg.data is not None:  # the user's rows, checked once (before any training)
+            from .eval.task_eval import load_eval_rows
+
+            self.rows = load_eval_rows(self.cfg.data, tok, answer_column=self.cfg.answer_column, origin=cfg.model)
+
+    def _on_data(self, model, n: int, samples: int) -> dict:
+        from .eval.task_eval import evaluate_data
+
+        e = self.cfg
+        return evaluate_data(model, self.tok, self.rows[:n], e.reward, threshold=e.threshold,
+                             max_new_tokens=e.max_new_tokens, samples=samples, temperature=e.temperature,
+                             stop_ids=self.stop_ids, pad_id=self.pad_id)
 
     def evaluate(self, model) -> dict:
         from .eval.task_eval import evaluate_task
 
         e = self.cfg
+        if self.rows is not None:
+            return {"data": self._on_data(model, e.n, e.samples)}
         return {split: evaluate_task(model, self.tok, e.task, split, n=e.n, max_new_tokens=e.max_new_tokens,
                                      samples=e.samples, temperature=e.temperature, stop_ids=self.stop_ids,
                                      pad_id=self.pad_id) for split in e.splits}
@@ -629,9 +644,10 @@ class EvalHooks:
         from .eval.task_eval import evaluate_task
 
         e = self.cfg
-        r = evaluate_task(model, self.tok, e.task, e.curve_split, n=e.curve_n, max_new_tokens=e.max_new_tokens,
-                          stop_ids=self.stop_ids, pad_id=self.pad_id)
-        return {k: r[k] for k in ("accuracy", "format") if k in r}
+        r = self._on_data(model, e.curve_n, 0) if self.rows is not None else evaluate_task(
+            model, self.tok, e.task, e.curve_split, n=e.curve_n, max_new_tokens=e.max_new_tokens,
+            stop_ids=self.stop_ids, pad_id=self.pad_id)
+        return {k: r[k] for k in ("accuracy", "format", "reward_mean") if k in r}
 
 
 class CurveHook:
@@ -648,7 +664,8 @@ class CurveHook:
         o = self.offset
         self.sink.write({"stage": stage, "step": step, "global_step": o["global_step"] + step,
                          "samples": o["samples"] + samples, "tokens": o["tokens"] + tokens,
-                         "wall_s": round(o["wall_s"] + wall_s, 3), self.hooks.cfg.curve_split:
+                         "wall_s": round(o["wall_s"] + wall_s, 3),
+                         "data" if self.hooks.rows is not None else self.hooks.cfg.curve_split:
                          self.hooks.curve_point(model)})
 
     def on_step(self, stage: str, t0: float):

@@ -54,6 +54,42 @@ def reward_metrics(model, tok, rows: list[dict], rewards: dict[str, Callable], p
     return res.to_dict()
 
 
+def load_eval_rows(path, tok, *, answer_column: str | None = None, origin: str = "the model") -> list[dict]:
+    """Prompt rows to evaluate on, checked: every row valid (the first bad one is an error), the reference in
+    `answer` (read from `answer_column` when given), and a chat template when prompts are chats."""
+    from ..data import DataError, detect_format, load_rows, validate
+    from ..rewards.builtin import completion_text as content
+
+    rowset = load_rows(path)
+    if answer_column:  # the reference answer sits in another column (e.g. completion)
+        missing = [i + 1 for i, r in enumerate(rowset.rows) if answer_column not in r]
+        if missing:
+            raise DataError(rowset.origin, missing[0], answer_column, f"missing (the answer column; {len(missing)} "
+                            "rows lack it)")
+        rowset.rows = [{**r, "answer": content(r[answer_column])} for r in rowset.rows]
+    validate(rowset, detect_format(rowset, ("prompt_answer", "prompt_only")))
+    chat = next((i for i, r in enumerate(rowset.rows) if isinstance(r.get("prompt"), list)), None)
+    if chat is not None and not getattr(tok, "chat_template", None):
+        raise DataError(rowset.origin, rowset.number(chat), "prompt", f"is a chat (a list of messages), but the "
+                        f"tokenizer of {origin} has no chat template; give it one, or use string prompts")
+    return rowset.rows
+
+
+def evaluate_data(model, tok, rows: list[dict], reward: str, *, threshold: float = 1.0, reward_timeout: float = 30.0,
+                  keep: list | None = None, **common) -> dict:
+    """`reward_metrics` on the user's rows, the verifier `reward` (a built-in name or module:function) running
+    like a training reward: out of process, with a timeout; a sample it fails on is unscored."""
+    from ..rewards import RewardScorer, RewardSpec
+
+    with RewardScorer([RewardSpec(fn=reward)], timeout_s=reward_timeout) as scorer:
+        def verifier(prompts, completions, completion_ids, **columns):
+            batch = scorer(prompts, completions, columns=columns, completion_ids=completion_ids,
+                           row_ids=list(range(len(prompts))))
+            return [None if math.isnan(v) else v for v in batch.total.tolist()]
+
+        return reward_metrics(model, tok, rows, {reward: verifier}, reward, threshold=threshold, keep=keep, **common)
+
+
 @torch.no_grad()
 def mean_nll(model, encoded: Sequence, pad_id: int, batch_size: int = 32) -> tuple[float, int]:
     """Mean negative log-likelihood per supervised token of encoded examples -> (nll, tokens)."""
