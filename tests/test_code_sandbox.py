@@ -131,6 +131,7 @@ def test_secrets_in_the_environment_are_not_visible(monkeypatch):
     assert score(hack("import os\nescaped = os.environ.get('PATH') is not None")) == 1.0  # the probe can succeed
 
 
+@pytest.mark.slow
 def test_fork_and_memory_bombs_and_floods_end_in_time_and_leave_no_process():
     before = child_pids()
     started = time.monotonic()

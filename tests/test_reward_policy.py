@@ -71,6 +71,7 @@ def test_a_reward_flooding_stdout_cannot_corrupt_the_replies(no_leaks, capfd):
     assert "{not json" in capfd.readouterr().err  # the worker's prints go to stderr
 
 
+@pytest.mark.slow
 def test_a_script_without_a_main_guard_runs_once(tmp_path, model_dirs):
     """A spawned multiprocessing worker re-runs the user's script; posttrain's worker never imports it."""
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS[:4]))
@@ -134,6 +135,7 @@ def test_a_reward_failing_one_sample_in_ten_is_masked_and_the_run_finishes(tmp_p
 # ---- reward modules -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_reward_modules_are_found_beside_the_recipe_and_checked_before_the_model_loads(tmp_path, model_dirs):
     folder = tmp_path / "project"
     folder.mkdir()
