@@ -6,8 +6,8 @@ and reads `summary.json`'s `eval.before` / `eval.after`. A run is deterministic 
 CPU's kernels round differently and the trajectory drifts, so thresholds are set below the worst of three
 recipe seeds (MEASURED, a 2-core machine, two single-threaded runs at a time) with a margin of about two
 standard errors of the difference (~8 points at n=300 with drift), not from the seed-0 run alone. One test
-per method family: SFT, the GRPO family (grpo, dapo, and grpo with LoRA adapters), SFT then GRPO, and the
-four hybrids.
+per method family: SFT, the GRPO family (grpo, and grpo with LoRA adapters), SFT then GRPO, and the four
+hybrids.
 """
 from pathlib import Path
 
@@ -35,7 +35,7 @@ MEASURED = {
 }
 # Thresholds on the gain in points: about 8 below the worst seed, and never below +2 (the recipe must end
 # above the base); grpo's is the spine issue's +15 with room to spare.
-GAIN = {"grpo": 0.35, "grpo_lora": 0.35, "dapo": 0.12, "dr_grpo": 0.02, "sft_then_grpo": 0.35,
+GAIN = {"grpo": 0.35, "grpo_lora": 0.35, "sft_then_grpo": 0.35,
         "luffy": 0.04, "hpt": 0.08, "chord_mu": 0.09, "relift": 0.06}
 
 
@@ -56,11 +56,12 @@ def test_sft_lowers_demo_nll_and_teaches_the_format(tmp_path):
     assert after["accuracy"] - before["accuracy"] >= 0.40, (before, after)
 
 
-@pytest.mark.parametrize("name", ["grpo", "grpo_lora", "dapo", "sft_then_grpo"])
+@pytest.mark.parametrize("name", ["grpo", "grpo_lora", "sft_then_grpo"])
 def test_rl_recipes_raise_id_accuracy(name, tmp_path):
-    """grpo (worst seed +45.7) by at least 35 points, LoRA GRPO (+45.0) and sft_then_grpo (+45.3) too; dapo
-    (+20.3) ends above the base. (dr_grpo, +10.0 at worst, gave its slot in the suite's time budget to LoRA:
-    its objective is checked against its formula, and the GRPO family learns here three times.)"""
+    """grpo (worst seed +45.7) by at least 35 points, LoRA GRPO (+45.0) and sft_then_grpo (+45.3) too. The
+    GRPO variants dapo (+20.3 at worst) and dr_grpo (+10.0) have no learning test of their own (one per
+    family, within the suite's time budget): their objectives are checked against their formulas, and their
+    measured gains stay in MEASURED and in their recipes' comments."""
     before, after = run(name, tmp_path)
     assert after["accuracy"] - before["accuracy"] >= GAIN[name], (before, after)
 
