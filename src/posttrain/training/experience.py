@@ -99,7 +99,7 @@ class RewardHealth:
         self.steps: list[tuple[int, int]] = []  # (scored, masked) per step, the last `window`
         self.scored = self.masked = 0  # this step's
         self.last: dict[str, str] = {}  # function -> its last error
-        self.count: dict[str, int] = {}  # function -> errors in the window's steps (approximate: all so far)
+        self.count: dict[str, int] = {}  # function -> its errors so far (to name the one that failed most)
 
     def add(self, rewards: list[float], errors: list) -> None:
         self.scored += len(rewards)
