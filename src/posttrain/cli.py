@@ -63,7 +63,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_recipe_keys(args) -> int:
-    from .recipe import key_reference
+    from .recipe_keys import key_reference
 
     print(key_reference(), end="")
     return 0

@@ -29,10 +29,8 @@ import torch
 import yaml
 
 from . import faults
-from .data import detect_format, encode_dataset, encode_prompt, load_rows
-from .data.encode import max_token_chars, past_rows, text_chars
+from .data import detect_format, encode_dataset, load_rows
 from .data.formats import check_rows
-from .data.loading import BadRow, excerpt
 from .data.loading import RowSet
 from .errors import Interrupted, RewardFailure
 from .jsonio import dumps, write_atomic
@@ -40,7 +38,9 @@ from .models import choose_dtype, load_policy, load_tokenizer, model_context, mo
     resolve_model, save_pretrained, stop_token_ids
 from .objective.presets import PRESETS, get_preset
 from .recipe import Recipe, RecipeError, dump_recipe, load_recipe, recipe_data
-from .rundir import BadRows, RunLock, StageProgress, StopRequest, changes, move_aside, refuse_changes, stage_config
+from .preflight import check_template, explain_stage, long_prompts
+from .run_hooks import CurveHook, EvalHooks
+from .rundir import BadRows, Checkpointer, RunLock, StageProgress, StopRequest, changes, move_aside, refuse_changes, stage_config
 from .training import checkpoint, lora
 from .training.loop import new_state, run_stage
 from .training.metrics import JsonlSink, Progress, Sinks, TensorBoardSink
@@ -203,7 +203,7 @@ class Run:
             self.bad_rows.verdict()  # the bad rows found so far first, when the model cannot even be found
             raise
         for stage, sd in zip(cfg.stages, stage_data):
-            _check_template(stage, sd, tok, tok_from)
+            check_template(stage, sd, tok, tok_from)
             self._check_lengths(stage, sd, tok, context)
         self.bad_rows.verdict()
         model, tok = load_policy(resume_from, dtype=choose_dtype(cfg.dtype, device), device=device,
@@ -321,7 +321,7 @@ class Run:
             return
         if preset.data != "demonstrations":
             sd.rows = self.bad_rows.add(stage, stage.data, sd.rows,
-                                        _long_prompts(stage, sd.rows, tok, context, self.vocab_rows))
+                                        long_prompts(stage, sd.rows, tok, context, self.vocab_rows))
         if preset.data == "demonstrations" or "demonstrations" in preset.sources:
             section, rows, fmt = (stage.demos, sd.demos, sd.demos_fmt) if sd.demos is not None else \
                 (stage.data, sd.rows, sd.fmt)
@@ -408,7 +408,7 @@ class Run:
             ref_model = lora.reference(model) if stage.lora is not None else \
                 copy.deepcopy(model).eval().requires_grad_(False)
         n_steps = min(stage.steps, self.max_steps) if self.max_steps else stage.steps
-        _explain_stage(stage, preset, sd, n_steps)
+        explain_stage(stage, preset, sd, n_steps)
         progress = Progress(n_steps, stage.name, stage.log_every, tty=self.progress)
         sink = _StageSink(Sinks(sinks, progress), global_step)
         result: dict[str, Any] = {"name": stage.name, "method": stage.method, "format": sd.fmt,
@@ -481,84 +481,11 @@ class Run:
         return write
 
 
-def _check_template(stage, sd: "StageData", tok, origin: str) -> None:
-    """Chat-form data needs a chat template: say so before the model loads, for every method."""
-    if getattr(tok, "chat_template", None):
-        return
-    for rowset in (sd.rows, sd.demos):
-        for i, row in enumerate(rowset.rows if rowset is not None else []):
-            if any(isinstance(row.get(k), list) for k in ("messages", "prompt", "completion")):
-                raise RecipeError(f"stage {stage.name!r}: {rowset.origin} row {rowset.number(i)} is a chat (a list of "
-                                  f"messages), but the tokenizer of {origin} has no chat template; set `chat_template:` "
-                                  "in the recipe (Jinja text or a file), pair the model with a `tokenizer:` that has "
-                                  "one, or give string prompts")
-
-
-def _explain_stage(stage, preset, sd: "StageData", n_steps: int) -> None:
-    """Say what the settings mean when they are easy to misread: optimizer steps vs. batches, repeated rows."""
-    updates = stage.ppo_epochs * stage.minibatches
-    if preset.needs_rewards and updates > 1:
-        log.info("stage %s: %d optimizer steps are %d rollout batches (ppo_epochs %d x minibatches %d = %d updates "
-                 "per batch); `steps` counts optimizer steps", stage.name, n_steps, -(-n_steps // updates),
-                 stage.ppo_epochs, stage.minibatches, updates)
-    pool = len(sd.encoded) if preset.data == "demonstrations" and sd.encoded is not None else \
-        len(sd.rows.rows) if sd.rows is not None else None
-    if pool is not None and pool < stage.batch.size:
-        log.warning("stage %s: %d rows for a batch of %d: rows repeat within every step (data.limit or a small "
-                    "dataset)", stage.name, pool, stage.batch.size)
-
-
 def _round_of(line: str) -> float:
     try:
         return json.loads(line)["round"]
     except (json.JSONDecodeError, KeyError, TypeError):  # a torn line of a killed run
         return math.inf
-
-
-class Checkpointer:
-    """The loop's `on_boundary` hook: a checkpoint every `checkpoint.every` steps, and on a stop signal a
-    checkpoint and then `Interrupted` (the run exits with code 75; rerunning it resumes here)."""
-
-    def __init__(self, run: "Run", index: int, stage, sink: "_StageSink", t0: float, start: int):
-        self.run, self.index, self.stage, self.sink, self.t0 = run, index, stage, sink, t0
-        self.every, self.keep = run.cfg.checkpoint.every, run.cfg.checkpoint.keep
-        self.root = run.out / "checkpoints"
-        self.prev = start  # the step at the previous boundary (a batch may hold several optimizer steps)
-        self.snapshot = None
-
-    def __call__(self, state) -> None:
-        stop = self.run.stop
-        due = self.every and state.step // self.every > self.prev // self.every
-        self.prev = state.step
-        if due or stop.requested:
-            self.save(state)
-        if stop.requested:
-            raise Interrupted(f"stopped by {stop.name()} at step {state.step} of stage {self.stage.name!r}; checkpoint "
-                              f"saved in {self.root}: rerun the same command to resume", stop.signum)
-        if self.snapshot is not None:
-            self.mark(state)
-
-    def mark(self, state) -> None:
-        """Remember what making the next step's experience changes (sources, sampler RNG, torch RNG), so a step
-        that fails while making it can still be saved as the state before it (`save_before_step`)."""
-        self.snapshot = (copy.deepcopy(state.experience.state_dict()), state.generator.get_state(),
-                         torch.get_rng_state())
-
-    def save_before_step(self, state) -> None:
-        """The checkpoint of the last finished step, when the next one failed before its update."""
-        experience, generator, rng = self.snapshot
-        state.experience.load_state_dict(experience)
-        state.generator.set_state(generator)
-        torch.set_rng_state(rng)
-        if state.step:
-            self.save(state)
-
-    def save(self, state) -> None:
-        extra = {"config": stage_config(self.stage), "reward_errors": self.sink.reward_errors,
-                 "stage_wall_s": time.perf_counter() - self.t0}
-        path = checkpoint.save(self.root, self.index, self.stage.name, state, extra)
-        checkpoint.prune(self.root, self.keep, protect=path)
-        log.info("checkpoint: %s", path)
 
 
 @dataclass
@@ -570,26 +497,6 @@ class StageData:
     encoded: list | None = None  # the encoded demonstrations, once the tokenizer is known
 
 
-def _long_prompts(stage, rowset: RowSet, tok, context: int | None, vocab_rows: int | None = None) -> list[BadRow]:
-    """RL prompts longer than data.max_len, or than the model's context less rollout.max_new_tokens, or holding a
-    token past the model's embedding rows."""
-    limit, room = stage.data.max_len, (context - stage.rollout.max_new_tokens if context else None)
-    cap = min(limit, room) if room is not None else limit
-    per_token = max_token_chars(tok)
-    bad = []
-    for i, row in enumerate(rowset.rows):
-        chars = text_chars(row["prompt"])
-        ids = None if chars > cap * per_token else encode_prompt(row["prompt"], tok)
-        n = (chars + per_token - 1) // per_token if ids is None else len(ids)
-        why = past_rows(ids, tok, vocab_rows) if ids is not None else None
-        if why is None and n > limit:
-            why = f"the prompt is {'at least ' if ids is None else ''}{n} tokens long, more than data.max_len={limit}"
-        elif why is None and room is not None and n > room:
-            why = (f"the prompt is {n} tokens long: with rollout.max_new_tokens={stage.rollout.max_new_tokens} it "
-                   f"does not fit the model's context of {context} tokens")
-        if why is not None:
-            bad.append(BadRow(rowset.origin, rowset.number(i), "prompt", why, excerpt(row)))
-    return bad
 
 
 def _reads_row_demos(preset, stage) -> bool:
@@ -607,87 +514,3 @@ class _StageSink:
         record["global_step"] = self.offset + record["step"]
         self.reward_errors += int(record.get("reward_errors", 0))
         self.inner.write(record)
-
-
-class EvalHooks:
-    """Evaluation before the first stage and after each stage, when the recipe has an `eval` section."""
-
-    def __init__(self, cfg: Recipe, tok, stop_ids, pad_id, device):
-        self.cfg, self.tok, self.stop_ids, self.pad_id, self.device = cfg.eval, tok, stop_ids, pad_id, device
-        self.active = cfg.eval is not None
-        self.rows = None
-        if self.active and self.cfg.data is not None:  # the user's rows, checked once (before any training)
-            from .eval.task_eval import load_eval_rows
-
-            self.rows = load_eval_rows(self.cfg.data, tok, answer_column=self.cfg.answer_column, origin=cfg.model)
-
-    def _on_data(self, model, n: int, samples: int) -> dict:
-        from .eval.task_eval import evaluate_data
-
-        e = self.cfg
-        return evaluate_data(model, self.tok, self.rows[:n], e.reward, threshold=e.threshold,
-                             max_new_tokens=e.max_new_tokens, samples=samples, temperature=e.temperature,
-                             stop_ids=self.stop_ids, pad_id=self.pad_id)
-
-    def evaluate(self, model) -> dict:
-        from .eval.task_eval import evaluate_task
-
-        e = self.cfg
-        if self.rows is not None:
-            return {"data": self._on_data(model, e.n, e.samples)}
-        return {split: evaluate_task(model, self.tok, e.task, split, n=e.n, max_new_tokens=e.max_new_tokens,
-                                     samples=e.samples, temperature=e.temperature, stop_ids=self.stop_ids,
-                                     pad_id=self.pad_id) for split in e.splits}
-
-    def curve_point(self, model) -> dict:
-        """Greedy accuracy and format on the curve split (a point of the learning curve)."""
-        from .eval.task_eval import evaluate_task
-
-        e = self.cfg
-        r = self._on_data(model, e.curve_n, 0) if self.rows is not None else evaluate_task(
-            model, self.tok, e.task, e.curve_split, n=e.curve_n, max_new_tokens=e.max_new_tokens,
-            stop_ids=self.stop_ids, pad_id=self.pad_id)
-        return {k: r[k] for k in ("accuracy", "format", "reward_mean") if k in r}
-
-
-class CurveHook:
-    """`every` steps of each stage, one learning-curve point in OUT/curve.jsonl, with the run's cumulative
-    samples, trained tokens and wall time (all stages so far) so curves of different methods share axes."""
-
-    def __init__(self, hooks: EvalHooks, path: Path, keep):
-        self.hooks = hooks
-        self.every = hooks.cfg.every if hooks.active else 0
-        self.sink = JsonlSink(path, keep=keep) if self.every else None
-        self.offset = {"samples": 0, "tokens": 0, "wall_s": 0.0, "global_step": 0}
-
-    def point(self, model, stage: str, step: int, samples: int, tokens: int, wall_s: float) -> None:
-        o = self.offset
-        self.sink.write({"stage": stage, "step": step, "global_step": o["global_step"] + step,
-                         "samples": o["samples"] + samples, "tokens": o["tokens"] + tokens,
-                         "wall_s": round(o["wall_s"] + wall_s, 3),
-                         "data" if self.hooks.rows is not None else self.hooks.cfg.curve_split:
-                         self.hooks.curve_point(model)})
-
-    def on_step(self, stage: str, t0: float):
-        if not self.every:
-            return None
-
-        def hook(state, record) -> bool:
-            if state.step % self.every == 0:
-                self.point(state.model, stage, state.step, state.samples, state.tokens, time.perf_counter() - t0)
-            return False
-
-        return hook
-
-    def end_stage(self, result: dict, model=None) -> None:
-        """Move the offsets past a finished stage (given the model: first its last point, when `every` skipped it)."""
-        if model is not None and self.every and result["steps"] % self.every:
-            self.point(model, result.get("name", ""), result["steps"], result["samples"], result["tokens"],
-                       result["wall_s"])
-        for key, value in (("samples", result["samples"]), ("tokens", result["tokens"]),
-                           ("wall_s", result["wall_s"]), ("global_step", result["steps"])):
-            self.offset[key] += value
-
-    def close(self) -> None:
-        if self.sink is not None:
-            self.sink.close()

@@ -1,5 +1,5 @@
 """The run directory's bookkeeping: which stages finished, what may change on a rerun, one run at a time,
-stopping on a signal, and `--fresh`.
+stopping on a signal, `--fresh`, bad rows, and when a stage saves a checkpoint (`Checkpointer`).
 
 Rerunning `posttrain train` with the same `--out` continues the run: the leading stages that finished are
 skipped (their policies are in OUT/stages/NAME/model/), and the first unfinished one resumes from its
@@ -10,6 +10,7 @@ be changed freely, and `checkpoint.*` and `stages.*.log_every` always may.
 """
 from __future__ import annotations
 
+import copy
 import fnmatch
 import json
 import logging
@@ -22,12 +23,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
-from .errors import RunBusy
+from .errors import Interrupted, RunBusy
 from .jsonio import dumps, write_atomic
 from .models import save_pretrained
 from .recipe import Recipe, RecipeError
+from .training import checkpoint
 
 log = logging.getLogger("posttrain")
 
@@ -274,3 +277,49 @@ class BadRows:
             text = failed[0][1] + "".join(f"\n{w}: {t}" for w, t in failed[1:])
             raise DataError(failed[0][0], None, None, f"{text}\nEvery bad row and its reason is in {self.path}. Fix "
                             "them, or let the run drop them by raising data.max_bad_fraction")
+
+
+class Checkpointer:
+    """The loop's `on_boundary` hook: a checkpoint every `checkpoint.every` steps, and on a stop signal a
+    checkpoint and then `Interrupted` (the run exits with code 75; rerunning it resumes here)."""
+
+    def __init__(self, run, index: int, stage, sink, t0: float, start: int):
+        self.run, self.index, self.stage, self.sink, self.t0 = run, index, stage, sink, t0
+        self.every, self.keep = run.cfg.checkpoint.every, run.cfg.checkpoint.keep
+        self.root = run.out / "checkpoints"
+        self.prev = start  # the step at the previous boundary (a batch may hold several optimizer steps)
+        self.snapshot = None
+
+    def __call__(self, state) -> None:
+        stop = self.run.stop
+        due = self.every and state.step // self.every > self.prev // self.every
+        self.prev = state.step
+        if due or stop.requested:
+            self.save(state)
+        if stop.requested:
+            raise Interrupted(f"stopped by {stop.name()} at step {state.step} of stage {self.stage.name!r}; checkpoint "
+                              f"saved in {self.root}: rerun the same command to resume", stop.signum)
+        if self.snapshot is not None:
+            self.mark(state)
+
+    def mark(self, state) -> None:
+        """Remember what making the next step's experience changes (sources, sampler RNG, torch RNG), so a step
+        that fails while making it can still be saved as the state before it (`save_before_step`)."""
+        self.snapshot = (copy.deepcopy(state.experience.state_dict()), state.generator.get_state(),
+                         torch.get_rng_state())
+
+    def save_before_step(self, state) -> None:
+        """The checkpoint of the last finished step, when the next one failed before its update."""
+        experience, generator, rng = self.snapshot
+        state.experience.load_state_dict(experience)
+        state.generator.set_state(generator)
+        torch.set_rng_state(rng)
+        if state.step:
+            self.save(state)
+
+    def save(self, state) -> None:
+        extra = {"config": stage_config(self.stage), "reward_errors": self.sink.reward_errors,
+                 "stage_wall_s": time.perf_counter() - self.t0}
+        path = checkpoint.save(self.root, self.index, self.stage.name, state, extra)
+        checkpoint.prune(self.root, self.keep, protect=path)
+        log.info("checkpoint: %s", path)

@@ -175,7 +175,7 @@ def load(path: Path, state) -> dict:
     body = read_state(path)
     if lora.is_lora(state.model):  # the adapters only: every trainable parameter, nothing else
         weights = load_file(str(path / "model.safetensors"))
-        want = set(lora.trainable(state.model))
+        want = {n for n, p in state.model.named_parameters() if p.requires_grad}
         missing, unexpected = sorted(want - set(weights)), sorted(set(weights) - want)
         if not missing and not unexpected:
             state.model.load_state_dict(weights, strict=False)
