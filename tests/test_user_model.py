@@ -170,6 +170,29 @@ def test_eval_requires_a_verifier_reports_reward_mean_and_reads_another_answer_c
     assert all(isinstance(x["completion"], str) for x in saved)
 
 
+def test_a_wrong_eval_verifier_is_an_error_before_the_model_loads(tmp_path, user_model, capsys, monkeypatch):
+    """A misspelled module or function, or a verifier that cannot take the data's columns: exit 2 with the
+    reason, the model never loaded (what the user met: a traceback after loading it)."""
+    import posttrain.eval.cli_eval as cli_eval
+    from posttrain.cli import main
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(cli_eval, "load_policy", no_load)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_verifiers.py").write_text("def strict(prompts, completions, answer):\n    return [0.0]\n")
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"prompt": "Say A.", "answer": "A"}) + "\n")
+    for reward, words in (("my_verifierz:strict", "no module 'my_verifierz'"),
+                          ("my_verifiers:strickt", "has no attribute 'strickt'; its public callables are: strict"),
+                          ("my_verifiers:strict", "cannot be called with keywords"),
+                          ("exakt", "unknown built-in reward 'exakt'")):
+        assert main(["eval", "--model", user_model[0], "--data", str(data), "--reward", reward]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"posttrain: error: --reward {reward}: ") and words in err and "Traceback" not in err
+
+
 @pytest.fixture(scope="module")
 def no_template(tmp_path_factory, tokenizer):
     """A model saved with a tokenizer that has no chat template, and that tokenizer (with one) elsewhere."""

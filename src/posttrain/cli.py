@@ -211,11 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     from .data.loading import DataError
     from .errors import EXIT_INTERRUPTED, Interrupted, NonFiniteError, RewardFailure, RunBusy
+    from .eval.cli_eval import EvalError
     from .recipe import RecipeError
 
     try:
         return args.fn(args)
-    except (RecipeError, DataError, FileNotFoundError) as e:
+    except (RecipeError, DataError, EvalError, FileNotFoundError) as e:
         print(f"posttrain: error: {e}", file=sys.stderr)
         return 2
     except (NonFiniteError, RewardFailure, RunBusy) as e:  # a diverged run, failing rewards, a busy --out

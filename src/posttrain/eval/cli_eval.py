@@ -2,15 +2,36 @@
 from __future__ import annotations
 
 from ..data import DataError
-from ..models import load_policy, stop_token_ids
+from ..models import load_policy, load_tokenizer, resolve_model, stop_token_ids
 from .task_eval import evaluate_data, evaluate_task, load_eval_rows
 
 
-def run_eval(args) -> dict:
-    if args.data and not args.reward:  # before the model loads
+class EvalError(ValueError):
+    """A wrong `posttrain eval` command (its verifier), found before the model loads."""
+
+
+def _checked_data(args) -> list[dict]:
+    """The rows to evaluate and their verifier, checked before the model loads: every row valid, the verifier
+    importable and callable with the rows' columns as keywords."""
+    if not args.reward:
         raise DataError(args.data, None, None, "name the verifier of this data: --reward exact (the whole answer), "
                         "numeric (the last number), math, code (runs the program against a `tests` column) or "
                         "module:function")
+    from ..rewards import RewardScorer, RewardSpec
+    from ..training.experience import reward_columns
+
+    tok = load_tokenizer(resolve_model(args.model, required_file="tokenizer_config.json"))
+    rows = load_eval_rows(args.data, tok, answer_column=args.answer_column, origin=args.model)
+    try:
+        with RewardScorer([RewardSpec(fn=args.reward)]) as scorer:
+            scorer.check_columns(reward_columns(rows))
+    except ValueError as e:
+        raise EvalError(f"--reward {args.reward}: {e}") from None
+    return rows[: args.n] if args.n else rows
+
+
+def run_eval(args) -> dict:
+    rows = _checked_data(args) if args.data else None
     model, tok = load_policy(args.model)
     stop_ids = stop_token_ids(tok, model)
     common = dict(max_new_tokens=args.max_new_tokens, samples=args.samples, temperature=args.temperature,
@@ -19,8 +40,6 @@ def run_eval(args) -> dict:
         splits = args.split or ["id"]
         results = {s: evaluate_task(model, tok, args.task, s, n=args.n or 300, **common) for s in splits}
         return results[splits[0]] if len(splits) == 1 else results
-    rows = load_eval_rows(args.data, tok, answer_column=args.answer_column, origin=args.model)
-    rows = rows[: args.n] if args.n else rows
     kept: list | None = [] if args.save_samples else None
     result = evaluate_data(model, tok, rows, args.reward, threshold=args.threshold, reward_timeout=args.reward_timeout,
                            keep=kept, **common)
