@@ -74,3 +74,26 @@ def test_a_run_stopped_and_resumed_on_cuda_continues_from_its_checkpoint(tmp_pat
     drift = max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b))
     with capsys.disabled():
         print(f"\ncuda resume: max |loss(resumed) - loss(uninterrupted)| over 4 steps = {drift:.3g}")
+
+
+@cuda
+def test_qlora_grpo_on_cuda_bf16_trains_the_adapters_and_merges(tmp_path, tokenizer):
+    """QLoRA on the GPU: NF4 base in bf16 compute, KL to the adapters-off reference 0 at the start, a plain
+    merged `final/` that transformers loads."""
+    pytest.importorskip("bitsandbytes", reason="pip install 'posttrain[qlora]'")
+    from transformers import AutoModelForCausalLM
+
+    save_pretrained(tiny_model("llama", tokenizer), tokenizer, tmp_path / "m",
+                    stop_ids=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")])
+    recipe = {"model": str(tmp_path / "m"), "device": "cuda", "stages": [{
+        "method": "grpo", "data": {}, "steps": 3, "batch": {"size": 2}, "optim": {"lr": 1e-2}, "kl": {"beta": 0.1},
+        "rollout": {"group_size": 4, "max_new_tokens": 6}, "lora": {"r": 4, "alpha": 8.0, "quantize": "4bit"}}]}
+    rows = [{"prompt": "Say A.", "answer": "A"}] * 4
+    summary = posttrain.train(recipe, out=tmp_path / "run", data=rows, rewards=[varied], progress=False)
+    assert summary["stages"]["grpo"]["steps"] == 3 and summary["dtype"] == "bfloat16"
+    import json
+
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert recs[0]["kl"] == pytest.approx(0.0, abs=1e-3)
+    assert (tmp_path / "run" / "final" / "adapter" / "adapter_model.safetensors").exists()
+    AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")

@@ -1,6 +1,6 @@
 """LoRA stages: only the adapters train and are checkpointed; the KL reference is the base with the adapters
 disabled; `final/` holds merged weights (W + (alpha/r) B A, to 1e-6) that plain transformers loads, with the
-adapter beside it in `final/adapter/` that peft loads; QLoRA off a GPU is a clear error."""
+adapter beside it in `final/adapter/` that peft loads; QLoRA trains on an NF4-quantized base."""
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -59,8 +59,53 @@ def test_lora_grpo_with_kl_uses_the_disabled_adapters_as_reference(tmp_path, mod
     assert recs[-1]["kl"] > 0  # then the adapters move it away
 
 
-def test_qlora_off_a_gpu_is_a_clear_error(tmp_path, model_dirs):
+def test_a_qlora_sft_stage_trains_on_the_4bit_base_and_merges_in_full_precision(tmp_path, model_dirs):
+    """Every Linear but the head is NF4-quantized (bitsandbytes, here on the CPU); the adapters train through the
+    4-bit matmuls; `final/` is dequant(quant(W)) + (alpha/r) B A for adapted layers, dequant(quant(W)) for the
+    other Linears, and the embeddings, norms and head untouched. quant() here is bitsandbytes' own, called
+    directly: the oracle does not go through posttrain's quantizer."""
+    F = pytest.importorskip("bitsandbytes.functional", reason="pip install 'posttrain[qlora]'")
+    base_dir = model_dirs["llama"]
+    r = {"model": base_dir, "device": "cpu", "checkpoint": {"every": 1},
+         "stages": [{"method": "sft", "data": {}, "steps": 3, "optim": {"lr": 1e-2},
+                     "lora": {**LORA, "quantize": "4bit"}}]}
+    posttrain.train(r, out=tmp_path / "run", data=SFT_ROWS, progress=False)
+    base = load_file(f"{base_dir}/model.safetensors")
+    final = load_file(tmp_path / "run" / "final" / "model.safetensors")
+    adapter = load_file(tmp_path / "run" / "final" / "adapter" / "adapter_model.safetensors")
+    scale = LORA["alpha"] / LORA["r"]
+    kinds = {"adapted": 0, "quantized": 0, "kept": 0}
+    for name, w in base.items():
+        prefix = "base_model.model." + name.removesuffix(".weight")
+        a, b = adapter.get(prefix + ".lora_A.weight"), adapter.get(prefix + ".lora_B.weight")
+        linear = name.endswith("proj.weight")  # every Linear of a llama block; lm_head is tied to the embeddings
+        if not linear:
+            kinds["kept"] += 1
+            assert torch.equal(final[name], w), name
+            continue
+        deq = F.dequantize_4bit(*F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4"))
+        assert (deq - w).abs().max() > 0  # quantization did change the base
+        expect = deq.double() + (scale * (b.double() @ a.double()) if a is not None else 0)
+        assert torch.allclose(final[name].double(), expect, atol=1e-6, rtol=0), name
+        kinds["adapted" if a is not None else "quantized"] += 1
+        if a is not None:
+            assert b.abs().max() > 0, name  # the adapter learned through the 4-bit layers above it
+    assert kinds["adapted"] == 3 * 2 and kinds["quantized"] == 4 * 2 and kinds["kept"] > 0
+    ckpt = next((tmp_path / "run" / "checkpoints").iterdir())
+    assert all("lora_" in k for k in load_file(ckpt / "model.safetensors"))  # adapters only
+    AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")  # a plain model
+
+
+def test_qlora_without_bitsandbytes_or_on_an_unsupported_device_is_a_clear_error(tmp_path, model_dirs, monkeypatch):
+    import sys
+
+    from posttrain.training import lora
+
     r = {"model": model_dirs["llama"], "device": "cpu", "stages": [{
         "method": "sft", "data": {}, "steps": 1, "lora": {**LORA, "quantize": "4bit"}}]}
-    with pytest.raises(RecipeError, match=r"lora.quantize: '4bit' \(QLoRA\) needs a CUDA GPU and bitsandbytes"):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails
+    with pytest.raises(RecipeError, match=r"lora.quantize: '4bit' \(QLoRA\) needs bitsandbytes: pip install "
+                                          r"'posttrain\[qlora\]'"):
         posttrain.train(r, out=tmp_path / "run", data=SFT_ROWS, progress=False)
+    with pytest.raises(RecipeError, match=r"runs on CUDA GPUs and CPUs, not on mps"):
+        lora.quantize_4bit(torch.nn.Linear(2, 2), "mps")

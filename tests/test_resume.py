@@ -101,6 +101,8 @@ FAMILIES = {
     "relift": stage("relift", 5, sources={"buffer_size": 2}),
     "prefix_rft": stage("prefix_rft", 4),
     "grpo_lora": {**stage("grpo", 4, kl={"beta": 0.1}, lora={"r": 4, "alpha": 8.0}), "name": "grpo_lora"},
+    "grpo_qlora": {**stage("grpo", 4, kl={"beta": 0.1}, lora={"r": 4, "alpha": 8.0, "quantize": "4bit"}),
+                   "name": "grpo_qlora"},
 }
 
 

@@ -211,7 +211,7 @@ class LoraConfig(Strict):
     alpha: float = Field(32.0, gt=0)  # the update is (alpha / r) B A
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: Union[str, list[str]] = "all-linear"  # peft's names; "all-linear": every Linear but the head
-    quantize: Optional[Literal["4bit"]] = None  # QLoRA (a 4-bit base through bitsandbytes): CUDA only
+    quantize: Optional[Literal["4bit"]] = None  # QLoRA: the frozen base in 4-bit NF4 (bitsandbytes; CUDA or CPU)
 
 
 class StopConfig(Strict):

@@ -81,7 +81,7 @@ class GroupSignal:
         self.streak = self.streak + 1 if flat == 1.0 else 0
         if self.streak == self.patience:
             log.warning(
-                "steps %d-%d: in every group all rewards were equal, so there is no learning signal (loss and "
-                "gradient 0). The task may be too hard or too easy for the model, or the reward constant; check "
+                "steps %d-%d: in every group all rewards were equal, so the rewards give no learning signal (every "
+                "advantage is 0; only a KL or entropy term moves the policy). The task may be too hard or too easy for the model, or the reward constant; check "
                 "reward_mean and a few completions", step + 2 - self.patience, step + 1)
         return flat
