@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .objective.advantages import ADVANTAGES, GROUP_ADVANTAGES
+from .objective.preference import PREFERENCE_LOSSES
 from .objective.components import AGGREGATIONS, KL_ESTIMATORS, WEIGHTS
 from .objective.presets import CLIPS, PRESETS, STREAM_ADVANTAGES, STREAM_NAMES, Preset, get_preset
 
@@ -179,6 +180,14 @@ class MixConfig(Strict):
     w_rl: Optional[float] = Field(None, ge=0)
 
 
+class PreferenceConfig(Strict):
+    """The constants of a preference loss (dpo, ipo, simpo, orpo; defaults from the preset)."""
+
+    beta: Optional[float] = Field(None, gt=0)  # DPO / SimPO beta; IPO's tau
+    gamma: Optional[float] = Field(None, ge=0)  # SimPO target margin
+    lam: Optional[float] = Field(None, ge=0)  # ORPO: weight of the odds-ratio term beside the chosen NLL
+
+
 class OverlongConfig(Strict):
     """What happens to completions cut at rollout.max_new_tokens."""
 
@@ -247,6 +256,7 @@ class StageConfig(Strict):
     success_threshold: Optional[float] = None  # total reward at which a sample counts as correct
     sources: SourcesConfig = Field(default_factory=SourcesConfig)
     mix: MixConfig = Field(default_factory=MixConfig)
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)  # dpo, ipo, simpo, orpo
     clip: ClipConfig = Field(default_factory=ClipConfig)  # ratio clipping
     kl: KLConfig = Field(default_factory=KLConfig)  # KL to the reference (the policy at the stage's start)
     entropy: EntropyConfig = Field(default_factory=EntropyConfig)  # entropy bonus
@@ -339,6 +349,7 @@ def resolve_stage(stage: StageConfig) -> StageConfig:
     _fill(s.kl, beta=p.kl_beta, estimator=p.kl_estimator, placement=p.kl_placement)
     _fill(s.entropy, coef=p.entropy_coef)
     _fill(s.advantage, kind=p.advantage, std_eps=p.std_eps)
+    _fill(s.preference, beta=p.pref_beta, gamma=p.pref_gamma, lam=p.pref_lam)
     _fill(s.dynamic_sampling, enabled=p.dynamic_sampling)
     _fill(s.overlong, mask_truncated=p.mask_truncated, soft_penalty=p.overlong_penalty,
           cache=max(1, s.rollout.max_new_tokens // 5))
@@ -384,9 +395,13 @@ def _check_combination(s: StageConfig, p: Preset) -> None:
             or s.demos is not None and p.data == "demonstrations":
         raise RecipeError(f"{where}: method {s.method!r} reads no separate demonstrations; remove `demos` "
                           "(SFT methods read their demonstrations from `data`)")
-    if p.data == "demonstrations":
+    preference = s.advantage.kind in PREFERENCE_LOSSES
+    if preference != (p.data == "preferences"):
+        raise RecipeError(f"{where}: advantage {s.advantage.kind!r} and method {s.method!r} do not go together: a "
+                          "preference advantage (dpo, ipo, simpo, orpo) needs a preference method and the reverse")
+    if p.data in ("demonstrations", "preferences"):
         if s.rewards:
-            raise RecipeError(f"{where}: method {s.method!r} trains on demonstrations and uses no rewards; "
+            raise RecipeError(f"{where}: method {s.method!r} trains on {p.data} and uses no rewards; "
                               "remove `rewards` or choose an RL method (see `posttrain methods`)")
         return
     if not s.rewards:

@@ -30,7 +30,7 @@ import yaml
 
 from . import faults
 from .data import detect_format, encode_dataset, load_rows
-from .data.formats import check_rows
+from .data.formats import check_rows, split_implicit_prompts
 from .data.loading import RowSet
 from .errors import Interrupted, RewardFailure
 from .jsonio import dumps, write_atomic
@@ -49,6 +49,7 @@ log = logging.getLogger("posttrain")
 
 DEMO_FORMATS = ("messages", "prompt_completion", "text")
 RL_FORMATS = ("prompt_answer", "prompt_only")
+PREFERENCE_FORMATS = ("preference",)
 IN_MEMORY = "<in-memory>"
 VERIFIED_FILE = "verified.jsonl"  # what a rejection-sampling stage writes for later stages (data.from_stage)
 
@@ -306,7 +307,9 @@ class Run:
         return sd
 
     def _check_rows(self, stage, section, rowset: RowSet, fmt: str, kind: str) -> tuple[RowSet, str]:
-        allowed = DEMO_FORMATS if kind == "demonstrations" else RL_FORMATS
+        allowed = {"demonstrations": DEMO_FORMATS, "preferences": PREFERENCE_FORMATS}.get(kind, RL_FORMATS)
+        if kind == "preferences":
+            rowset = split_implicit_prompts(rowset)
         fmt = detect_format(rowset, allowed) if fmt == "auto" else fmt
         if fmt not in allowed:
             raise RecipeError(f"stage {stage.name!r}: method {stage.method!r} reads {', '.join(allowed)} data "
@@ -318,6 +321,11 @@ class Run:
         data.max_len, or than the model's context (a prompt: less rollout.max_new_tokens), is a bad row."""
         preset = get_preset(stage.method)
         if sd.rows is None or sd.encoded is not None:
+            return
+        if preset.data == "preferences":  # each pair encoded, both sides checked against max_len
+            max_len = min(stage.data.max_len, context or stage.data.max_len)
+            sd.encoded, bad = encode_dataset(sd.rows, sd.fmt, tok, max_len=max_len, vocab_rows=self.vocab_rows)
+            sd.rows = self.bad_rows.add(stage, stage.data, sd.rows, bad)
             return
         if preset.data != "demonstrations":
             sd.rows = self.bad_rows.add(stage, stage.data, sd.rows,
@@ -404,7 +412,7 @@ class Run:
         if stage.lora is not None:
             model = lora.attach(model, stage.lora, device)
         ref_model = None
-        if stage.kl.beta:  # the reference is the policy at this stage's start (LoRA: the adapters disabled)
+        if stage.kl.beta or preset.needs_reference:  # the policy at this stage's start (LoRA: adapters disabled)
             ref_model = lora.reference(model) if stage.lora is not None else \
                 copy.deepcopy(model).eval().requires_grad_(False)
         n_steps = min(stage.steps, self.max_steps) if self.max_steps else stage.steps
@@ -415,7 +423,9 @@ class Run:
                                   "rows": len(sd.rows.rows)}
         kw: dict[str, Any] = dict(pad_id=pad_id, stop_ids=stop_ids, device=device, seed=seed, ref_model=ref_model,
                                   total_steps=n_steps)
-        if sd.encoded is not None:
+        if sd.encoded is not None and preset.data == "preferences":
+            kw["pairs"] = Demonstrations(sd.encoded, seed + 1, stage.data.shuffle)
+        elif sd.encoded is not None:
             kw["demos"] = Demonstrations(sd.encoded, seed + 1, stage.data.shuffle)
         if preset.needs_demonstrations:
             kw["paired"] = PairedDemos(tok, sd.demos, sd.demos_fmt)
@@ -426,7 +436,7 @@ class Run:
             kw["on_data"] = self._data_writer(stage, resume[1]["experience"]["pool"]["round"] if resume else 0)
         saver = Checkpointer(self, i, stage, sink, t0, start=resume[0].step if resume else 0)
         try:
-            if preset.data == "demonstrations":
+            if preset.data in ("demonstrations", "preferences"):
                 experience = Experience(stage, tok, **kw)
                 state = self._start(model, stage, seed, experience, resume, sink)
                 last = run_stage(state, stage, device=device, sink=sink, max_steps=self.max_steps, on_step=on_step,

@@ -35,6 +35,7 @@ class Batch:
     old_logp: Optional[Tensor] = None  # (N, T) log q, None when q = sg(p) (one update per batch)
     ref_logp: Optional[Tensor] = None  # (N, T) log b for a KL term
     sampler_logp: Optional[Tensor] = None  # (N, T) the sampler's log-probs, only to log the mismatch
+    pair_sign: Optional[Tensor] = None  # (N,) preference pairs: +1 on the chosen row, -1 on the rejected one
 
     @property
     def size(self) -> int:
@@ -182,6 +183,15 @@ def demo_batch(examples: Sequence, pad_id: int, dtype: torch.dtype = torch.float
     """Demonstrations (objects with input_ids, loss_mask) -> Batch with A = 1 on supervised tokens, one group each."""
     b = collate([Row(list(e.input_ids), list(e.loss_mask), DEMO, i) for i, e in enumerate(examples)], pad_id, dtype)
     b.advantages = b.loss_mask.clone()
+    return b
+
+
+def pair_batch(pairs: Sequence, pad_id: int, dtype: torch.dtype = torch.float32) -> Batch:
+    """Preference pairs ((chosen, rejected) objects with input_ids, loss_mask) -> Batch: rows 2k (chosen) and
+    2k + 1 (rejected) form group k; A = 0 until the update computes it from the forward pass."""
+    rows = [Row(list(e.input_ids), list(e.loss_mask), DEMO, k) for k, pair in enumerate(pairs) for e in pair]
+    b = collate(rows, pad_id, dtype)
+    b.pair_sign = torch.tensor([1.0, -1.0] * len(pairs), dtype=dtype)
     return b
 
 

@@ -157,9 +157,15 @@ def encode_sft(row: dict, fmt: str, tokenizer) -> Encoded:
     return enc
 
 
+def encode_pair(row: dict, tokenizer) -> tuple[Encoded, Encoded]:
+    """A validated preference row -> (prompt + chosen, prompt + rejected), the loss on each response."""
+    return tuple(_encode_prompt_completion(row["prompt"], row[side], tokenizer, side)  # type: ignore[return-value]
+                 for side in ("chosen", "rejected"))
+
+
 def encode_dataset(rowset: RowSet, fmt: str, tokenizer, *, max_len: int,
                    vocab_rows: int | None = None) -> tuple[list[Encoded], list[BadRow]]:
-    """Encode every row: (the encoded rows, the bad ones). A row that cannot be encoded (nothing supervised,
+    """Encode every row: (the encoded rows, the bad ones); a preference row gives a (chosen, rejected) pair. A row that cannot be encoded (nothing supervised,
     no demonstration) or is longer than `max_len` tokens is a bad row with its reason; the caller decides
     (data.max_bad_fraction). Nothing is ever truncated: a cut-off target teaches the model to stop
     mid-answer, or never to stop. A huge row is refused from its length in characters, before tokenizing."""
@@ -173,15 +179,17 @@ def encode_dataset(rowset: RowSet, fmt: str, tokenizer, *, max_len: int,
                                                       "tokens", excerpt(row)))
             continue
         try:
-            enc = encode_sft(row, fmt, tokenizer)
+            enc = encode_pair(row, tokenizer) if fmt == "preference" else encode_sft(row, fmt, tokenizer)
         except EncodeError as e:
             bad.append(BadRow(rowset.origin, n, e.field, str(e), excerpt(row)))
             continue
-        if len(enc) > max_len:
-            bad.append(BadRow(rowset.origin, n, None, f"is {len(enc)} tokens long, more than data.max_len={max_len}",
+        parts = enc if isinstance(enc, tuple) else (enc,)
+        longest = max(len(p) for p in parts)
+        if longest > max_len:
+            bad.append(BadRow(rowset.origin, n, None, f"is {longest} tokens long, more than data.max_len={max_len}",
                               excerpt(row)))
             continue
-        if (why := past_rows(enc.input_ids, tokenizer, vocab_rows)) is not None:
+        if (why := next((w for p in parts if (w := past_rows(p.input_ids, tokenizer, vocab_rows))), None)):
             bad.append(BadRow(rowset.origin, n, None, why, excerpt(row)))
             continue
         encoded.append(enc)

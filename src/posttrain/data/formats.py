@@ -29,6 +29,25 @@ def is_conversational(value: Any) -> bool:
     return isinstance(value, list) and len(value) > 0 and all(isinstance(m, dict) and "role" in m for m in value)
 
 
+def split_implicit_prompts(rowset: RowSet) -> RowSet:
+    """TRL's implicit-prompt preference rows (no `prompt`; `chosen` and `rejected` are whole conversations that
+    share their first turns) get the shared turns as `prompt` and the rest as the responses. Other rows are
+    left as they are (a row whose conversations share nothing is then reported as missing its prompt)."""
+    out = []
+    for row in rowset.rows:
+        if isinstance(row, dict) and row.get("prompt") is None and is_conversational(row.get("chosen")) \
+                and is_conversational(row.get("rejected")):
+            w, lo = row["chosen"], row["rejected"]
+            k = 0
+            while k < min(len(w), len(lo)) - 1 and w[k] == lo[k] and w[k]["role"] != "assistant":
+                k += 1
+            if k:
+                row = {**row, "prompt": w[:k], "chosen": w[k:], "rejected": lo[k:]}
+        out.append(row)
+    rowset.rows = out
+    return rowset
+
+
 def detect_format(rowset: RowSet, allowed: Sequence[str]) -> str:
     """The format of the rows, decided from every row: the first format in `allowed` (most specific first)
     whose columns at least half of the rows have, else the one most rows have. Rows without its columns
@@ -167,8 +186,12 @@ def _check_prompt_answer(row: dict) -> None:
 
 def _check_preference(row: dict) -> None:
     _check_prompt(row)
-    _check_response(row, "chosen")
-    _check_response(row, "rejected")
+    for side in ("chosen", "rejected"):
+        _check_response(row, side)
+        value = row[side]
+        text = value if isinstance(value, str) else "".join(m["content"] for m in value if m["role"] == "assistant")
+        if not text.strip():
+            raise _Bad(side, "is an empty response; a preference pair compares two real answers")
     if row["chosen"] == row["rejected"]:
         raise _Bad("rejected", "equals 'chosen', so the pair carries no preference; fix or drop the row")
 

@@ -85,7 +85,8 @@ SEQUENCE_ADVANTAGES = {
     "indicator": advantage_indicator,
 }
 TOKEN_ADVANTAGES = ("reinforce_pp",)
-ADVANTAGES = tuple(SEQUENCE_ADVANTAGES) + TOKEN_ADVANTAGES
+# Preference losses: their advantages come from the update's own forward pass (objective/preference.py).
+ADVANTAGES = tuple(SEQUENCE_ADVANTAGES) + TOKEN_ADVANTAGES + ("dpo", "ipo", "simpo", "orpo")
 GROUP_ADVANTAGES = ("group_center", "group_zscore", "loo", "reinforce_pp")  # need >= 2 samples per question
 
 

@@ -118,7 +118,7 @@ def clip_mask(ratio: Tensor, advantages: Tensor, eps_low: float, eps_high: float
 # gradient accumulation over micro-batches leaves the gradient unchanged.
 # ----------------------------------------------------------------------------------------------
 
-AGGREGATIONS = ("tok", "seq", "const", "sum")
+AGGREGATIONS = ("tok", "seq", "const", "sum", "pair")
 
 
 def aggregation_weights(mask: Tensor, mode: str, *, num_tokens: float, num_seqs: float, max_len: int) -> Tensor:
@@ -128,6 +128,7 @@ def aggregation_weights(mask: Tensor, mode: str, *, num_tokens: float, num_seqs:
     seq:   W = m / (|y_i| * num_seqs)          (mean over sequences of the per-sequence token mean; GRPO)
     const: W = m / (num_seqs * max_len)        (constant normaliser; Dr. GRPO)
     sum:   W = m / num_seqs                    (mean over sequences of the per-sequence token sum; REINFORCE)
+    pair:  W = 2 m / num_seqs                  (mean over preference pairs, each two sequences; DPO)
     """
     if mode == "tok":
         return mask / max(num_tokens, 1.0)
@@ -137,6 +138,8 @@ def aggregation_weights(mask: Tensor, mode: str, *, num_tokens: float, num_seqs:
         return mask / (max(num_seqs, 1.0) * max_len)
     if mode == "sum":
         return mask / max(num_seqs, 1.0)
+    if mode == "pair":
+        return 2 * mask / max(num_seqs, 2.0)
     raise ValueError(f"unknown aggregation {mode!r}; choose one of {', '.join(AGGREGATIONS)}")
 
 

@@ -16,7 +16,8 @@ Tests prove the familiar surrogate, differentiated by autograd, gives the same g
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -152,6 +153,7 @@ class StreamComponents:
 class ObjectiveTerms:
     loss: Tensor  # () differentiable, summed over streams
     streams: dict = field(default_factory=dict)  # stream id -> EstimatorTerms
+    preference: Any = None  # PreferenceTerms of a preference loss (margins, implicit rewards), else None
 
 
 def stream_counts(mask: Tensor, token_stream: Tensor, streams, *, joint: bool) -> dict[int, tuple[float, float]]:
@@ -196,3 +198,22 @@ def objective_loss(logp: Tensor, *, token_stream: Tensor, mask: Tensor, advantag
         total = total + terms.loss
         out[k] = terms
     return ObjectiveTerms(total, out)
+
+
+def preference_loss(logp: Tensor, *, spec, token_stream: Tensor, mask: Tensor, group: Tensor, sign: Tensor,
+                    streams: dict, counts: dict, ref_logp: Tensor | None = None) -> ObjectiveTerms:
+    """A preference loss (objective/preference.py) through the estimator: its advantages, computed from this
+    forward pass's detached log-probs, enter as A with w = 1, no mask and W = 1/P (aggregation "pair"); the
+    logged value is the method's own loss (-log sigma(beta h), ...). counts["chosen_tokens"] and the stream's
+    sequence count (2 P) cover the whole optimizer step."""
+    from .preference import preference_terms
+
+    (k, _), = streams.items()
+    pref = preference_terms(spec, logp, mask, group, sign, ref_logp=ref_logp, num_pairs=counts[k][1] / 2,
+                            chosen_tokens=counts["chosen_tokens"])
+    out = objective_loss(logp, token_stream=token_stream, mask=mask, advantages=pref.advantages,
+                         mix=torch.ones(logp.shape[0], dtype=logp.dtype, device=logp.device), streams=streams,
+                         counts=counts)
+    terms = out.streams[k]
+    loss = out.loss - terms.pg_value + pref.value  # the same gradient, the method's own value
+    return ObjectiveTerms(loss, {k: replace(terms, loss=loss, pg_value=pref.value)}, pref)

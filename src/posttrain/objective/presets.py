@@ -13,6 +13,8 @@ Sources:
   prefixed        rollouts that continue a demonstration prefix (prefix-guided RL)
   buffer          ReLIFT: questions whose rollouts all failed, replayed as demonstrations when full
   verified        rejection sampling: K samples per prompt, the verified ones become demonstrations
+  pairs           preference pairs (prompt, chosen, rejected): both responses in one micro-batch, the advantage
+                  computed in the update from that forward pass (objective/preference.py)
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from .advantages import ADVANTAGES
 from .components import AGGREGATIONS, KL_ESTIMATORS, WEIGHTS
 
 CLIPS = ("none", "token", "sequence")
-SOURCES = ("demonstrations", "rollouts", "paired", "prefixed", "buffer", "verified")
+SOURCES = ("demonstrations", "rollouts", "paired", "prefixed", "buffer", "verified", "pairs")
 MIXERS = ("none", "chord", "hpt", "hpt_soft", "srft")
 STREAM_NAMES = ("demo", "rollout", "prefix")
 STREAM_ADVANTAGES = ("group", "one")  # the preset's advantage over the row's group, or A = 1
@@ -82,12 +84,24 @@ class Preset:
     soft_table: tuple = HPT_SOFT_TABLE  # HPT soft mode: (max accuracy, rl weight, sft weight) rows
     w_sft: float = 0.5  # SRFT: demonstration weight w_sft * exp(-H)
     w_rl: float = 0.1  # SRFT: positive-rollout weight w_rl * exp(H)
+    # preference losses (advantage dpo / ipo / simpo / orpo)
+    pref_beta: float = 0.1  # DPO / SimPO beta, IPO tau
+    pref_gamma: float = 0.0  # SimPO target margin
+    pref_lam: float = 0.1  # ORPO odds-ratio weight
     references: str = ""
 
     @property
     def data(self) -> str:
-        """What a stage's rows must hold: "demonstrations" (SFT-style rows) or "prompts" (prompt + answer)."""
+        """What a stage's rows must hold: "demonstrations" (SFT-style rows), "preferences" (prompt + chosen +
+        rejected) or "prompts" (prompt + answer)."""
+        if self.sources == ("pairs",):
+            return "preferences"
         return "demonstrations" if self.sources == ("demonstrations",) else "prompts"
+
+    @property
+    def needs_reference(self) -> bool:
+        """A reference model is needed whatever the KL setting (DPO, IPO)."""
+        return self.advantage in ("dpo", "ipo")
 
     @property
     def needs_demonstrations(self) -> bool:
@@ -144,6 +158,15 @@ class Preset:
         if "verified" in self.sources:
             return f"{self.rounds} rounds of sample / verify / SFT"
         return "-"
+
+    def preference_description(self) -> str:
+        if self.advantage in ("dpo", "ipo"):
+            return f"{self.advantage} beta={self.pref_beta:g}"
+        if self.advantage == "simpo":
+            return f"simpo beta={self.pref_beta:g} gamma={self.pref_gamma:g}"
+        if self.advantage == "orpo":
+            return f"orpo lambda={self.pref_lam:g}"
+        return ""
 
     def _per_stream(self, attr: str) -> str:
         vals = {n: getattr(s, attr) for n, s in self.streams.items()}
@@ -248,6 +271,19 @@ _P = [
            references="Prefix-RFT: Dr. GRPO update over the mixed group, prefix share cosine 0.95 -> 0.05 [2nd] "
                       "(here -> 0, the issue's schedule); prefix tokens carry the row's advantage with weight 1; "
                       "its top-20% entropy mask on prefix tokens is left out"),
+    # ---- preference optimisation: pairs, the advantage from the update's forward pass --------------------------
+    Preset("dpo", "DPO: -log sigma(beta h), h the chosen-minus-rejected log-ratio to the reference "
+           "(arXiv 2305.18290)", ("pairs",), "dpo", {"demo": StreamSpec("one", "none", "pair", "group")},
+           pref_beta=0.1, references="paper / TRL DPOConfig: beta 0.1, sigmoid loss, summed log-probs"),
+    Preset("ipo", "IPO: (h - 1/(2 tau))^2 on length-averaged log-ratios (arXiv 2310.12036)", ("pairs",), "ipo",
+           {"demo": StreamSpec("one", "none", "pair", "group")}, pref_beta=0.1,
+           references="TRL loss_type='ipo': beta is tau, default 0.1, log-ratios averaged over tokens"),
+    Preset("simpo", "SimPO: -log sigma(beta (avg logp_w - avg logp_l) - gamma), no reference (arXiv 2405.14734)",
+           ("pairs",), "simpo", {"demo": StreamSpec("one", "none", "pair", "group")}, pref_beta=2.0, pref_gamma=0.5,
+           references="paper: beta 2-2.5, gamma/beta about 0.5 [?]; TRL CPO simpo_gamma 0.5"),
+    Preset("orpo", "ORPO: NLL on chosen - lambda log sigma(log-odds ratio), no reference (arXiv 2403.07691)",
+           ("pairs",), "orpo", {"demo": StreamSpec("one", "none", "pair", "group")}, pref_lam=0.1,
+           references="TRL ORPOConfig beta (lambda) 0.1; NLL a token mean over the chosen responses"),
     Preset("rft", "Rejection-sampling fine-tuning (RFT / STaR / expert iteration): K samples per prompt, "
            "SFT on the verified ones, for R rounds", ("verified",), "indicator", {"demo": SFT_STREAM}, rounds=1,
            references="RFT (Yuan et al. 2023), STaR, RAFT: keep samples whose reward >= success_threshold, token "
@@ -270,8 +306,7 @@ for _p in _P:
 
 
 # Methods users ask for that posttrain does not have yet: named plainly instead of a near miss ("dapo").
-NOT_YET = {"dpo": "preference optimisation", "ipo": "preference optimisation", "simpo": "preference optimisation",
-           "orpo": "preference optimisation", "kto": "preference optimisation", "ppo": "PPO with a value model",
+NOT_YET = {"kto": "unpaired preference optimisation", "ppo": "PPO with a value model",
            "distill": "distillation", "gkd": "distillation"}
 
 

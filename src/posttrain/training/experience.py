@@ -5,7 +5,9 @@ Order of operations (algorithms.md §3, §4):
   -> rewards (errors masked) -> + soft overlong penalty -> dynamic-sampling filter (refill rounds)
   -> per-question gates and extra rows (HPT's switch, SRFT's and CHORD's demonstrations, ReLIFT's buffer)
   -> Batch (+ old_logp, ref_logp) -> [k1 in the reward] -> advantages (by group id) and mix.
-Demonstration-only stages (SFT, DFT) draw a batch of demonstrations; rejection sampling (RFT) refills
+Demonstration-only stages (SFT, DFT) draw a batch of demonstrations; preference stages (DPO, ...) a batch
+of pairs with their reference log-probs (the advantage comes later, from the update's forward pass);
+rejection sampling (RFT) refills
 its pool of verified samples once per round. The loop calls `make` and never asks which method runs.
 The sampler's ids are used as they are: text is decoded only for the reward functions.
 """
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import faults
-from ..data.batch import DEMO, PREFIX, ROLLOUT, Batch, Row, collate, demo_batch
+from ..data.batch import DEMO, PREFIX, ROLLOUT, Batch, Row, collate, demo_batch, pair_batch
 from ..data.encode import completion_text, encode_prompt
 from ..logprobs import token_logprobs
 from ..objective import mixers
@@ -95,13 +97,15 @@ class Experience:
 
     def __init__(self, stage, tokenizer, *, pad_id: int, stop_ids=(), device="cpu", seed: int = 0, rows=None,
                  demos: Demonstrations | None = None, paired: PairedDemos | None = None, scorer=None,
-                 ref_model=None, total_steps: int = 1, on_data=None, on_samples=None):
+                 ref_model=None, total_steps: int = 1, on_data=None, on_samples=None,
+                 pairs: Demonstrations | None = None):
         self.s, self.p = stage, get_preset(stage.method)
         self.tok, self.pad_id, self.stop_ids, self.device = tokenizer, pad_id, list(stop_ids), device
         self.rows = rows or []
         self.columns = reward_columns(self.rows)
         self.prompts = DataCursor(len(self.rows), seed, stage.data.shuffle)
         self.demos, self.paired, self.scorer, self.ref_model = demos, paired, scorer, ref_model
+        self.pairs = pairs
         self.buffer = Buffer(stage.sources.buffer_size) if "buffer" in self.p.sources else None
         self.pool = VerifiedPool(math.ceil(total_steps / stage.sources.rounds), seed) \
             if "verified" in self.p.sources else None
@@ -118,7 +122,7 @@ class Experience:
 
     def state_dict(self) -> dict:
         out = {"prompts": self.prompts.state_dict(), "health": self.health.state_dict()}
-        for name in ("demos", "buffer", "pool"):
+        for name in ("demos", "buffer", "pool", "pairs"):
             src = getattr(self, name)
             if src is not None:
                 out[name] = src.state_dict()
@@ -127,7 +131,7 @@ class Experience:
     def load_state_dict(self, d: dict) -> None:
         self.prompts.load_state_dict(d["prompts"])
         self.health.load_state_dict(d["health"])
-        for name in ("demos", "buffer", "pool"):
+        for name in ("demos", "buffer", "pool", "pairs"):
             if name in d:
                 getattr(self, name).load_state_dict(d[name])
 
@@ -137,6 +141,12 @@ class Experience:
         """The experience of optimizer step `step` (0-based count of the steps already taken)."""
         if self.p.sources == ("demonstrations",):
             return StepData(demo_batch(self.demos.take(self.s.batch.size), self.pad_id))
+        if self.p.sources == ("pairs",):
+            self._compute = {"ref_forward_tokens": 0}
+            batch = pair_batch(self.pairs.take(self.s.batch.size), self.pad_id)
+            if self.p.needs_reference:  # once per batch, without gradients
+                batch.ref_logp = self._logp(self.ref_model, batch, temperature=1.0)
+            return StepData(batch, dict(self._compute))
         self._compute = {"prefill_tokens": 0, "generated_tokens": 0, "ref_forward_tokens": 0}
         data = self._verified(model, generator) if self.pool is not None else self._rollouts(model, step, generator)
         self.health.end_step(step)  # may stop the run: before this step's update, so the state is the last step's
@@ -407,13 +417,14 @@ class Experience:
         return batch
 
     @torch.no_grad()
-    def _logp(self, model, batch: Batch) -> torch.Tensor:
+    def _logp(self, model, batch: Batch, temperature: float | None = None) -> torch.Tensor:
         out = torch.zeros_like(batch.loss_mask)
+        temperature = self.s.rollout.temperature if temperature is None else temperature
         micro = self.s.batch.micro_size or batch.size
         self._compute["ref_forward_tokens"] += int(batch.attention_mask.sum())
         for rows in batch.split(micro):
             mb = batch.select(rows).to(self.device)
-            lp, _ = token_logprobs(model, mb.input_ids, mb.attention_mask, temperature=self.s.rollout.temperature)
+            lp, _ = token_logprobs(model, mb.input_ids, mb.attention_mask, temperature=temperature)
             out[rows, : lp.shape[1]] = lp.float().cpu()
         return out
 

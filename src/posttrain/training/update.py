@@ -15,7 +15,8 @@ import torch
 from ..data.batch import DEMO, PREFIX, ROLLOUT, STREAMS, Batch
 from ..logprobs import token_logprobs
 from ..objective import mixers
-from ..objective.estimator import StreamComponents, objective_loss, stream_counts
+from ..objective.estimator import StreamComponents, objective_loss, preference_loss, stream_counts
+from ..objective.preference import PREFERENCE_LOSSES, PreferenceSpec
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class ObjectiveSpec:
     temperature: float  # logits are scaled like the sampler's (1 for demonstration-only stages)
     with_entropy: bool  # compute per-token entropy (bonus, SRFT's mixer, or logged for RL)
     srft: tuple[float, float] | None = None  # (w_sft, w_rl) when the mixer reads the forward pass's entropy
+    preference: PreferenceSpec | None = None  # a preference loss: the advantage from the forward pass
 
     @classmethod
     def from_stage(cls, s, *, log_entropy: bool = False) -> "ObjectiveSpec":
@@ -47,7 +49,9 @@ class ObjectiveSpec:
         from ..objective.presets import get_preset
 
         srft = (s.mix.w_sft, s.mix.w_rl) if get_preset(s.method).mixer == "srft" else None
-        return cls(streams=streams, joint=s.normaliser == "joint",
+        pref = PreferenceSpec(s.advantage.kind, s.preference.beta, s.preference.gamma, s.preference.lam) \
+            if s.advantage.kind in PREFERENCE_LOSSES else None
+        return cls(streams=streams, joint=s.normaliser == "joint", preference=pref,
                    kl_beta_loss=s.kl.beta if s.kl.placement == "loss" else 0.0, kl_estimator=s.kl.estimator,
                    entropy_coef=s.entropy.coef, temperature=s.rollout.temperature if rl else 1.0,
                    with_entropy=s.entropy.coef > 0 or (log_entropy and rl) or srft is not None, srft=srft)
@@ -55,12 +59,17 @@ class ObjectiveSpec:
 
 # Diagnostics accumulated per micro-batch, in this order; then a (pg value, tokens) pair per stream.
 STAT_KEYS = ("loss", "kl", "entropy", "clipped", "clip_tokens", "ratio_sum", "ratio_tokens", "tokens",
-             "mismatch_sum", "mismatch_tokens", "forward_tokens", "samples", "nll_sum", "nll_tokens")
+             "mismatch_sum", "mismatch_tokens", "forward_tokens", "samples", "nll_sum", "nll_tokens",
+             "pairs", "pref_correct", "margin_sum", "chosen_reward_sum", "rejected_reward_sum")
 STREAM_KEYS = tuple(f"{k}/{n}" for n in STREAMS for k in ("pg", "tokens"))
 
 
 def micro_loss(logp, entropy, mb: Batch, spec: ObjectiveSpec, counts: dict):
     """The objective of one micro-batch from its forward pass: the function the oracles call too."""
+    if spec.preference is not None:
+        return preference_loss(logp, spec=spec.preference, token_stream=mb.token_stream(), mask=mb.loss_mask,
+                               group=mb.group, sign=mb.pair_sign, streams=spec.streams, counts=counts,
+                               ref_logp=mb.ref_logp)
     mix = mb.mix.to(logp.dtype)
     if spec.srft is not None:  # SRFT: weights from each row's mean entropy under the current policy (detached)
         m = mb.loss_mask
@@ -77,6 +86,8 @@ def accumulate_gradients(model, batch: Batch, spec: ObjectiveSpec, *, micro_size
     """Backpropagate the estimator over micro-batches (whole groups) of `batch` into `.grad`; returns summed
     diagnostics (a tensor ordered as STAT_KEYS + STREAM_KEYS, still on the device: no sync here)."""
     counts = stream_counts(batch.loss_mask, batch.token_stream(), spec.streams, joint=spec.joint)
+    if spec.preference is not None:
+        counts["chosen_tokens"] = float((batch.loss_mask * (batch.pair_sign > 0)[:, None]).sum())
     acc = torch.zeros(len(STAT_KEYS) + len(STREAM_KEYS), dtype=torch.float64, device=device)
     zero = torch.zeros((), device=device)
     main = ROLLOUT if ROLLOUT in spec.streams else DEMO  # the stream whose entropy is logged
@@ -106,7 +117,16 @@ def accumulate_gradients(model, batch: Batch, spec: ObjectiveSpec, *, micro_size
                      own.sum() if mb.sampler_logp is not None else zero, mb.attention_mask.sum(),
                      (mb.loss_mask.sum(1) > 0).sum()]
             demo = mb.loss_mask * (ts == DEMO)  # demonstration tokens: their NLL compares across SFT-like methods
-            parts += [-(logp.detach() * demo).sum(), demo.sum()]
+            if spec.preference is None:  # (a preference stage logs its margins instead)
+                parts += [-(logp.detach() * demo).sum(), demo.sum()]
+            else:
+                parts += [zero, zero]
+            pref = terms.preference
+            if pref is not None:
+                parts += [len(pref.margin), (pref.margin > 0).sum(), pref.margin.sum(), pref.chosen_reward.sum(),
+                          pref.rejected_reward.sum()]
+            else:
+                parts += [zero] * 5
             for k in range(len(STREAMS)):
                 parts += [t[k].pg_value if k in t else zero, (mb.loss_mask * (ts == k)).sum()]
             acc += torch.stack([torch.as_tensor(p, device=device).reshape(()) for p in parts]).to(acc)
@@ -151,6 +171,10 @@ def step_record(stats: dict, spec: ObjectiveSpec, lr: float, *, has_sampler: boo
         out["ratio_mean"] = stats["ratio_sum"] / stats["ratio_tokens"]
     if stats["nll_tokens"]:  # mean NLL of the demonstration tokens, whatever the method's own objective (DFT's)
         out["nll"] = stats["nll_sum"] / stats["nll_tokens"]
+    if stats["pairs"]:  # preference: the share of pairs ranked right, the mean margin and implicit rewards
+        n = stats["pairs"]
+        out.update(pref_accuracy=stats["pref_correct"] / n, margin=stats["margin_sum"] / n,
+                   reward_chosen=stats["chosen_reward_sum"] / n, reward_rejected=stats["rejected_reward_sum"] / n)
     if spec.kl_beta_loss:
         out["kl"] = stats["kl"]
     if spec.with_entropy:
