@@ -20,6 +20,7 @@ PROMPT = [{"role": "user", "content": "Answer with the letter A."}]
 ANSWER = [{"role": "assistant", "content": "A"}]
 RL_ROWS = [{"prompt": PROMPT, "answer": "A", "completion": ANSWER, "id": f"q{i}"} for i in range(8)]
 SFT_ROWS = [{"messages": PROMPT + [{"role": "assistant", "content": "A"}]} for _ in range(8)]
+PREF_ROWS = [{"prompt": PROMPT, "chosen": ANSWER, "rejected": [{"role": "assistant", "content": "B"}]}] * 8
 
 
 @pytest.fixture(scope="module")
@@ -44,15 +45,17 @@ def recipe(model_dir, method, steps=3, **stage):
 
 def run(tmp_path, model_dir, method, **stage):
     rl = PRESETS[method].needs_rewards
-    return posttrain.train(recipe(model_dir, method, **stage), out=tmp_path / "run",
-                           data=RL_ROWS if rl else SFT_ROWS, rewards=[varied] if rl else None, progress=False)
+    data = {"prompts": RL_ROWS, "demonstrations": SFT_ROWS, "preferences": PREF_ROWS}[PRESETS[method].data]
+    return posttrain.train(recipe(model_dir, method, **stage), out=tmp_path / "run", data=data,
+                           rewards=[varied] if rl else None, progress=False)
 
 
 def metrics(path):
     return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
 
 
-FAST = [(m, a) for m in PRESETS for a in ("llama", "qwen2")] + [(m, a) for a in ("mistral", "gpt2") for m in ("sft", "grpo")]
+FAST = [(m, a) for m in PRESETS for a in ("llama", "qwen2")] + [(m, a) for a in ("mistral", "gpt2")
+                                                                for m in ("sft", "grpo", "dpo")]
 SLOW = [(m, a) for a in ARCHITECTURES for m in PRESETS if (m, a) not in FAST]
 
 

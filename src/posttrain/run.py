@@ -359,7 +359,7 @@ class Run:
         """Before the model loads: the reward functions import, and accept the data's columns as keywords."""
         if sd.rows is None or not get_preset(stage.method).needs_rewards:
             return
-        from .training.experience import reward_columns
+        from .rewards import reward_columns
 
         try:
             with self._scorer(stage) as scorer:

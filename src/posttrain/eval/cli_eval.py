@@ -17,8 +17,7 @@ def _checked_data(args) -> list[dict]:
         raise DataError(args.data, None, None, "name the verifier of this data: --reward exact (the whole answer), "
                         "numeric (the last number), math, code (runs the program against a `tests` column) or "
                         "module:function")
-    from ..rewards import RewardScorer, RewardSpec
-    from ..training.experience import reward_columns
+    from ..rewards import RewardScorer, RewardSpec, reward_columns
 
     tok = load_tokenizer(resolve_model(args.model, required_file="tokenizer_config.json"))
     rows = load_eval_rows(args.data, tok, answer_column=args.answer_column, origin=args.model)

@@ -47,7 +47,7 @@ if TYPE_CHECKING:  # torch is imported where tensors are built: the worker proce
     import torch  # and a worker (re)start without torch takes ~0.2 s instead of ~2 s
 
 __all__ = ["BUILTIN", "RewardBatch", "RewardError", "RewardScorer", "RewardSpec", "code_execution",
-           "resolve_reward_fn"]
+           "resolve_reward_fn", "reward_columns"]
 
 logger = logging.getLogger(__name__)
 _RESERVED = ("prompts", "completions", "completion_ids")
@@ -92,6 +92,12 @@ class RewardBatch:
         for error in self.errors:
             counts[error.fn] += 1
         return counts
+
+
+def reward_columns(rows: list[dict]) -> list[str]:
+    """The dataset columns reward functions receive as keyword lists: every column of any row but the prompt
+    (a row without one passes None)."""
+    return sorted({k for r in rows for k in r} - {"prompt"})
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from ..objective.advantages import advantages, group_success, mixed_outcome
 from ..objective.components import overlong_penalty
 from ..objective.presets import get_preset
 from ..recipe import stage_streams
+from ..rewards import reward_columns
 from ..rollout.sampler import sample
 from .health import GroupSignal, RewardHealth
 from .sources import Buffer, DataCursor, Demonstrations, PairedDemos, VerifiedPool
@@ -483,12 +484,6 @@ class Experience:
         values.update(rft_round=self.pool.round, verified_frac=len(pool) / max(len(all_rows.rows), 1),
                       reward_errors=len(all_rows.errors))
         return all_rows.errors
-
-
-def reward_columns(rows: list[dict]) -> list[str]:
-    """The dataset columns reward functions receive as keyword lists: every column of any row but the prompt
-    (a row without one passes None)."""
-    return sorted({k for r in rows for k in r} - {"prompt"})
 
 
 def verified(rows: list[Row], rewards: list[float], threshold: float, seen: set) -> list[tuple[Row, float]]:

@@ -82,12 +82,19 @@ def micro_loss(logp, entropy, mb: Batch, spec: ObjectiveSpec, counts: dict):
         kl_estimator=spec.kl_estimator, kl_beta=spec.kl_beta_loss, entropy=entropy, entropy_coef=spec.entropy_coef)
 
 
-def accumulate_gradients(model, batch: Batch, spec: ObjectiveSpec, *, micro_size: int, device) -> torch.Tensor:
-    """Backpropagate the estimator over micro-batches (whole groups) of `batch` into `.grad`; returns summed
-    diagnostics (a tensor ordered as STAT_KEYS + STREAM_KEYS, still on the device: no sync here)."""
+def batch_counts(batch: Batch, spec: ObjectiveSpec) -> dict:
+    """The optimizer step's normalisers over the whole batch: {stream: (tokens, sequences)}, and for a preference
+    loss the chosen responses' tokens (ORPO's NLL is a token mean over them)."""
     counts = stream_counts(batch.loss_mask, batch.token_stream(), spec.streams, joint=spec.joint)
     if spec.preference is not None:
         counts["chosen_tokens"] = float((batch.loss_mask * (batch.pair_sign > 0)[:, None]).sum())
+    return counts
+
+
+def accumulate_gradients(model, batch: Batch, spec: ObjectiveSpec, *, micro_size: int, device) -> torch.Tensor:
+    """Backpropagate the estimator over micro-batches (whole groups) of `batch` into `.grad`; returns summed
+    diagnostics (a tensor ordered as STAT_KEYS + STREAM_KEYS, still on the device: no sync here)."""
+    counts = batch_counts(batch, spec)
     acc = torch.zeros(len(STAT_KEYS) + len(STREAM_KEYS), dtype=torch.float64, device=device)
     zero = torch.zeros((), device=device)
     main = ROLLOUT if ROLLOUT in spec.streams else DEMO  # the stream whose entropy is logged
