@@ -180,6 +180,8 @@ class Preset:
         row.update(sources=", ".join(self.sources), data=self.data, mask=self.mask_description(),
                    regularizers=self.regularizers(), weight=self._per_stream("weight"),
                    aggregation=self._per_stream("aggregation"), mix=self.mixer_description())
+        if self.data == "preferences":
+            row["advantage"] = self.preference_description()
         return row
 
 
