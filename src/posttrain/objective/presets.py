@@ -41,6 +41,8 @@ class StreamSpec:
 
 
 SFT_STREAM = StreamSpec("one", "none", "tok", "one")
+# preference pairs: w = 1, no mask, mean over pairs; A is the preset's preference loss (objective/preference.py)
+PAIR_STREAMS = {"demo": StreamSpec("one", "none", "pair", "group")}
 HPT_SOFT_TABLE = ((0.125, 0.0, 1.0), (0.375, 0.25, 0.25), (1.0, 1.0, 0.0))
 
 
@@ -275,16 +277,16 @@ _P = [
                       "its top-20% entropy mask on prefix tokens is left out"),
     # ---- preference optimisation: pairs, the advantage from the update's forward pass --------------------------
     Preset("dpo", "DPO: -log sigma(beta h), h the chosen-minus-rejected log-ratio to the reference "
-           "(arXiv 2305.18290)", ("pairs",), "dpo", {"demo": StreamSpec("one", "none", "pair", "group")},
+           "(arXiv 2305.18290)", ("pairs",), "dpo", PAIR_STREAMS,
            pref_beta=0.1, references="paper / TRL DPOConfig: beta 0.1, sigmoid loss, summed log-probs"),
     Preset("ipo", "IPO: (h - 1/(2 tau))^2 on length-averaged log-ratios (arXiv 2310.12036)", ("pairs",), "ipo",
-           {"demo": StreamSpec("one", "none", "pair", "group")}, pref_beta=0.1,
+           PAIR_STREAMS, pref_beta=0.1,
            references="TRL loss_type='ipo': beta is tau, default 0.1, log-ratios averaged over tokens"),
     Preset("simpo", "SimPO: -log sigma(beta (avg logp_w - avg logp_l) - gamma), no reference (arXiv 2405.14734)",
-           ("pairs",), "simpo", {"demo": StreamSpec("one", "none", "pair", "group")}, pref_beta=2.0, pref_gamma=0.5,
+           ("pairs",), "simpo", PAIR_STREAMS, pref_beta=2.0, pref_gamma=0.5,
            references="paper: beta 2-2.5, gamma/beta about 0.5 [?]; TRL CPO simpo_gamma 0.5"),
     Preset("orpo", "ORPO: NLL on chosen - lambda log sigma(log-odds ratio), no reference (arXiv 2403.07691)",
-           ("pairs",), "orpo", {"demo": StreamSpec("one", "none", "pair", "group")}, pref_lam=0.1,
+           ("pairs",), "orpo", PAIR_STREAMS, pref_lam=0.1,
            references="TRL ORPOConfig beta (lambda) 0.1; NLL a token mean over the chosen responses"),
     Preset("rft", "Rejection-sampling fine-tuning (RFT / STaR / expert iteration): K samples per prompt, "
            "SFT on the verified ones, for R rounds", ("verified",), "indicator", {"demo": SFT_STREAM}, rounds=1,
