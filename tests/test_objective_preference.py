@@ -155,5 +155,5 @@ def test_a_mutated_sign_or_normaliser_is_caught():
     counts[key] = (counts[key][0], counts[key][1] * 2)
     halved = micro_loss(logp, None, b, spec, counts)
     assert not torch.allclose(grad(halved.loss, pool), good)
-    with pytest.raises(ValueError, match="one chosen and one rejected"):
+    with pytest.raises(ValueError, match="one chosen and one rejected row"):
         P.pair_index(torch.tensor([0, 0, 1, 1]), torch.tensor([1.0, 1.0, 1.0, -1.0]))

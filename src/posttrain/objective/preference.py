@@ -54,18 +54,15 @@ class PreferenceTerms:
 
 def pair_index(group: Tensor, sign: Tensor) -> tuple[Tensor, Tensor]:
     """(chosen row, rejected row) of each pair, (pairs,) each, pairs ordered by group id. Every group must hold
-    exactly one row of each sign."""
-    groups = torch.unique(group)
-    chosen = torch.empty(len(groups), dtype=torch.long, device=group.device)
-    rejected = torch.empty_like(chosen)
-    for k, g in enumerate(groups.tolist()):
-        rows = (group == g).nonzero().flatten()
-        w, lo = rows[sign[rows] > 0], rows[sign[rows] < 0]
-        if len(rows) != 2 or len(w) != 1 or len(lo) != 1:
-            raise ValueError(f"preference group {g} must hold one chosen and one rejected row, got signs "
-                             f"{sign[rows].tolist()}")
-        chosen[k], rejected[k] = w[0], lo[0]
-    return chosen, rejected
+    exactly one row of each sign (one check, one host sync)."""
+    w, lo = (sign > 0).nonzero().flatten(), (sign < 0).nonzero().flatten()
+    w, lo = w[torch.argsort(group[w])], lo[torch.argsort(group[lo])]
+    ok = len(w) == len(lo) and len(w) + len(lo) == len(group) and bool(
+        (group[w] == group[lo]).all() and (len(w) < 2 or (group[w][1:] != group[w][:-1]).all()))
+    if not ok:
+        raise ValueError(f"every preference group must hold one chosen and one rejected row; got groups "
+                         f"{group.tolist()} with signs {sign.tolist()}")
+    return w, lo
 
 
 def preference_terms(spec: PreferenceSpec, logp: Tensor, mask: Tensor, group: Tensor, sign: Tensor, *,
