@@ -42,12 +42,14 @@ TASKS: dict[str, Task] = {
         name="arith",
         description=("Sums and differences of 2-3 two-digit numbers (ood: 4 operands; ood_phrasing: the same "
                      "problems asked in words no training prompt uses). Demonstrations work "
-                     "the chain step by step and end with '#### answer'."),
-        splits=("train", "dev", "id", "ood", "ood_phrasing", "plain"),
+                     "the chain step by step and end with '#### answer'. pref_train / pref_dev: the worked "
+                     "solution preferred to the same working with one arithmetic slip."),
+        splits=("train", "dev", "id", "ood", "ood_phrasing", "plain", "pref_train", "pref_dev"),
         rewards=dict(arith.REWARDS),
         primary="correct",
         generate=arith.rows,
-        sizes={"train": 2000, "dev": 200, "id": 500, "ood": 300, "ood_phrasing": 300, "plain": 200},
+        sizes={"train": 2000, "dev": 200, "id": 500, "ood": 300, "ood_phrasing": 300, "plain": 200,
+               "pref_train": 2000, "pref_dev": 200},
         corpus=lambda n, seed: arith.pretraining_corpus(n, seed),
         answer=arith.extract_answer,
     ),

@@ -142,8 +142,45 @@ def problem_row(problem: Problem, split: str, index: int, question: str | None =
             "completion": [assistant], "messages": [user, assistant]}
 
 
+# preference split -> the split whose questions it asks (so `pref_dev` is as held out as `dev`)
+PREFERENCE_SPLITS = {"pref_train": "train", "pref_dev": "dev"}
+
+
+def flawed(problem: Problem, rng: random.Random) -> str:
+    """A worked solution with one arithmetic slip: step k's result is off by 1-10, and the chain goes on
+    correctly from the wrong total, so the working looks consistent and the marked answer is wrong."""
+    k = rng.randrange(len(problem.ops))
+    slip = rng.choice([d for d in range(-10, 11) if d])
+    lefts, lines, acc = [problem.operands[0]], [], problem.operands[0]
+    for j, (op, x) in enumerate(zip(problem.ops, problem.operands[1:])):
+        acc = acc + x if op == "+" else acc - x
+        if j == k:
+            acc += slip
+        lines.append(f"{lefts[-1]} {op} {x} = {acc}")
+        lefts.append(acc)
+    return "\n".join(lines + [f"{MARK} {acc}"])
+
+
+def preference_rows(split: str, n: int, seed: int) -> list[dict]:
+    """`n` preference pairs on the questions of PREFERENCE_SPLITS[split]: chosen the worked solution, rejected
+    the same working with one slip (`flawed`); `answer` is kept, so a verifier can score either."""
+    base = PREFERENCE_SPLITS[split]
+    counts, buckets = SPLIT_BUCKETS[base]
+    rng = random.Random(f"arith:flawed:{split}:{seed}")
+    out = []
+    for i, p in enumerate(sample_problems(n, seed, counts, buckets, split)):
+        user = [{"role": "user", "content": p.question}]
+        out.append({"id": f"arith-{split}-{i:05d}", "prompt": user, "answer": str(p.answer),
+                    "chosen": [{"role": "assistant", "content": p.worked()}],
+                    "rejected": [{"role": "assistant", "content": flawed(p, rng)}]})
+    return out
+
+
 def rows(split: str, n: int, seed: int) -> list[dict]:
-    """`n` rows of `split` (see `SPLIT_BUCKETS`, plus `plain`); the same (split, n, seed) gives the same rows."""
+    """`n` rows of `split` (see `SPLIT_BUCKETS`, plus `plain` and the preference splits); the same (split, n,
+    seed) gives the same rows."""
+    if split in PREFERENCE_SPLITS:
+        return preference_rows(split, n, seed)
     if split == "plain":
         return [{"id": f"arith-plain-{i:05d}", "text": t} for i, t in enumerate(prose(n, seed, PLAIN_BUCKETS, "plain"))]
     counts, buckets = SPLIT_BUCKETS[split]

@@ -1,0 +1,44 @@
+"""Held-out preference accuracy: how often a policy's implicit reward ranks the chosen response above the
+rejected one (research/algorithms.md §4.3), with the margins of the same formulas training uses
+(objective/preference.py), from one no-grad forward pass of the policy (and of the reference for DPO / IPO).
+
+A tie (margin exactly 0, as for DPO at its reference) counts one half: chance is 0.5 for every method.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..data.batch import pair_batch
+from ..data.encode import encode_pair
+from ..logprobs import token_logprobs
+from ..objective.preference import NEEDS_REFERENCE, PreferenceSpec, preference_terms
+
+
+@torch.no_grad()
+def _logp(model, batch, device) -> torch.Tensor:
+    b = batch.to(device)
+    lp, _ = token_logprobs(model, b.input_ids, b.attention_mask)
+    return lp.double().cpu()
+
+
+@torch.no_grad()
+def preference_accuracy(model, tok, rows: list[dict], spec: PreferenceSpec, *, ref_model=None,
+                        batch_size: int = 16, device: str = "cpu") -> dict:
+    """{"n", "pref_accuracy", "margin"} of `model` on preference rows (prompt, chosen, rejected), under the
+    margin of `spec.kind` (DPO / IPO against `ref_model`)."""
+    if spec.kind in NEEDS_REFERENCE and ref_model is None:
+        raise ValueError(f"{spec.kind}'s margin is measured against a reference model; pass ref_model")
+    pairs = [encode_pair(r, tok) for r in rows]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    margins = []
+    for i in range(0, len(pairs), batch_size):
+        b = pair_batch(pairs[i: i + batch_size], pad, dtype=torch.float64)
+        ref = _logp(ref_model, b, device) if spec.kind in NEEDS_REFERENCE else None
+        n = len(b.group) // 2
+        terms = preference_terms(spec, _logp(model, b, device), b.loss_mask, b.group, b.pair_sign, ref_logp=ref,
+                                 num_pairs=n, chosen_tokens=float(b.loss_mask[0::2].sum()))
+        margins.append(terms.margin)
+    m = torch.cat(margins) if margins else torch.zeros(0, dtype=torch.float64)
+    won = (m > 0).double() + 0.5 * (m == 0).double()
+    return {"n": len(m), "pref_accuracy": float(won.mean()) if len(m) else float("nan"),
+            "margin": float(m.mean()) if len(m) else float("nan")}
