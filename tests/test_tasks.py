@@ -121,13 +121,15 @@ def test_registry_and_unknown_names_list_the_choices(task):
     assert set(task.rewards) == {"correct", "format", "steps"}
     with pytest.raises(ValueError, match="available tasks: arith"):
         get_task("nope")
-    with pytest.raises(ValueError, match="valid splits: train, dev, id, ood, ood_phrasing, plain"):
+    with pytest.raises(ValueError, match="valid splits: train, dev, id, ood, ood_phrasing, plain, pref_train, "
+                                         "pref_dev"):
         task.rows("test")
 
 
 def test_default_split_sizes(task):
     sizes = {s: len(task.rows(s)) for s in task.splits}
-    assert sizes == {"train": 2000, "dev": 200, "id": 500, "ood": 300, "ood_phrasing": 300, "plain": 200}
+    assert sizes == {"train": 2000, "dev": 200, "id": 500, "ood": 300, "ood_phrasing": 300, "plain": 200,
+                     "pref_train": 2000, "pref_dev": 200}
     assert len(task.rows("id", n=7, seed=3)) == 7
 
 
@@ -157,6 +159,32 @@ def test_rows_use_ecosystem_columns_and_demos_pass_every_reward(task):
     for name, fn in task.rewards.items():
         assert fn(prompts, completions, answer=answers) == [1.0] * len(rows), name
     assert {len(r["prompt"][0]["content"].split()) for r in task.rows("ood", n=20)} == {9}  # 4 operands
+
+
+def test_preference_pairs_prefer_the_worked_solution_to_one_slip_on_held_out_questions(task):
+    """chosen passes every reward; rejected keeps the format but has exactly one wrong step (and so a wrong
+    answer); pref_dev asks only `dev` questions, never a training one."""
+    from posttrain.tasks.arith import parse_problem
+
+    rows = task.rows("pref_train", n=100) + task.rows("pref_dev", n=100)
+    prompts, answers = [r["prompt"] for r in rows], [r["answer"] for r in rows]
+    for name, fn in task.rewards.items():
+        assert fn(prompts, [r["chosen"] for r in rows], answer=answers) == [1.0] * len(rows), name
+    rejected = [r["rejected"] for r in rows]
+    assert task.rewards["correct"](prompts, rejected, answer=answers) == [0.0] * len(rows)
+    assert task.rewards["format"](prompts, rejected, answer=answers) == [1.0] * len(rows)
+    for r, steps in zip(rows, task.rewards["steps"](prompts, rejected, answer=answers)):
+        n = len(parse_problem(r["prompt"][0]["content"]).ops)
+        assert steps < 1.0 and r["chosen"] != r["rejected"], r  # one slip: the step where it happens is wrong
+        wrong = sum(a != b for a, b in zip(r["chosen"][0]["content"].split("\n")[:n],
+                                           r["rejected"][0]["content"].split("\n")[:n]))
+        assert wrong >= 1
+    from posttrain.tasks.arith import SPLIT_BUCKETS, bucket
+
+    train = {r["prompt"][0]["content"] for r in task.rows("train")}
+    held_out = {r["prompt"][0]["content"] for r in task.rows("pref_dev")}
+    assert all(bucket(q) in SPLIT_BUCKETS["dev"][1] for q in held_out) and not held_out & train
+    assert not held_out & {r["prompt"][0]["content"] for r in task.rows("pref_train")}
 
 
 def test_ids_are_unique_and_plain_rows_are_text(task):
