@@ -1,9 +1,10 @@
 """Preference learning on the built-in task, from the SFT model: the shipped `builtin:sft_then_dpo` recipe,
-then IPO, SimPO and ORPO from its SFT stage with the same stage settings. Held-out pairs (`pref_dev`, 200):
-the worked solution against the same working with one arithmetic slip.
+then IPO, SimPO, ORPO and KTO from its SFT stage with the same stage settings (KTO on the same pairs as
+unpaired rows: chosen desirable, rejected not). Held-out pairs (`pref_dev`, 200): the worked solution against
+the same working with one arithmetic slip.
 
 Thresholds sit below the worst of seeds 0 / 1 / 2 (recipes/sft_then_dpo.yaml; MEASURED below), with margin:
-DPO and IPO lift preference accuracy from chance (0.5: at the reference every margin is 0) to >= 0.75;
+DPO, IPO and KTO lift preference accuracy (KTO judged by DPO's margin) from chance (0.5: at the reference every margin is 0) to >= 0.75;
 SimPO and ORPO rank every pair right already after SFT (by mean log-prob), so their margin must grow; and no
 method lowers greedy `id` accuracy (300 prompts) by more than 6 points (the worst seed: -3.3).
 """
@@ -27,6 +28,7 @@ MEASURED = {
     "ipo": ((0.5, 0.86, -2.0), (0.5, 0.89, -2.7), (0.5, 0.85, -1.3)),
     "simpo": ((2.19, 2.30, -1.3), (2.20, 2.32, -2.7), (2.19, 2.29, -0.7)),  # margins
     "orpo": ((5.38, 5.72, +4.0), (5.15, 5.33, +2.3), (5.51, 5.85, +4.0)),  # margins
+    "kto": ((0.5, 0.865, -0.7), (0.5, 0.855, -1.3), (0.5, 0.86, -1.0)),
 }
 
 
@@ -41,11 +43,16 @@ def test_preference_methods_rank_held_out_pairs_better_without_losing_task_accur
     train(recipe, out=tmp_path / "dpo", progress=False)
     sft_dir = tmp_path / "dpo" / "stages" / "sft" / "model"
     finals = {"dpo": tmp_path / "dpo" / "final"}
-    for method in ("ipo", "simpo", "orpo"):
+    pairs = get_task("arith").rows("pref_train")
+    unpaired = [{"prompt": x["prompt"], "completion": x[side], "label": side == "chosen"} for x in pairs
+                for side in ("chosen", "rejected")]
+    for method in ("ipo", "simpo", "orpo", "kto"):
         r = copy.deepcopy(recipe)
         stage = {k: v for k, v in recipe["stages"][1].items() if k in ("data", "steps", "optim", "schedule", "batch")}
+        if method == "kto":
+            stage["data"] = {"max_len": 128}
         r.update(model=str(sft_dir), stages=[{**stage, "method": method, "name": method}])
-        train(r, out=tmp_path / method, progress=False)
+        train(r, out=tmp_path / method, progress=False, data={"kto": unpaired} if method == "kto" else None)
         finals[method] = tmp_path / method / "final"
     sft, tok = load_policy(str(sft_dir))
     rows = get_task("arith").rows("pref_dev")
@@ -59,7 +66,7 @@ def test_preference_methods_rank_held_out_pairs_better_without_losing_task_accur
         spec = PreferenceSpec(method, p.beta, p.gamma, p.lam)
         before = preference_accuracy(sft, tok, rows, spec, ref_model=sft)
         after = preference_accuracy(model, tok, rows, spec, ref_model=sft)
-        if method in ("dpo", "ipo"):
+        if method in ("dpo", "ipo", "kto"):
             assert before["pref_accuracy"] == 0.5 and after["pref_accuracy"] >= 0.75, (method, before, after)
         else:
             assert before["pref_accuracy"] == 1.0 and after["margin"] > before["margin"] + 0.03, (method, before,

@@ -28,7 +28,7 @@ MAX_LEN = TP.MAX_LEN  # L_max of the CONST normaliser, deliberately larger than 
 REWARDS = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.5, -1.0, 2.0, 0.0]], dtype=DTYPE)  # (P, G)
 # (preference presets have their own oracles, O13-O15: tests/test_objective_preference.py)
 SINGLE_STREAM = sorted(n for n, p in PRESETS.items() if len(p.streams) == 1 and "verified" not in p.sources
-                       and p.data != "preferences")
+                       and p.data not in ("preferences", "unpaired"))
 
 
 def flat(R: Tensor) -> tuple[Tensor, Tensor]:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from oracle_policy import DTYPE, assert_close, token_logp
 from trainer_path import Pool, stage
 
-from posttrain.data.batch import demo_batch, pair_batch
+from posttrain.data.batch import demo_batch, mismatched, pair_batch, unpaired_batch
 from posttrain.training.update import ObjectiveSpec, batch_counts, micro_loss
 
 LENGTHS = [3, 5, 4, 2, 6, 3]  # pool rows: pairs (0, 1), (2, 3), (4, 5): chosen and rejected of unequal lengths
@@ -157,3 +157,71 @@ def test_a_mutated_sign_or_normaliser_is_caught():
     assert not torch.allclose(grad(halved.loss, pool), good)
     with pytest.raises(ValueError, match="one chosen and one rejected row"):
         P.pair_index(torch.tensor([0, 0, 1, 1]), torch.tensor([1.0, 1.0, 1.0, -1.0]))
+
+
+# ---- KTO: unpaired responses against the batch's reference point --------------------------------------------
+
+LABELS = [True, False, True, True, False, False]
+
+
+def kto_trainer(pool: Pool, ref: torch.Tensor, z0: float, **overrides):
+    st = stage("kto", **overrides)
+    b = unpaired_batch([(pool.encoded(m), good) for m, good in enumerate(LABELS)], pad_id=0, dtype=DTYPE)
+    b.ref_logp, b.ref_point = ref, torch.full((b.size,), z0, dtype=DTYPE)
+    logits = pool.logits[: b.size][:, : b.input_ids.shape[1]]
+    logp = token_logp(logits, b.input_ids) * (b.attention_mask > 0)
+    spec = ObjectiveSpec.from_stage(st)
+    return micro_loss(logp, None, b, spec, batch_counts(b, spec)), logp, b, st
+
+
+def test_kto_has_its_textbook_losss_value_and_gradient_and_o16_at_init():
+    """Ethayarajh et al. / TRL: lam_D (1 - sigma(beta (r - z0))) for desirable, lam_U (1 - sigma(beta (z0 - r)))
+    for undesirable responses, mean over rows; at init (r = 0, z0 = 0) the gradient is -lam_D (beta/4) grad log
+    pi(y) for desirable and +lam_U (beta/4) grad log pi(y) for undesirable rows (O16)."""
+    pool = Pool.make(LENGTHS, seed=6)
+    ref_pool = Pool.make(LENGTHS, seed=6)
+    with torch.no_grad():
+        ref_pool.logits += 0.5 * torch.randn(ref_pool.logits.shape, generator=torch.Generator().manual_seed(3),
+                                             dtype=DTYPE)
+    zeros = torch.zeros(len(LABELS), max(LENGTHS) + 1, dtype=DTYPE)
+    _, ref, _, _ = kto_trainer(ref_pool, zeros, 0.0)
+    ref = ref.detach()
+    over = {"preference.desirable_weight": 1.5, "preference.undesirable_weight": 0.7, "preference.beta": 0.3}
+    terms, logp, b, st = kto_trainer(pool, ref, 0.2, **over)
+    m, good = b.loss_mask, torch.tensor(LABELS)
+    r = ((logp - ref) * m).sum(1)
+    u = torch.where(good, 0.3 * (r - 0.2), 0.3 * (0.2 - r))
+    lam = torch.where(good, torch.tensor(1.5, dtype=DTYPE), torch.tensor(0.7, dtype=DTYPE))
+    expect = (lam * (1 - torch.sigmoid(u))).mean()
+    assert_close(terms.loss.detach(), expect.detach(), "kto value")
+    assert_close(grad(terms.loss, pool), grad(expect, pool), "kto gradient")
+    _, own, _, _ = kto_trainer(pool, zeros, 0.0, **over)
+    init, logp, b, st = kto_trainer(pool, own.detach(), 0.0, **over)  # the reference is the policy itself
+    s = (logp * b.loss_mask).sum(1)
+    o16 = (-(1.5 * 0.3 / 4) * s[good].sum() + (0.7 * 0.3 / 4) * s[~good].sum()) / len(LABELS)
+    assert_close(grad(init.loss, pool), grad(o16, pool), "O16")
+    assert_close(init.loss.detach(), torch.tensor(0.5 * (1.5 * 3 + 0.7 * 3) / 6, dtype=DTYPE))
+
+
+def test_kto_reference_point_is_the_clamped_mean_kl_of_mismatched_pairs():
+    """Experience.reference_point: prompt i with response i + 1, sum (log pi - log pi_ref), mean, clamped at 0."""
+    from types import SimpleNamespace
+
+    from posttrain.data.encode import Encoded
+    from posttrain.training.experience import Experience
+
+    items = [(Encoded([1, 2, 3, 4], [0, 0, 1, 1]), True), (Encoded([5, 6, 7], [0, 1, 1]), False),
+             (Encoded([8, 9, 10, 11, 12], [0, 0, 0, 1, 1]), True)]
+    mis = mismatched(items)
+    assert [e.input_ids for e in mis] == [[1, 2, 6, 7], [5, 11, 12], [8, 9, 10, 3, 4]]
+    assert [e.loss_mask for e in mis] == [[0, 0, 1, 1], [0, 1, 1], [0, 0, 0, 1, 1]]
+    exp = Experience.__new__(Experience)
+
+    def fake_logp(model, batch, temperature=None):
+        return batch.input_ids.to(torch.float32) * (0.1 if model == "policy" else 0.05)
+
+    exp._logp, exp.pad_id, exp.ref_model = fake_logp, 0, "ref"
+    kl = [0.05 * (6 + 7), 0.05 * (11 + 12), 0.05 * (3 + 4)]
+    assert exp.reference_point("policy", items) == pytest.approx(sum(kl) / 3)
+    exp._logp = lambda model, batch, temperature=None: batch.input_ids.float() * (0.05 if model == "p" else 0.1)
+    assert exp.reference_point("p", items) == 0.0  # a negative mean is clamped

@@ -11,6 +11,8 @@ from posttrain.recipe import RecipeError, load_recipe
 from test_train_e2e import metrics, model_dirs  # noqa: F401  (model_dirs: a fixture)
 
 PAIRS = [{"prompt": f"Say {c}.", "chosen": c, "rejected": c.lower() + "x"} for c in "ABCDEFGH"]
+UNPAIRED = [{"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"} for r in PAIRS
+            for side in ("chosen", "rejected")]
 
 
 def recipe(model, method, **stage):
@@ -18,15 +20,20 @@ def recipe(model, method, **stage):
                                                         "batch": {"size": 4}, "optim": {"lr": 1e-3}, **stage}]}
 
 
-@pytest.mark.parametrize("method", ["dpo", "ipo", "simpo", "orpo"])
+@pytest.mark.parametrize("method", ["dpo", "ipo", "simpo", "orpo", "kto"])
 def test_each_preference_method_ranks_the_chosen_responses_higher_after_a_few_steps(tmp_path, model_dirs, method):
-    posttrain.train(recipe(model_dirs["llama"], method), out=tmp_path / "run", data=PAIRS, progress=False)
+    posttrain.train(recipe(model_dirs["llama"], method), out=tmp_path / "run", data=UNPAIRED if method == "kto"
+                    else PAIRS, progress=False)
     recs = metrics(tmp_path / "run")
     assert len(recs) == 4 and all(set(r) >= {"pref_accuracy", "margin", "reward_chosen", "reward_rejected", "loss"}
                                   for r in recs)
-    assert recs[-1]["margin"] > recs[0]["margin"] and recs[-1]["pref_accuracy"] == 1.0
+    assert recs[-1]["margin"] > recs[0]["margin"]
+    # KTO judges each response against the batch's reference point, one row at a time: a looser bar
+    assert recs[-1]["pref_accuracy"] == 1.0 if method != "kto" else recs[-1]["pref_accuracy"] > 0.5
     if method == "dpo":  # pi == pi_ref at the start: every margin 0, the loss log 2
         assert recs[0]["margin"] == 0.0 and recs[0]["loss"] == pytest.approx(0.693147, abs=1e-5)
+    if method == "kto":  # at the start r = 0 and z0 = 0: each row's loss is 1 - sigma(0)
+        assert recs[0]["margin"] == 0.0 and recs[0]["loss"] == pytest.approx(0.5, abs=1e-6)
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
 
 

@@ -24,6 +24,8 @@ RL_ROWS = [{"prompt": [{"role": "user", "content": f"Say {c}."}], "answer": c,
             "completion": [{"role": "assistant", "content": c}], "id": f"q{i}"} for i, c in enumerate(LETTERS)]
 
 PREF_ROWS = [{"prompt": f"Say {c}.", "chosen": c, "rejected": c.lower() * 2} for c in LETTERS]
+UNPAIRED_ROWS = [{"prompt": f"Say {c}.", "completion": c if i % 2 else c.lower() * 2, "label": bool(i % 2)}
+                 for i, c in enumerate(LETTERS)]
 
 
 @pytest.fixture(autouse=True)
@@ -46,7 +48,7 @@ def train(r, out, monkeypatch, fault=None, data=None):
     else:
         monkeypatch.delenv("POSTTRAIN_FAULTS", raising=False)
     names = [s["name"] for s in r["stages"]]
-    kind = {"demonstrations": SFT_ROWS, "preferences": PREF_ROWS, "prompts": RL_ROWS}
+    kind = {"demonstrations": SFT_ROWS, "preferences": PREF_ROWS, "prompts": RL_ROWS, "unpaired": UNPAIRED_ROWS}
     data = data or {n: kind[PRESETS[s["method"]].data] for n, s in zip(names, r["stages"])}
     return posttrain.train(r, out=out, data=data, rewards=[varied], progress=False)
 
@@ -104,6 +106,7 @@ FAMILIES = {
     "prefix_rft": stage("prefix_rft", 4),
     "grpo_lora": {**stage("grpo", 4, kl={"beta": 0.1}, lora={"r": 4, "alpha": 8.0}), "name": "grpo_lora"},
     "dpo": stage("dpo", 4),
+    "kto": stage("kto", 4),
     "grpo_qlora": {**stage("grpo", 4, kl={"beta": 0.1}, lora={"r": 4, "alpha": 8.0, "quantize": "4bit"}),
                    "name": "grpo_qlora"},
 }
@@ -114,7 +117,7 @@ def test_every_family_resumes_exactly(tmp_path, monkeypatch, model_dirs, family)
     """Stopped while generating the second batch's rollouts (rejection sampling: at step 3's start)."""
     r = {"model": model_dirs["llama"], "device": "cpu", "seed": 1, "checkpoint": {"every": 0}, "stages": [FAMILIES[family]]}
     train(r, tmp_path / "ref", monkeypatch)
-    fault = "step@3=term" if family in ("rft", "dpo") else "generate@2=term"  # (no sampling in dpo)
+    fault = "step@3=term" if family in ("rft", "dpo", "kto") else "generate@2=term"  # (no sampling in dpo, kto)
     stopped(r, tmp_path / "run", monkeypatch, fault)
     if family == "rft":  # the verified rows already written stay; the round after the checkpoint is made again
         assert (tmp_path / "run" / "stages" / "rft" / "verified.jsonl").read_text() == \

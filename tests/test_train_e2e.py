@@ -21,6 +21,8 @@ ANSWER = [{"role": "assistant", "content": "A"}]
 RL_ROWS = [{"prompt": PROMPT, "answer": "A", "completion": ANSWER, "id": f"q{i}"} for i in range(8)]
 SFT_ROWS = [{"messages": PROMPT + [{"role": "assistant", "content": "A"}]} for _ in range(8)]
 PREF_ROWS = [{"prompt": PROMPT, "chosen": ANSWER, "rejected": [{"role": "assistant", "content": "B"}]}] * 8
+UNPAIRED_ROWS = [{"prompt": PROMPT, "completion": [{"role": "assistant", "content": "AB"[i % 2]}], "label": i % 2 == 0}
+                 for i in range(8)]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,8 @@ def recipe(model_dir, method, steps=3, **stage):
 
 def run(tmp_path, model_dir, method, **stage):
     rl = PRESETS[method].needs_rewards
-    data = {"prompts": RL_ROWS, "demonstrations": SFT_ROWS, "preferences": PREF_ROWS}[PRESETS[method].data]
+    data = {"prompts": RL_ROWS, "demonstrations": SFT_ROWS, "preferences": PREF_ROWS,
+            "unpaired": UNPAIRED_ROWS}[PRESETS[method].data]
     return posttrain.train(recipe(model_dir, method, **stage), out=tmp_path / "run", data=data,
                            rewards=[varied] if rl else None, progress=False)
 

@@ -186,6 +186,8 @@ class PreferenceConfig(Strict):
     beta: Optional[float] = Field(None, gt=0)  # DPO / SimPO beta; IPO's tau
     gamma: Optional[float] = Field(None, ge=0)  # SimPO target margin
     lam: Optional[float] = Field(None, ge=0)  # ORPO: weight of the odds-ratio term beside the chosen NLL
+    desirable_weight: float = Field(1.0, gt=0)  # KTO lam_D
+    undesirable_weight: float = Field(1.0, gt=0)  # KTO lam_U
 
 
 class OverlongConfig(Strict):
@@ -396,10 +398,10 @@ def _check_combination(s: StageConfig, p: Preset) -> None:
         raise RecipeError(f"{where}: method {s.method!r} reads no separate demonstrations; remove `demos` "
                           "(SFT methods read their demonstrations from `data`)")
     preference = s.advantage.kind in PREFERENCE_LOSSES
-    if preference != (p.data == "preferences"):
+    if preference != (p.data in ("preferences", "unpaired")):
         raise RecipeError(f"{where}: advantage {s.advantage.kind!r} and method {s.method!r} do not go together: a "
-                          "preference advantage (dpo, ipo, simpo, orpo) needs a preference method and the reverse")
-    if p.data in ("demonstrations", "preferences"):
+                          "preference advantage (dpo, ipo, simpo, orpo, kto) needs a preference method and the reverse")
+    if p.data in ("demonstrations", "preferences", "unpaired"):
         if s.rewards:
             raise RecipeError(f"{where}: method {s.method!r} trains on {p.data} and uses no rewards; "
                               "remove `rewards` or choose an RL method (see `posttrain methods`)")

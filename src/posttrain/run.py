@@ -50,6 +50,7 @@ log = logging.getLogger("posttrain")
 DEMO_FORMATS = ("messages", "prompt_completion", "text")
 RL_FORMATS = ("prompt_answer", "prompt_only")
 PREFERENCE_FORMATS = ("preference",)
+UNPAIRED_FORMATS = ("unpaired",)
 IN_MEMORY = "<in-memory>"
 VERIFIED_FILE = "verified.jsonl"  # what a rejection-sampling stage writes for later stages (data.from_stage)
 
@@ -307,7 +308,8 @@ class Run:
         return sd
 
     def _check_rows(self, stage, section, rowset: RowSet, fmt: str, kind: str) -> tuple[RowSet, str]:
-        allowed = {"demonstrations": DEMO_FORMATS, "preferences": PREFERENCE_FORMATS}.get(kind, RL_FORMATS)
+        allowed = {"demonstrations": DEMO_FORMATS, "preferences": PREFERENCE_FORMATS,
+                   "unpaired": UNPAIRED_FORMATS}.get(kind, RL_FORMATS)
         if kind == "preferences":
             rowset = split_implicit_prompts(rowset)
         fmt = detect_format(rowset, allowed) if fmt == "auto" else fmt
@@ -322,10 +324,12 @@ class Run:
         preset = get_preset(stage.method)
         if sd.rows is None or sd.encoded is not None:
             return
-        if preset.data == "preferences":  # each pair encoded, both sides checked against max_len
+        if preset.data in ("preferences", "unpaired"):  # pairs / labelled responses, checked against max_len
             max_len = min(stage.data.max_len, context or stage.data.max_len)
             sd.encoded, bad = encode_dataset(sd.rows, sd.fmt, tok, max_len=max_len, vocab_rows=self.vocab_rows)
             sd.rows = self.bad_rows.add(stage, stage.data, sd.rows, bad)
+            if preset.data == "unpaired":  # (the kept rows, in the order of their encodings)
+                sd.encoded = [(e, bool(r["label"])) for e, r in zip(sd.encoded, sd.rows.rows)]
             return
         if preset.data != "demonstrations":
             sd.rows = self.bad_rows.add(stage, stage.data, sd.rows,
@@ -423,7 +427,7 @@ class Run:
                                   "rows": len(sd.rows.rows)}
         kw: dict[str, Any] = dict(pad_id=pad_id, stop_ids=stop_ids, device=device, seed=seed, ref_model=ref_model,
                                   total_steps=n_steps)
-        if sd.encoded is not None and preset.data == "preferences":
+        if sd.encoded is not None and preset.data in ("preferences", "unpaired"):
             kw["pairs"] = Demonstrations(sd.encoded, seed + 1, stage.data.shuffle)
         elif sd.encoded is not None:
             kw["demos"] = Demonstrations(sd.encoded, seed + 1, stage.data.shuffle)
@@ -436,7 +440,7 @@ class Run:
             kw["on_data"] = self._data_writer(stage, resume[1]["experience"]["pool"]["round"] if resume else 0)
         saver = Checkpointer(self, i, stage, sink, t0, start=resume[0].step if resume else 0)
         try:
-            if preset.data in ("demonstrations", "preferences"):
+            if preset.data in ("demonstrations", "preferences", "unpaired"):
                 experience = Experience(stage, tok, **kw)
                 state = self._start(model, stage, seed, experience, resume, sink)
                 last = run_stage(state, stage, device=device, sink=sink, max_steps=self.max_steps, on_step=on_step,

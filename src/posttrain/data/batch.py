@@ -36,6 +36,8 @@ class Batch:
     ref_logp: Optional[Tensor] = None  # (N, T) log b for a KL term
     sampler_logp: Optional[Tensor] = None  # (N, T) the sampler's log-probs, only to log the mismatch
     pair_sign: Optional[Tensor] = None  # (N,) preference pairs: +1 on the chosen row, -1 on the rejected one
+    #                                      (KTO: +1 on a desirable response, -1 on an undesirable one)
+    ref_point: Optional[Tensor] = None  # (N,) KTO's batch reference point z0, the same on every row
 
     @property
     def size(self) -> int:
@@ -193,6 +195,26 @@ def pair_batch(pairs: Sequence, pad_id: int, dtype: torch.dtype = torch.float32)
     b = collate(rows, pad_id, dtype)
     b.pair_sign = torch.tensor([1.0, -1.0] * len(pairs), dtype=dtype)
     return b
+
+
+def unpaired_batch(items: Sequence, pad_id: int, dtype: torch.dtype = torch.float32) -> Batch:
+    """Unpaired responses ((encoded, desirable) items) -> Batch: one group each, pair_sign +1 / -1 by label."""
+    b = collate([Row(list(e.input_ids), list(e.loss_mask), DEMO, k) for k, (e, _) in enumerate(items)], pad_id, dtype)
+    b.pair_sign = torch.tensor([1.0 if good else -1.0 for _, good in items], dtype=dtype)
+    return b
+
+
+def mismatched(items: Sequence) -> list:
+    """KTO's mismatched pairs: the prompt of item i with the response of item i + 1 (cyclic), as encoded rows
+    (objects with input_ids and loss_mask), for the batch's reference point."""
+    from .encode import Encoded
+
+    out = []
+    for i, (e, _) in enumerate(items):
+        nxt = items[(i + 1) % len(items)][0]
+        a, c = e.loss_mask.index(1), nxt.loss_mask.index(1)
+        out.append(Encoded(list(e.input_ids[:a]) + list(nxt.input_ids[c:]), [0] * a + list(nxt.loss_mask[c:])))
+    return out
 
 
 def rollout_batch(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], advantages: Tensor,

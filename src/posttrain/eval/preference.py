@@ -25,7 +25,9 @@ def _logp(model, batch, device) -> torch.Tensor:
 def preference_accuracy(model, tok, rows: list[dict], spec: PreferenceSpec, *, ref_model=None,
                         batch_size: int = 16, device: str = "cpu") -> dict:
     """{"n", "pref_accuracy", "margin"} of `model` on preference rows (prompt, chosen, rejected), under the
-    margin of `spec.kind` (DPO / IPO against `ref_model`)."""
+    margin of `spec.kind` (DPO / IPO against `ref_model`; KTO, trained on unpaired rows, by DPO's margin)."""
+    if spec.kind == "kto":  # unpaired training, paired judgement: the implicit rewards beta log(pi / pi_ref)
+        spec = PreferenceSpec("dpo", spec.beta)
     if spec.kind in NEEDS_REFERENCE and ref_model is None:
         raise ValueError(f"{spec.kind}'s margin is measured against a reference model; pass ref_model")
     pairs = [encode_pair(r, tok) for r in rows]

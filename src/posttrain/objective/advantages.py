@@ -86,7 +86,7 @@ SEQUENCE_ADVANTAGES = {
 }
 TOKEN_ADVANTAGES = ("reinforce_pp",)
 # Preference losses: their advantages come from the update's own forward pass (objective/preference.py).
-ADVANTAGES = tuple(SEQUENCE_ADVANTAGES) + TOKEN_ADVANTAGES + ("dpo", "ipo", "simpo", "orpo")
+ADVANTAGES = tuple(SEQUENCE_ADVANTAGES) + TOKEN_ADVANTAGES + ("dpo", "ipo", "simpo", "orpo", "kto")
 GROUP_ADVANTAGES = ("group_center", "group_zscore", "loo", "reinforce_pp")  # need >= 2 samples per question
 
 

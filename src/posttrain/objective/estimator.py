@@ -201,16 +201,18 @@ def objective_loss(logp: Tensor, *, token_stream: Tensor, mask: Tensor, advantag
 
 
 def preference_loss(logp: Tensor, *, spec, token_stream: Tensor, mask: Tensor, group: Tensor, sign: Tensor,
-                    streams: dict, counts: dict, ref_logp: Tensor | None = None) -> ObjectiveTerms:
+                    streams: dict, counts: dict, ref_logp: Tensor | None = None,
+                    ref_point: Tensor | None = None) -> ObjectiveTerms:
     """A preference loss (objective/preference.py) through the estimator: its advantages, computed from this
     forward pass's detached log-probs, enter as A with w = 1, no mask and W = 1/P (aggregation "pair"); the
     logged value is the method's own loss (-log sigma(beta h), ...). counts["chosen_tokens"] and the stream's
-    sequence count (2 P) cover the whole optimizer step."""
+    sequence count (2 P; KTO: its N unpaired rows, W = 1/N) cover the whole optimizer step."""
     from .preference import preference_terms
 
     (k, _), = streams.items()
-    pref = preference_terms(spec, logp, mask, group, sign, ref_logp=ref_logp, num_pairs=counts[k][1] / 2,
-                            chosen_tokens=counts["chosen_tokens"])
+    n = counts[k][1] if spec.kind == "kto" else counts[k][1] / 2
+    pref = preference_terms(spec, logp, mask, group, sign, ref_logp=ref_logp, num_pairs=n,
+                            chosen_tokens=counts["chosen_tokens"], ref_point=ref_point)
     out = objective_loss(logp, token_stream=token_stream, mask=mask, advantages=pref.advantages,
                          mix=torch.ones(logp.shape[0], dtype=logp.dtype, device=logp.device), streams=streams,
                          counts=counts)

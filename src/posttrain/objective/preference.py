@@ -22,6 +22,14 @@ computed from the current forward pass's *detached* log-probs (no second policy 
 
 `margin` is the method's own preference margin (beta h, h, z + gamma, D): the pair is ranked right when it is
 > 0, the preference accuracy.
+
+KTO is unpaired: each row is one response with a label (sign +1 desirable, -1 undesirable), its own group,
+r = s - b its log-ratio and z0 the batch's reference point (a detached KL estimate from mismatched prompts and
+responses, clamped at 0; computed when the batch is built). With the mean over rows (aggregation "sum"):
+
+    kto    desirable:   L = lam_D (1 - sigma(beta (r - z0)))    A =  lam_D beta sigma(u)(1 - sigma(u)), u = beta (r - z0)
+           undesirable: L = lam_U (1 - sigma(beta (z0 - r)))    A = -lam_U beta sigma(v)(1 - sigma(v)), v = beta (z0 - r)
+           margin = sign (r - z0): the response is on the right side of the reference point when it is > 0
 """
 from __future__ import annotations
 
@@ -31,8 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-PREFERENCE_LOSSES = ("dpo", "ipo", "simpo", "orpo")
-NEEDS_REFERENCE = ("dpo", "ipo")
+PAIRED_LOSSES = ("dpo", "ipo", "simpo", "orpo")
+PREFERENCE_LOSSES = PAIRED_LOSSES + ("kto",)
+NEEDS_REFERENCE = ("dpo", "ipo", "kto")
 
 
 @dataclass(frozen=True)
@@ -41,15 +50,17 @@ class PreferenceSpec:
     beta: float  # DPO / SimPO beta, IPO tau
     gamma: float = 0.0  # SimPO target margin
     lam: float = 0.1  # ORPO weight of the odds-ratio term
+    desirable_weight: float = 1.0  # KTO lam_D
+    undesirable_weight: float = 1.0  # KTO lam_U
 
 
 @dataclass(frozen=True)
 class PreferenceTerms:
     advantages: Tensor  # (N, T) detached coefficient per token (times W = 1/P gives -dL/dlogp)
     value: Tensor  # () this micro-batch's share of the batch loss: sum over its pairs of L / P (ORPO: + NLL part)
-    margin: Tensor  # (pairs,) the method's margin per pair
-    chosen_reward: Tensor  # (pairs,) beta (s_w - b_w) with a reference, else beta a_w (ORPO: o_w)
-    rejected_reward: Tensor  # (pairs,)
+    margin: Tensor  # (pairs,) the method's margin per pair (KTO: per row)
+    chosen_reward: Tensor  # (pairs,) beta (s_w - b_w) with a reference, else beta a_w (ORPO: o_w); KTO: r of each
+    rejected_reward: Tensor  # (pairs,)                                            desirable / undesirable row
 
 
 def pair_index(group: Tensor, sign: Tensor) -> tuple[Tensor, Tensor]:
@@ -65,10 +76,27 @@ def pair_index(group: Tensor, sign: Tensor) -> tuple[Tensor, Tensor]:
     return w, lo
 
 
+def kto_terms(spec: PreferenceSpec, s: Tensor, b: Tensor, m: Tensor, sign: Tensor, z0: Tensor, num_rows: float,
+              dtype) -> PreferenceTerms:
+    """KTO on rows with summed log-probs s, reference sums b, labels `sign` and reference point z0 (N,)."""
+    r = s - b
+    desirable = sign > 0
+    u = spec.beta * torch.where(desirable, r - z0, z0 - r)
+    lam = torch.where(desirable, torch.full_like(r, spec.desirable_weight), torch.full_like(r, spec.undesirable_weight))
+    loss = lam * (1 - torch.sigmoid(u))
+    coef = lam * spec.beta * torch.sigmoid(u) * (1 - torch.sigmoid(u)) * torch.where(desirable, 1.0, -1.0).to(r)
+    margin = torch.where(desirable, r - z0, z0 - r)
+    return PreferenceTerms((coef[:, None] * m).to(dtype), (loss.sum() / max(float(num_rows), 1.0)).to(dtype),
+                           margin.to(dtype), (spec.beta * r[desirable]).to(dtype),
+                           (spec.beta * r[~desirable]).to(dtype))
+
+
 def preference_terms(spec: PreferenceSpec, logp: Tensor, mask: Tensor, group: Tensor, sign: Tensor, *,
-                     ref_logp: Tensor | None, num_pairs: float, chosen_tokens: float) -> PreferenceTerms:
+                     ref_logp: Tensor | None, num_pairs: float, chosen_tokens: float,
+                     ref_point: Tensor | None = None) -> PreferenceTerms:
     """The coefficients and loss value of `spec.kind` on a micro-batch of whole pairs (see the module doc).
-    logp, mask, ref_logp: (N, T); group, sign: (N,). num_pairs and chosen_tokens count the whole batch."""
+    logp, mask, ref_logp: (N, T); group, sign: (N,). num_pairs and chosen_tokens count the whole batch.
+    KTO: rows are unpaired, num_pairs counts the batch's rows and ref_point (N,) holds z0."""
     if spec.kind not in PREFERENCE_LOSSES:
         raise ValueError(f"unknown preference loss {spec.kind!r}; choose one of {', '.join(PREFERENCE_LOSSES)}")
     if spec.kind in NEEDS_REFERENCE and ref_logp is None:
@@ -78,6 +106,10 @@ def preference_terms(spec: PreferenceSpec, logp: Tensor, mask: Tensor, group: Te
     n = m.sum(1).clamp(min=1)  # (N,) response lengths
     s = (lp * m).sum(1)  # (N,)
     b = (ref_logp.double() * m).sum(1) if ref_logp is not None else torch.zeros_like(s)
+    if spec.kind == "kto":
+        if ref_point is None:
+            raise ValueError("kto needs the batch's reference point z0 (Batch.ref_point)")
+        return kto_terms(spec, s, b, m, sign, ref_point.double(), num_pairs, logp.dtype)
     w, lo = pair_index(group, sign)
     P = max(float(num_pairs), 1.0)
     coef = torch.zeros_like(s)  # (N,) coefficient per token of each row

@@ -15,6 +15,8 @@ Sources:
   verified        rejection sampling: K samples per prompt, the verified ones become demonstrations
   pairs           preference pairs (prompt, chosen, rejected): both responses in one micro-batch, the advantage
                   computed in the update from that forward pass (objective/preference.py)
+  unpaired        labelled responses (prompt, completion, label: desirable or not; KTO), with the batch's
+                  reference point from a no-grad pass over mismatched prompts and responses
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from .advantages import ADVANTAGES
 from .components import AGGREGATIONS, KL_ESTIMATORS, WEIGHTS
 
 CLIPS = ("none", "token", "sequence")
-SOURCES = ("demonstrations", "rollouts", "paired", "prefixed", "buffer", "verified", "pairs")
+SOURCES = ("demonstrations", "rollouts", "paired", "prefixed", "buffer", "verified", "pairs", "unpaired")
 MIXERS = ("none", "chord", "hpt", "hpt_soft", "srft")
 STREAM_NAMES = ("demo", "rollout", "prefix")
 STREAM_ADVANTAGES = ("group", "one")  # the preset's advantage over the row's group, or A = 1
@@ -95,15 +97,17 @@ class Preset:
     @property
     def data(self) -> str:
         """What a stage's rows must hold: "demonstrations" (SFT-style rows), "preferences" (prompt + chosen +
-        rejected) or "prompts" (prompt + answer)."""
+        rejected), "unpaired" (prompt + completion + label) or "prompts" (prompt + answer)."""
         if self.sources == ("pairs",):
             return "preferences"
+        if self.sources == ("unpaired",):
+            return "unpaired"
         return "demonstrations" if self.sources == ("demonstrations",) else "prompts"
 
     @property
     def needs_reference(self) -> bool:
         """A reference model is needed whatever the KL setting (DPO, IPO)."""
-        return self.advantage in ("dpo", "ipo")
+        return self.advantage in ("dpo", "ipo", "kto")
 
     @property
     def needs_demonstrations(self) -> bool:
@@ -162,7 +166,7 @@ class Preset:
         return "-"
 
     def preference_description(self) -> str:
-        if self.advantage in ("dpo", "ipo"):
+        if self.advantage in ("dpo", "ipo", "kto"):
             return f"{self.advantage} beta={self.pref_beta:g}"
         if self.advantage == "simpo":
             return f"simpo beta={self.pref_beta:g} gamma={self.pref_gamma:g}"
@@ -182,7 +186,7 @@ class Preset:
         row.update(sources=", ".join(self.sources), data=self.data, mask=self.mask_description(),
                    regularizers=self.regularizers(), weight=self._per_stream("weight"),
                    aggregation=self._per_stream("aggregation"), mix=self.mixer_description())
-        if self.data == "preferences":
+        if self.data in ("preferences", "unpaired"):
             row["advantage"] = self.preference_description()
         return row
 
@@ -288,6 +292,10 @@ _P = [
     Preset("orpo", "ORPO: NLL on chosen - lambda log sigma(log-odds ratio), no reference (arXiv 2403.07691)",
            ("pairs",), "orpo", PAIR_STREAMS, pref_lam=0.1,
            references="TRL ORPOConfig beta (lambda) 0.1; NLL a token mean over the chosen responses"),
+    Preset("kto", "KTO: unpaired desirable / undesirable responses against the batch's reference point "
+           "(arXiv 2402.01306)", ("unpaired",), "kto", {"demo": StreamSpec("one", "none", "sum", "group")},
+           pref_beta=0.1, references="TRL KTOConfig: beta 0.1, desirable and undesirable weights 1, z0 from "
+                                     "mismatched pairs of the batch, detached and clamped at 0"),
     Preset("rft", "Rejection-sampling fine-tuning (RFT / STaR / expert iteration): K samples per prompt, "
            "SFT on the verified ones, for R rounds", ("verified",), "indicator", {"demo": SFT_STREAM}, rounds=1,
            references="RFT (Yuan et al. 2023), STaR, RAFT: keep samples whose reward >= success_threshold, token "
@@ -310,7 +318,7 @@ for _p in _P:
 
 
 # Methods users ask for that posttrain does not have yet: named plainly instead of a near miss ("dapo").
-NOT_YET = {"kto": "unpaired preference optimisation", "ppo": "PPO with a value model",
+NOT_YET = {"ppo": "PPO with a value model",
            "distill": "distillation", "gkd": "distillation"}
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import faults
-from ..data.batch import DEMO, PREFIX, ROLLOUT, Batch, Row, collate, demo_batch, pair_batch
+from ..data.batch import DEMO, PREFIX, ROLLOUT, Batch, Row, collate, demo_batch, mismatched, pair_batch, unpaired_batch
 from ..data.encode import completion_text, encode_prompt
 from ..logprobs import token_logprobs
 from ..objective import mixers
@@ -147,6 +147,13 @@ class Experience:
             batch = pair_batch(self.pairs.take(self.s.batch.size), self.pad_id)
             if self.p.needs_reference:  # once per batch, without gradients
                 batch.ref_logp = self._logp(self.ref_model, batch, temperature=1.0)
+            return StepData(batch, dict(self._compute))
+        if self.p.sources == ("unpaired",):  # KTO: labelled responses and the batch's reference point z0
+            self._compute = {"ref_forward_tokens": 0}
+            items = self.pairs.take(self.s.batch.size)
+            batch = unpaired_batch(items, self.pad_id)
+            batch.ref_logp = self._logp(self.ref_model, batch, temperature=1.0)
+            batch.ref_point = torch.full((batch.size,), self.reference_point(model, items))
             return StepData(batch, dict(self._compute))
         self._compute = {"prefill_tokens": 0, "generated_tokens": 0, "ref_forward_tokens": 0}
         data = self._verified(model, generator) if self.pool is not None else self._rollouts(model, step, generator)
@@ -416,6 +423,14 @@ class Experience:
         if kl is not None:
             values["kl"] = kl
         return batch
+
+    def reference_point(self, model, items) -> float:
+        """KTO's z0 = max(0, mean_i KL estimate), sum_t (log pi - log pi_ref) of prompt i with the response of
+        item i + 1: the policy and the reference on mismatched pairs, without gradients."""
+        mis = demo_batch(mismatched(items), self.pad_id)
+        kl = ((self._logp(model, mis, temperature=1.0) - self._logp(self.ref_model, mis, temperature=1.0))
+              * mis.loss_mask).sum(1)
+        return max(0.0, float(kl.mean()))
 
     @torch.no_grad()
     def _logp(self, model, batch: Batch, temperature: float | None = None) -> torch.Tensor:

@@ -49,7 +49,8 @@ class ObjectiveSpec:
         from ..objective.presets import get_preset
 
         srft = (s.mix.w_sft, s.mix.w_rl) if get_preset(s.method).mixer == "srft" else None
-        pref = PreferenceSpec(s.advantage.kind, s.preference.beta, s.preference.gamma, s.preference.lam) \
+        p = s.preference
+        pref = PreferenceSpec(s.advantage.kind, p.beta, p.gamma, p.lam, p.desirable_weight, p.undesirable_weight) \
             if s.advantage.kind in PREFERENCE_LOSSES else None
         return cls(streams=streams, joint=s.normaliser == "joint", preference=pref,
                    kl_beta_loss=s.kl.beta if s.kl.placement == "loss" else 0.0, kl_estimator=s.kl.estimator,
@@ -60,7 +61,8 @@ class ObjectiveSpec:
 # Diagnostics accumulated per micro-batch, in this order; then a (pg value, tokens) pair per stream.
 STAT_KEYS = ("loss", "kl", "entropy", "clipped", "clip_tokens", "ratio_sum", "ratio_tokens", "tokens",
              "mismatch_sum", "mismatch_tokens", "forward_tokens", "samples", "nll_sum", "nll_tokens",
-             "pairs", "pref_correct", "margin_sum", "chosen_reward_sum", "rejected_reward_sum")
+             "pairs", "pref_correct", "margin_sum", "chosen_reward_sum", "chosen_n", "rejected_reward_sum",
+             "rejected_n")
 STREAM_KEYS = tuple(f"{k}/{n}" for n in STREAMS for k in ("pg", "tokens"))
 
 
@@ -69,7 +71,7 @@ def micro_loss(logp, entropy, mb: Batch, spec: ObjectiveSpec, counts: dict):
     if spec.preference is not None:
         return preference_loss(logp, spec=spec.preference, token_stream=mb.token_stream(), mask=mb.loss_mask,
                                group=mb.group, sign=mb.pair_sign, streams=spec.streams, counts=counts,
-                               ref_logp=mb.ref_logp)
+                               ref_logp=mb.ref_logp, ref_point=mb.ref_point)
     mix = mb.mix.to(logp.dtype)
     if spec.srft is not None:  # SRFT: weights from each row's mean entropy under the current policy (detached)
         m = mb.loss_mask
@@ -131,9 +133,9 @@ def accumulate_gradients(model, batch: Batch, spec: ObjectiveSpec, *, micro_size
             pref = terms.preference
             if pref is not None:
                 parts += [len(pref.margin), (pref.margin > 0).sum(), pref.margin.sum(), pref.chosen_reward.sum(),
-                          pref.rejected_reward.sum()]
+                          len(pref.chosen_reward), pref.rejected_reward.sum(), len(pref.rejected_reward)]
             else:
-                parts += [zero] * 5
+                parts += [zero] * 7
             for k in range(len(STREAMS)):
                 parts += [t[k].pg_value if k in t else zero, (mb.loss_mask * (ts == k)).sum()]
             acc += torch.stack([torch.as_tensor(p, device=device).reshape(()) for p in parts]).to(acc)
@@ -180,8 +182,11 @@ def step_record(stats: dict, spec: ObjectiveSpec, lr: float, *, has_sampler: boo
         out["nll"] = stats["nll_sum"] / stats["nll_tokens"]
     if stats["pairs"]:  # preference: the share of pairs ranked right, the mean margin and implicit rewards
         n = stats["pairs"]
-        out.update(pref_accuracy=stats["pref_correct"] / n, margin=stats["margin_sum"] / n,
-                   reward_chosen=stats["chosen_reward_sum"] / n, reward_rejected=stats["rejected_reward_sum"] / n)
+        out.update(pref_accuracy=stats["pref_correct"] / n, margin=stats["margin_sum"] / n)
+        if stats["chosen_n"]:
+            out["reward_chosen"] = stats["chosen_reward_sum"] / stats["chosen_n"]
+        if stats["rejected_n"]:
+            out["reward_rejected"] = stats["rejected_reward_sum"] / stats["rejected_n"]
     if spec.kl_beta_loss:
         out["kl"] = stats["kl"]
     if spec.with_entropy:
