@@ -21,6 +21,7 @@ from posttrain.data.batch import DEMO, ROLLOUT
 from posttrain.objective import advantages as A
 from posttrain.objective import components as C
 from posttrain.objective import estimator as E
+from posttrain.objective.preference import PREFERENCE_LOSSES
 from posttrain.objective.presets import PRESETS, Preset
 
 LENGTHS = [3, 5, 2, 4, 5, 1, 3, 4]  # two groups of G = 4, ragged (right padding to T = 5)
@@ -28,7 +29,7 @@ MAX_LEN = TP.MAX_LEN  # L_max of the CONST normaliser, deliberately larger than 
 REWARDS = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.5, -1.0, 2.0, 0.0]], dtype=DTYPE)  # (P, G)
 # (preference presets have their own oracles, O13-O15: tests/test_objective_preference.py)
 SINGLE_STREAM = sorted(n for n, p in PRESETS.items() if len(p.streams) == 1 and "verified" not in p.sources
-                       and p.data not in ("preferences", "unpaired"))
+                       and p.advantage not in PREFERENCE_LOSSES)
 
 
 def flat(R: Tensor) -> tuple[Tensor, Tensor]:

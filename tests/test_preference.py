@@ -67,3 +67,47 @@ def test_recipes_that_mix_preference_and_other_parts_are_refused():
                                                "advantage": {"kind": "dpo"}}]})
     st = load_recipe(base, ["stages.0.preference.beta=0.3"]).stages[0]
     assert (st.preference.beta, st.streams.demo.aggregation) == (0.3, "pair")
+
+
+def test_online_dpo_pairs_each_groups_best_and_worst_sample_and_skips_groups_without_a_preference():
+    """Experience._sampled_pairs: per group the highest and the lowest reward (first of equals); a group whose
+    rewards are all equal give no pair, a sample whose reward failed (NaN) is left out."""
+    import math
+
+    import torch
+
+    from posttrain.data.batch import ROLLOUT, Row
+    from posttrain.training.experience import Experience, _Rows
+
+    def row(group, token, truncated=False):
+        return Row([1, 2, token], [0, 1, 1], ROLLOUT, group, truncated=truncated)
+
+    part = _Rows()
+    for group, token, reward, trunc in ((0, 10, 0.0, False), (0, 11, 1.0, False), (0, 12, 0.5, False),
+                                        (0, 13, 1.0, False), (1, 20, 1.0, False), (1, 21, 1.0, False),
+                                        (2, 30, math.nan, False), (2, 31, 0.0, False), (2, 32, 2.0, True),
+                                        (2, 33, 0.2, False)):
+        part.rows.append(row(group, token, trunc))
+        part.rewards.append(reward)
+    exp = Experience.__new__(Experience)
+    exp.pad_id, exp.ref_model = 0, "ref"
+    exp._logp = lambda model, batch, temperature=None: torch.zeros_like(batch.loss_mask)
+    values = {}
+    batch = exp._sampled_pairs(part, values)
+    assert batch.input_ids[:, 2].tolist() == [11, 10, 32, 31]  # (chosen, rejected) of groups 0 and 2
+    assert batch.pair_sign.tolist() == [1.0, -1.0, 1.0, -1.0] and batch.stream.tolist() == [ROLLOUT] * 4
+    assert values["pair_frac"] == pytest.approx(2 / 3)
+    tied = _Rows()
+    tied.rows, tied.rewards = [row(0, 1), row(0, 2)], [1.0, 1.0]
+    assert exp._sampled_pairs(tied, values) is None and values["pair_frac"] == 0.0
+
+
+def test_refreshing_the_reference_is_only_for_online_dpo_without_lora():
+    base = {"model": "m", "stages": [{"method": "dpo", "data": {"path": "x.jsonl"}}]}
+    with pytest.raises(RecipeError, match="refresh_every renews the reference of online DPO"):
+        load_recipe(base, ["stages.0.preference.refresh_every=10"])
+    online = {"model": "m", "stages": [{"method": "online_dpo", "data": {"path": "x"}, "rewards": [{"fn": "exact"}],
+                                        "preference": {"refresh_every": 10}}]}
+    assert load_recipe(online).stages[0].preference.refresh_every == 10
+    with pytest.raises(RecipeError, match="cannot be refreshed"):
+        load_recipe(online, ["stages.0.lora.r=4"])

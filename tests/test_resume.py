@@ -107,6 +107,8 @@ FAMILIES = {
     "grpo_lora": {**stage("grpo", 4, kl={"beta": 0.1}, lora={"r": 4, "alpha": 8.0}), "name": "grpo_lora"},
     "dpo": stage("dpo", 4),
     "kto": stage("kto", 4),
+    # iterative DPO: the reference renewed before step 4, the run stopped in step 5: the checkpoint must carry it
+    "online_dpo": stage("online_dpo", 6, preference={"refresh_every": 3}),
     "grpo_qlora": {**stage("grpo", 4, kl={"beta": 0.1}, lora={"r": 4, "alpha": 8.0, "quantize": "4bit"}),
                    "name": "grpo_qlora"},
 }
@@ -118,6 +120,8 @@ def test_every_family_resumes_exactly(tmp_path, monkeypatch, model_dirs, family)
     r = {"model": model_dirs["llama"], "device": "cpu", "seed": 1, "checkpoint": {"every": 0}, "stages": [FAMILIES[family]]}
     train(r, tmp_path / "ref", monkeypatch)
     fault = "step@3=term" if family in ("rft", "dpo", "kto") else "generate@2=term"  # (no sampling in dpo, kto)
+    if family == "online_dpo":  # while step 5 samples, after the reference was renewed
+        fault = "generate@5=term"
     stopped(r, tmp_path / "run", monkeypatch, fault)
     if family == "rft":  # the verified rows already written stay; the round after the checkpoint is made again
         assert (tmp_path / "run" / "stages" / "rft" / "verified.jsonl").read_text() == \

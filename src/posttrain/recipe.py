@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .objective.advantages import ADVANTAGES, GROUP_ADVANTAGES
-from .objective.preference import PREFERENCE_LOSSES
+from .objective.preference import PAIRED_LOSSES, PREFERENCE_LOSSES
 from .objective.components import AGGREGATIONS, KL_ESTIMATORS, WEIGHTS
 from .objective.presets import CLIPS, PRESETS, STREAM_ADVANTAGES, STREAM_NAMES, Preset, get_preset
 
@@ -188,6 +188,8 @@ class PreferenceConfig(Strict):
     lam: Optional[float] = Field(None, ge=0)  # ORPO: weight of the odds-ratio term beside the chosen NLL
     desirable_weight: float = Field(1.0, gt=0)  # KTO lam_D
     undesirable_weight: float = Field(1.0, gt=0)  # KTO lam_U
+    refresh_every: int = Field(0, ge=0)  # online DPO: the reference becomes the policy every N steps (iterative
+    #                                      DPO); 0 keeps the stage's start policy
 
 
 class OverlongConfig(Strict):
@@ -398,9 +400,22 @@ def _check_combination(s: StageConfig, p: Preset) -> None:
         raise RecipeError(f"{where}: method {s.method!r} reads no separate demonstrations; remove `demos` "
                           "(SFT methods read their demonstrations from `data`)")
     preference = s.advantage.kind in PREFERENCE_LOSSES
-    if preference != (p.data in ("preferences", "unpaired")):
+    online = p.data == "prompts" and {p.advantage, s.advantage.kind} <= set(PAIRED_LOSSES)  # online DPO
+    if s.preference.refresh_every and not (online and s.advantage.kind in ("dpo", "ipo")):
+        raise RecipeError(f"{where}: preference.refresh_every renews the reference of online DPO / IPO (method "
+                          "online_dpo); remove it")
+    if s.preference.refresh_every and s.lora is not None:
+        raise RecipeError(f"{where}: with LoRA the reference is the model with its adapters off, which cannot be "
+                          "refreshed; remove preference.refresh_every or lora")
+    if preference != (p.data in ("preferences", "unpaired")) and not online:
         raise RecipeError(f"{where}: advantage {s.advantage.kind!r} and method {s.method!r} do not go together: a "
                           "preference advantage (dpo, ipo, simpo, orpo, kto) needs a preference method and the reverse")
+    if preference:  # the preference losses set A, w = 1, no mask and their own mean (objective/preference.py)
+        want = "sum" if s.advantage.kind == "kto" else "pair"
+        for name, st in stage_streams(s).items():
+            if (st.weight, st.clip_level, st.aggregation) != ("one", "none", want):
+                raise RecipeError(f"{where}: a preference loss fixes its stream's components (weight one, clip_level "
+                                  f"none, aggregation {want}); remove the overrides of streams.{name}")
     if p.data in ("demonstrations", "preferences", "unpaired"):
         if s.rewards:
             raise RecipeError(f"{where}: method {s.method!r} trains on {p.data} and uses no rewards; "

@@ -188,10 +188,11 @@ def demo_batch(examples: Sequence, pad_id: int, dtype: torch.dtype = torch.float
     return b
 
 
-def pair_batch(pairs: Sequence, pad_id: int, dtype: torch.dtype = torch.float32) -> Batch:
+def pair_batch(pairs: Sequence, pad_id: int, dtype: torch.dtype = torch.float32, stream: int = DEMO) -> Batch:
     """Preference pairs ((chosen, rejected) objects with input_ids, loss_mask) -> Batch: rows 2k (chosen) and
-    2k + 1 (rejected) form group k; A = 0 until the update computes it from the forward pass."""
-    rows = [Row(list(e.input_ids), list(e.loss_mask), DEMO, k) for k, pair in enumerate(pairs) for e in pair]
+    2k + 1 (rejected) form group k; A = 0 until the update computes it from the forward pass. `stream`: DEMO
+    for a dataset's pairs, ROLLOUT for pairs of the policy's own samples (online DPO)."""
+    rows = [Row(list(e.input_ids), list(e.loss_mask), stream, k) for k, pair in enumerate(pairs) for e in pair]
     b = collate(rows, pad_id, dtype)
     b.pair_sign = torch.tensor([1.0, -1.0] * len(pairs), dtype=dtype)
     return b

@@ -292,6 +292,11 @@ _P = [
     Preset("orpo", "ORPO: NLL on chosen - lambda log sigma(log-odds ratio), no reference (arXiv 2403.07691)",
            ("pairs",), "orpo", PAIR_STREAMS, pref_lam=0.1,
            references="TRL ORPOConfig beta (lambda) 0.1; NLL a token mean over the chosen responses"),
+    Preset("online_dpo", "Online DPO: G samples per prompt from the current policy, the best and the worst by "
+           "reward as a pair, DPO on them (arXiv 2402.04792); preference.refresh_every: iterative DPO",
+           ("rollouts",), "dpo", {"rollout": StreamSpec("one", "none", "pair", "group")}, pref_beta=0.1,
+           references="TRL OnlineDPOConfig: beta 0.1, sigmoid loss; pairs from a verifier or reward functions; "
+                      "groups whose samples all score the same give no pair"),
     Preset("kto", "KTO: unpaired desirable / undesirable responses against the batch's reference point "
            "(arXiv 2402.01306)", ("unpaired",), "kto", {"demo": StreamSpec("one", "none", "sum", "group")},
            pref_beta=0.1, references="TRL KTOConfig: beta 0.1, desirable and undesirable weights 1, z0 from "

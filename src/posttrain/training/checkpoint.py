@@ -38,6 +38,7 @@ log = logging.getLogger("posttrain")
 
 COMMIT = "COMMIT"
 FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
+REFERENCE = "reference.safetensors"  # only when the stage renews its reference (iterative DPO)
 _NAME = re.compile(r"^(\d+)-(.+)-step(\d+)$")
 
 
@@ -83,7 +84,10 @@ def save(root: Path, stage_index: int, stage: str, state, extra: dict) -> Path:
                "optimizer.safetensors": lambda p: save_file(opt_tensors, str(p)),
                "rng.safetensors": lambda p: save_file(rng, str(p)),
                "state.json": lambda p: p.write_text(dumps(body), encoding="utf-8")}
-    for fname in FILES:
+    ref = getattr(state.experience, "renewed_reference", lambda: None)()
+    if ref is not None:  # the reference is not the stage's start policy any more: it must be saved too
+        writers[REFERENCE] = lambda p: save_model(ref, str(p))
+    for fname in writers:
         faults.hit("save")
         writers[fname](tmp / fname)
         fsync(tmp / fname)
@@ -94,7 +98,7 @@ def save(root: Path, stage_index: int, stage: str, state, extra: dict) -> Path:
     tmp.rename(final)
     fsync(root)
     faults.hit("save")
-    marker = {"files": {f: _sha256(final / f) for f in FILES}, "stage": stage, "stage_index": stage_index,
+    marker = {"files": {f: _sha256(final / f) for f in writers}, "stage": stage, "stage_index": stage_index,
               "step": state.step}
     (final / f"{COMMIT}.tmp").write_text(json.dumps(marker, indent=1), encoding="utf-8")
     fsync(final / f"{COMMIT}.tmp")
@@ -196,6 +200,9 @@ def load(path: Path, state) -> dict:
             torch.cuda.set_rng_state_all(cuda)
     _set_host_rng(body["rng"])
     state.experience.load_state_dict(body["experience"])
+    ref = getattr(state.experience, "renewed_reference", lambda: None)()
+    if ref is not None and (path / REFERENCE).is_file():
+        load_model(ref, str(path / REFERENCE))
     for key in ("step", "samples", "tokens", "nonfinite", "nonfinite_streak", "wall_s"):
         setattr(state, key, body[key])
     return body

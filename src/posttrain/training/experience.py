@@ -27,6 +27,7 @@ from ..objective import mixers
 from ..objective import advantages as adv_fns
 from ..objective.advantages import advantages, group_success, mixed_outcome
 from ..objective.components import overlong_penalty
+from ..objective.preference import PAIRED_LOSSES
 from ..objective.presets import get_preset
 from ..recipe import stage_streams
 from ..rewards import reward_columns
@@ -156,6 +157,7 @@ class Experience:
             batch.ref_point = torch.full((batch.size,), self.reference_point(model, items))
             return StepData(batch, dict(self._compute))
         self._compute = {"prefill_tokens": 0, "generated_tokens": 0, "ref_forward_tokens": 0}
+        self.refresh_reference(model, step)
         data = self._verified(model, generator) if self.pool is not None else self._rollouts(model, step, generator)
         self.health.end_step(step)  # may stop the run: before this step's update, so the state is the last step's
         data.values.update(self._compute)  # what this step's sampling and no-grad passes processed (for FLOPs)
@@ -290,9 +292,42 @@ class Experience:
             self.on_samples(step + 1, self._sample_records(all_rows, s.samples.n))
         if not kept.rows:  # every group filtered: an empty batch (the loop skips the update and logs it)
             return StepData(None, values, all_rows.errors)
+        if self.s.advantage.kind in PAIRED_LOSSES:  # online DPO: a pair from each group's best and worst sample
+            return StepData(self._sampled_pairs(kept, values), values, all_rows.errors)
         mix = self._add_demonstrations(kept, step, g0, values)
         batch = self._assemble(model, kept, mix, values)
         return StepData(batch, values, all_rows.errors)
+
+    def _sampled_pairs(self, part: _Rows, values: dict) -> Batch | None:
+        """Online DPO's pairs: in each group whose scored rewards differ, its highest-rewarded sample is chosen
+        and its lowest rejected (the first of equals); groups without a preference, and samples whose reward
+        failed, give no pair."""
+        by_group: dict[int, list[int]] = {}
+        for i, (row, r) in enumerate(zip(part.rows, part.rewards)):
+            if not math.isnan(r):  # (a truncated sample stays: its reward says what it is worth)
+                by_group.setdefault(row.group, []).append(i)
+        pairs = []
+        for idx in by_group.values():
+            best = max(idx, key=lambda i: part.rewards[i])
+            worst = min(idx, key=lambda i: part.rewards[i])
+            if part.rewards[best] > part.rewards[worst]:
+                pairs.append((part.rows[best], part.rows[worst]))
+        values["pair_frac"] = len(pairs) / max(len({r.group for r in part.rows}), 1)
+        if not pairs:
+            return None
+        batch = pair_batch(pairs, self.pad_id, stream=ROLLOUT)
+        batch.ref_logp = self._logp(self.ref_model, batch, temperature=1.0)
+        return batch
+
+    def renewed_reference(self):
+        """The reference model when this stage renews it (checkpoints save and restore its weights), else None."""
+        return self.ref_model if self.s.preference.refresh_every and self.ref_model is not None else None
+
+    def refresh_reference(self, model, step: int) -> None:
+        """Iterative DPO: the reference becomes the current policy every `preference.refresh_every` steps."""
+        every = self.s.preference.refresh_every
+        if every and step and step % every == 0 and self.ref_model is not None:
+            self.ref_model.load_state_dict(model.state_dict())
 
     def _sample_records(self, part: _Rows, n: int) -> list[dict]:
         """The first `n` free rollouts of a step as readable records: prompt, completion, rewards, row id."""

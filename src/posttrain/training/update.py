@@ -54,7 +54,7 @@ class ObjectiveSpec:
             if s.advantage.kind in PREFERENCE_LOSSES else None
         return cls(streams=streams, joint=s.normaliser == "joint", preference=pref,
                    kl_beta_loss=s.kl.beta if s.kl.placement == "loss" else 0.0, kl_estimator=s.kl.estimator,
-                   entropy_coef=s.entropy.coef, temperature=s.rollout.temperature if rl else 1.0,
+                   entropy_coef=s.entropy.coef, temperature=s.rollout.temperature if rl and pref is None else 1.0,
                    with_entropy=s.entropy.coef > 0 or (log_entropy and rl) or srft is not None, srft=srft)
 
 
