@@ -23,7 +23,8 @@ from .jsonio import fsync
 log = logging.getLogger("posttrain")
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-BUILTIN_MODELS: dict[str, str] = {"builtin:tiny": str(ASSETS / "tiny")}
+BUILTIN_MODELS: dict[str, str] = {"builtin:tiny": str(ASSETS / "tiny"),
+                                  "builtin:tiny-teacher": str(ASSETS / "tiny-teacher")}  # scripts/build_teacher.py
 # End-of-turn tokens of common chat templates (ChatML/Qwen, Llama 3, Gemma, Phi-3).
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,

@@ -116,6 +116,13 @@ class KLConfig(Strict):
     placement: Optional[Literal["loss", "reward"]] = None
 
 
+class DistillConfig(Strict):
+    """On-policy distillation: coef * (log pi_teacher - log pi) added to the advantage of every sampled token
+    (the teacher is the recipe's `teacher:`)."""
+
+    coef: Optional[float] = Field(None, ge=0)  # lambda; 0: no teacher term
+
+
 class EntropyConfig(Strict):
     """An entropy bonus."""
 
@@ -263,6 +270,7 @@ class StageConfig(Strict):
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)  # dpo, ipo, simpo, orpo
     clip: ClipConfig = Field(default_factory=ClipConfig)  # ratio clipping
     kl: KLConfig = Field(default_factory=KLConfig)  # KL to the reference (the policy at the stage's start)
+    distill: DistillConfig = Field(default_factory=DistillConfig)  # the teacher term (method opd)
     entropy: EntropyConfig = Field(default_factory=EntropyConfig)  # entropy bonus
     advantage: AdvantageConfig = Field(default_factory=AdvantageConfig)  # advantage estimator
     dynamic_sampling: DynamicSamplingConfig = Field(default_factory=DynamicSamplingConfig)  # DAPO's refill
@@ -321,6 +329,8 @@ class Recipe(Strict):
     tokenizer: Optional[str] = None  # another tokenizer for the model (a directory or hub id); default: the model's
     chat_template: Optional[str] = None  # a Jinja chat template (text or a file) replacing the tokenizer's
     resize_embeddings: bool = False  # give the model an embedding row for every token of its tokenizer
+    teacher: Optional[str] = None  # distillation's teacher: builtin:tiny-teacher, a local directory or a hub id
+    #                                (same tokenizer as the model)
     seed: int = 0  # seeds every stage (stage i uses seed + 7919 i)
     device: str = "auto"  # auto (cuda if present), cpu or cuda[:N]
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on a GPU with it
@@ -354,6 +364,7 @@ def resolve_stage(stage: StageConfig) -> StageConfig:
     _fill(s.entropy, coef=p.entropy_coef)
     _fill(s.advantage, kind=p.advantage, std_eps=p.std_eps)
     _fill(s.preference, beta=p.pref_beta, gamma=p.pref_gamma, lam=p.pref_lam)
+    _fill(s.distill, coef=p.distill_coef)
     _fill(s.dynamic_sampling, enabled=p.dynamic_sampling)
     _fill(s.overlong, mask_truncated=p.mask_truncated, soft_penalty=p.overlong_penalty,
           cache=max(1, s.rollout.max_new_tokens // 5))
@@ -421,9 +432,12 @@ def _check_combination(s: StageConfig, p: Preset) -> None:
             raise RecipeError(f"{where}: method {s.method!r} trains on {p.data} and uses no rewards; "
                               "remove `rewards` or choose an RL method (see `posttrain methods`)")
         return
-    if not s.rewards:
+    if not s.rewards and not s.distill.coef:
         raise RecipeError(f"{where}: method {s.method!r} samples rollouts and needs `rewards` "
                           "(e.g. rewards: [{fn: math}] or a task's reward)")
+    if not s.rewards and s.advantage.kind != "zero":
+        raise RecipeError(f"{where}: advantage {s.advantage.kind!r} reads rewards; give `rewards`, or use "
+                          "advantage.kind: zero (the teacher term alone)")
     if s.kl.placement == "loss" and s.kl.estimator == "k1" and s.kl.beta:
         raise RecipeError(f"{where}: kl.estimator k1 in the loss has zero expected gradient (E_p[grad log p] = 0); "
                           "use k2 or k3 in the loss, or kl.placement: reward for k1")
@@ -467,6 +481,10 @@ def _check_combination(s: StageConfig, p: Preset) -> None:
 def resolve(recipe: Recipe) -> Recipe:
     r = recipe.model_copy(deep=True)
     r.stages = [resolve_stage(s) for s in r.stages]
+    taught = [s.name for s in r.stages if s.distill.coef]
+    if taught and not r.teacher:
+        raise RecipeError(f"stage {taught[0]!r} distils from a teacher: set `teacher:` (builtin:tiny-teacher, a local "
+                          "model directory or a hub id with the same tokenizer as the model)")
     names = [s.name for s in r.stages]
     if len(set(names)) != len(names):
         raise RecipeError(f"stage names must be unique, got {names}; set `name:` on each stage")

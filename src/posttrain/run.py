@@ -13,6 +13,7 @@ old run aside first. One process at a time holds the directory.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -361,7 +362,7 @@ class Run:
 
     def _check_rewards(self, stage, sd: "StageData") -> None:
         """Before the model loads: the reward functions import, and accept the data's columns as keywords."""
-        if sd.rows is None or not get_preset(stage.method).needs_rewards:
+        if sd.rows is None or not get_preset(stage.method).needs_rewards or not stage.rewards:
             return
         from .rewards import reward_columns
 
@@ -371,9 +372,24 @@ class Run:
         except ValueError as e:
             raise RecipeError(f"stage {stage.name!r}: {e}") from None
 
+    def _teacher(self, tok, device, dtype):
+        """The recipe's teacher, loaded once, frozen; its tokenizer must be the policy's (the same ids)."""
+        if getattr(self, "_teacher_model", None) is None:
+            from .models import load_model, resolve_model
+
+            teacher_tok = load_tokenizer(resolve_model(self.cfg.teacher, required_file="tokenizer_config.json"))
+            if teacher_tok.get_vocab() != tok.get_vocab():
+                raise RecipeError(f"teacher {self.cfg.teacher!r} has another tokenizer than the model: distillation "
+                                  "compares the log-probs of the same token ids, so the two must share one")
+            self._teacher_model = load_model(self.cfg.teacher, dtype=dtype, device=device).eval().requires_grad_(False)
+            log.info("teacher %s loaded", self.cfg.teacher)
+        return self._teacher_model
+
     def _scorer(self, stage):
         from .rewards import RewardScorer, RewardSpec
 
+        if not stage.rewards:  # on-policy distillation without rewards
+            return contextlib.nullcontext(None)
         specs = []
         for r in stage.rewards:
             fn: Any = r.fn
@@ -427,6 +443,8 @@ class Run:
                                   "rows": len(sd.rows.rows)}
         kw: dict[str, Any] = dict(pad_id=pad_id, stop_ids=stop_ids, device=device, seed=seed, ref_model=ref_model,
                                   total_steps=n_steps)
+        if stage.distill.coef:
+            kw["teacher"] = self._teacher(tok, device, next(model.parameters()).dtype)
         if sd.encoded is not None and preset.data in ("preferences", "unpaired"):
             kw["pairs"] = Demonstrations(sd.encoded, seed + 1, stage.data.shuffle)
         elif sd.encoded is not None:

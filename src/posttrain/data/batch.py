@@ -38,6 +38,7 @@ class Batch:
     pair_sign: Optional[Tensor] = None  # (N,) preference pairs: +1 on the chosen row, -1 on the rejected one
     #                                      (KTO: +1 on a desirable response, -1 on an undesirable one)
     ref_point: Optional[Tensor] = None  # (N,) KTO's batch reference point z0, the same on every row
+    teacher_logp: Optional[Tensor] = None  # (N, T) a teacher's log-probs of the tokens (on-policy distillation)
 
     @property
     def size(self) -> int:

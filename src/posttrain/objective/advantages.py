@@ -40,6 +40,11 @@ def advantage_one(rewards: Tensor, group: Tensor) -> Tensor:
     return (~torch.isnan(rewards)).to(rewards.dtype)
 
 
+def advantage_zero(rewards: Tensor, group: Tensor) -> Tensor:
+    """A = 0: the rewards carry no signal (on-policy distillation, whose advantage is the teacher term alone)."""
+    return torch.zeros_like(rewards)
+
+
 def advantage_raw(rewards: Tensor, group: Tensor) -> Tensor:
     """A = R (REINFORCE without a baseline)."""
     return torch.nan_to_num(rewards, nan=0.0)
@@ -78,6 +83,7 @@ def advantage_indicator(rewards: Tensor, group: Tensor, *, threshold: float) -> 
 
 SEQUENCE_ADVANTAGES = {
     "one": advantage_one,
+    "zero": advantage_zero,
     "raw": advantage_raw,
     "group_center": advantage_group_center,
     "group_zscore": advantage_group_zscore,

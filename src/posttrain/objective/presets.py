@@ -92,6 +92,7 @@ class Preset:
     pref_beta: float = 0.1  # DPO / SimPO beta, IPO tau
     pref_gamma: float = 0.0  # SimPO target margin
     pref_lam: float = 0.1  # ORPO odds-ratio weight
+    distill_coef: float = 0.0  # on-policy distillation: lambda of the teacher term lambda (log pi_T - log pi)
     references: str = ""
 
     @property
@@ -126,6 +127,8 @@ class Preset:
         parts = []
         if self.kl_beta:
             parts.append(f"kl {self.kl_estimator} in {self.kl_placement} beta={self.kl_beta:g}")
+        if self.distill_coef:
+            parts.append(f"teacher term {self.distill_coef:g}")
         if self.entropy_coef:
             parts.append(f"entropy {self.entropy_coef:g}")
         if self.overlong_penalty:
@@ -292,6 +295,13 @@ _P = [
     Preset("orpo", "ORPO: NLL on chosen - lambda log sigma(log-odds ratio), no reference (arXiv 2403.07691)",
            ("pairs",), "orpo", PAIR_STREAMS, pref_lam=0.1,
            references="TRL ORPOConfig beta (lambda) 0.1; NLL a token mean over the chosen responses"),
+    # ---- distillation ----------------------------------------------------------------------------------------
+    Preset("opd", "On-policy distillation: the student's own samples, per-token advantage log pi_T - log pi "
+           "(reverse KL to the teacher); rewards optional (Thinking Machines 2025; prime-rl, slime)",
+           ("rollouts",), "zero", _rl("ratio", "token", "tok"), distill_coef=1.0,
+           references="tinker-cookbook / prime-rl opd: A_t = log pi_T(y_t) - log pi(y_t) on sampled tokens, token "
+                      "mean; with rewards and advantage.kind group_zscore it is A - lambda (log pi - log pi_T), as "
+                      "slime"),
     Preset("online_dpo", "Online DPO: G samples per prompt from the current policy, the best and the worst by "
            "reward as a pair, DPO on them (arXiv 2402.04792); preference.refresh_every: iterative DPO",
            ("rollouts",), "dpo", {"rollout": StreamSpec("one", "none", "pair", "group")}, pref_beta=0.1,

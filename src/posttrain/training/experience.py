@@ -100,14 +100,14 @@ class Experience:
     def __init__(self, stage, tokenizer, *, pad_id: int, stop_ids=(), device="cpu", seed: int = 0, rows=None,
                  demos: Demonstrations | None = None, paired: PairedDemos | None = None, scorer=None,
                  ref_model=None, total_steps: int = 1, on_data=None, on_samples=None,
-                 pairs: Demonstrations | None = None):
+                 pairs: Demonstrations | None = None, teacher=None):
         self.s, self.p = stage, get_preset(stage.method)
         self.tok, self.pad_id, self.stop_ids, self.device = tokenizer, pad_id, list(stop_ids), device
         self.rows = rows or []
         self.columns = reward_columns(self.rows)
         self.prompts = DataCursor(len(self.rows), seed, stage.data.shuffle)
         self.demos, self.paired, self.scorer, self.ref_model = demos, paired, scorer, ref_model
-        self.pairs = pairs
+        self.pairs, self.teacher = pairs, teacher
         self.buffer = Buffer(stage.sources.buffer_size) if "buffer" in self.p.sources else None
         self.pool = VerifiedPool(math.ceil(total_steps / stage.sources.rounds), seed) \
             if "verified" in self.p.sources else None
@@ -183,6 +183,9 @@ class Experience:
 
     def _score(self, part: _Rows, keys: list[int]) -> None:
         """Rewards of `part.rows` (row i answers the prompt of keys[i]); fills rewards, per_fn, errors."""
+        if self.scorer is None:  # no reward functions (on-policy distillation alone): every reward 0
+            part.rewards, part.per_fn, part.errors = [0.0] * len(part.rows), {}, []
+            return
         rows = [self.rows[k] for k in keys]
         prompts = [r["prompt"] for r in rows]
         comp_ids = []
@@ -286,7 +289,8 @@ class Experience:
             values.update(fill_ratio=n_groups / P, sample_rounds=rounds)
         values.update(self._rollout_metrics(all_rows))
         values["reward_errors"] = len(all_rows.errors)
-        values["zero_var_frac"] = self._signal.update(all_rows, step)
+        if self.scorer is not None:  # (without rewards every group is flat by construction)
+            values["zero_var_frac"] = self._signal.update(all_rows, step)
         every = s.samples.every
         if self.on_samples is not None and every and (step + 1) % every == 0:
             self.on_samples(step + 1, self._sample_records(all_rows, s.samples.n))
@@ -449,11 +453,15 @@ class Experience:
         """Rows -> Batch with old / reference log-probs, advantages and mix."""
         s = self.s
         batch = rows_to_batch(part.rows, part.rewards, part.scored, mix, self.pad_id)
-        needs_old = s.ppo_epochs * s.minibatches > 1 or (s.kl.beta and s.kl.placement == "reward")
+        needs_old = s.ppo_epochs * s.minibatches > 1 or (s.kl.beta and s.kl.placement == "reward") or s.distill.coef
         if needs_old:
             batch.old_logp = self._logp(model, batch)
         if s.kl.beta:
             batch.ref_logp = self._logp(self.ref_model, batch)
+        if s.distill.coef:  # the teacher's log-probs of the student's tokens, one no-grad pass
+            batch.teacher_logp = self._logp(self.teacher, batch)
+            own = batch.loss_mask * (batch.stream[:, None] == ROLLOUT)
+            values["teacher_kl"] = float(((batch.old_logp - batch.teacher_logp) * own).sum() / own.sum().clamp(min=1))
         batch.advantages, kl = token_advantages(batch, torch.tensor(part.rewards, dtype=torch.float64), s)
         if kl is not None:
             values["kl"] = kl
@@ -567,6 +575,8 @@ def token_advantages(batch: Batch, rewards: torch.Tensor, stage) -> tuple[torch.
     Tokens of streams whose advantage is "group" get the stage's advantage over their row's group (with the
     k1 penalty in the reward when the stage puts its KL there, k1 = old_logp - ref_logp on rollout tokens);
     tokens of "one" streams (a demonstration's SFT term) get A = 1. The trainer and the oracles call this.
+    On-policy distillation adds coef * (log pi_T - log q) on every sampled token (q = old_logp, the policy
+    that sampled them): minimising -A log pi then follows the reverse KL to the teacher, KL(pi || pi_T).
     """
     ts = batch.token_stream()
     group_tokens = torch.zeros_like(batch.loss_mask)
@@ -581,4 +591,8 @@ def token_advantages(batch: Batch, rewards: torch.Tensor, stage) -> tuple[torch.
         kl = float(k1.sum() / own.sum().clamp(min=1))
     A = advantages(stage.advantage.kind, rewards, batch.group, group_tokens, std_eps=stage.advantage.std_eps,
                    threshold=stage.success_threshold, k1=k1, kl_beta=stage.kl.beta if kl_reward else 0.0)
-    return A + (batch.loss_mask - group_tokens), kl
+    A = A + (batch.loss_mask - group_tokens)
+    if stage.distill.coef:
+        own = batch.loss_mask * (ts == ROLLOUT)
+        A = A + stage.distill.coef * (batch.teacher_logp - batch.old_logp).to(A) * own
+    return A, kl

@@ -1,0 +1,87 @@
+"""On-policy distillation: the teacher term of the advantage, A_t = lambda (log pi_T(y_t) - log q(y_t)) on the
+student's own tokens, follows the reverse KL to the teacher (exactly, in expectation over the student's
+samples); composed with a reward advantage as A - lambda (log pi - log pi_T); a run needs a teacher with the
+student's tokenizer, and no rewards."""
+import copy
+
+import pytest
+import torch
+
+import posttrain
+from posttrain.data.batch import ROLLOUT, Row, collate
+from posttrain.recipe import RecipeError, load_recipe
+from posttrain.training.experience import token_advantages
+from test_train_e2e import RL_ROWS, metrics, model_dirs  # noqa: F401  (model_dirs: a fixture)
+
+V = 6
+
+
+def one_token_batch(logp: torch.Tensor, teacher: torch.Tensor, group=None):
+    """V rows, row v a one-token completion y = v after a one-token prompt; old and teacher log-probs set."""
+    b = collate([Row([0, v], [0, 1], ROLLOUT, 0 if group is None else group[v]) for v in range(V)], pad_id=0,
+                dtype=torch.float64)
+    b.old_logp = torch.stack([torch.zeros(V, dtype=torch.float64), logp]).T.contiguous()
+    b.teacher_logp = torch.stack([torch.zeros(V, dtype=torch.float64), teacher]).T.contiguous()
+    return b
+
+
+def test_the_teacher_term_is_the_reverse_kl_gradient_over_the_students_samples():
+    """sum_y pi(y) A_y grad log pi(y) == -grad KL(pi || pi_T), with A from the trainer's token_advantages."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(V, generator=g, dtype=torch.float64, requires_grad=True)
+    log_t = torch.log_softmax(torch.randn(V, generator=g, dtype=torch.float64), 0)
+    logp = torch.log_softmax(z, 0)
+    st = load_recipe({"model": "m", "teacher": "t", "stages": [{"method": "opd", "data": {"path": "x"}}]}).stages[0]
+    A, _ = token_advantages(one_token_batch(logp.detach(), log_t), torch.zeros(V, dtype=torch.float64), st)
+    surrogate = -(logp.exp().detach() * A[:, 1] * logp).sum()
+    (g_trainer,) = torch.autograd.grad(surrogate, z, retain_graph=True)
+    kl = (logp.exp() * (logp - log_t)).sum()
+    (g_kl,) = torch.autograd.grad(kl, z)
+    torch.testing.assert_close(g_trainer, g_kl, rtol=1e-9, atol=1e-12)
+    assert kl > 0.05  # not a trivial case
+
+
+def test_with_rewards_the_teacher_term_adds_to_the_reward_advantage():
+    """A = A_group - lambda (log q - log pi_T), slime's composition; lambda from distill.coef."""
+    g = torch.Generator().manual_seed(1)
+    logp = torch.log_softmax(torch.randn(V, generator=g, dtype=torch.float64), 0)
+    log_t = torch.log_softmax(torch.randn(V, generator=g, dtype=torch.float64), 0)
+    R = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.0], dtype=torch.float64)
+    group = [0, 0, 0, 1, 1, 1]
+    recipe = {"model": "m", "teacher": "t", "stages": [{"method": "opd", "data": {"path": "x"},
+                                                        "rewards": [{"fn": "exact"}], "distill": {"coef": 0.5},
+                                                        "advantage": {"kind": "group_zscore"}}]}
+    st = load_recipe(recipe).stages[0]
+    A, _ = token_advantages(one_token_batch(logp, log_t, group), R, st)
+    plain = copy.deepcopy(st)
+    plain.distill.coef = 0.0
+    A_group, _ = token_advantages(one_token_batch(logp, log_t, group), R, plain)
+    torch.testing.assert_close(A[:, 1], A_group[:, 1] - 0.5 * (logp - log_t), rtol=1e-6, atol=1e-7)
+    assert A_group[:, 1].abs().sum() > 0
+
+
+def test_an_opd_run_needs_a_teacher_with_the_students_tokenizer_and_no_rewards(tmp_path, model_dirs, tokenizer):
+    stage = {"method": "opd", "data": {}, "steps": 3, "batch": {"size": 2}, "optim": {"lr": 1e-2},
+             "rollout": {"group_size": 2, "max_new_tokens": 6}}
+    r = {"model": model_dirs["llama"], "device": "cpu", "stages": [stage]}
+    with pytest.raises(RecipeError, match="distils from a teacher: set `teacher:`"):
+        posttrain.train(r, out=tmp_path / "none", data=RL_ROWS, progress=False)
+    from transformers import AutoModelForCausalLM
+
+    sharp = AutoModelForCausalLM.from_pretrained(model_dirs["qwen2"])  # a peaked teacher, far from the student
+    with torch.no_grad():
+        sharp.get_output_embeddings().weight.mul_(8.0)
+    sharp.save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    summary = posttrain.train({**r, "teacher": str(tmp_path / "teacher")}, out=tmp_path / "run", data=RL_ROWS,
+                              progress=False)
+    recs = metrics(tmp_path / "run")
+    assert summary["stages"]["opd"]["steps"] == 3 and all(x["teacher_kl"] > 0.1 for x in recs)  # (learning:
+    # tests/test_learning_arith.py, from the built-in teacher)
+    other = copy.deepcopy(tokenizer)
+    other.add_tokens(["<extra>"])
+    teacher = tmp_path / "other"
+    sharp.save_pretrained(teacher)
+    other.save_pretrained(teacher)
+    with pytest.raises(RecipeError, match="has another tokenizer than the model"):
+        posttrain.train({**r, "teacher": str(teacher)}, out=tmp_path / "bad", data=RL_ROWS, progress=False)
