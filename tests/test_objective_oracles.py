@@ -27,9 +27,10 @@ from posttrain.objective.presets import PRESETS, Preset
 LENGTHS = [3, 5, 2, 4, 5, 1, 3, 4]  # two groups of G = 4, ragged (right padding to T = 5)
 MAX_LEN = TP.MAX_LEN  # L_max of the CONST normaliser, deliberately larger than the padded width
 REWARDS = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.5, -1.0, 2.0, 0.0]], dtype=DTYPE)  # (P, G)
-# (preference presets have their own oracles, O13-O15: tests/test_objective_preference.py)
+# (preference presets have their own oracles, O13-O16: tests/test_objective_preference.py; on-policy
+# distillation its reverse-KL oracle: tests/test_distill.py)
 SINGLE_STREAM = sorted(n for n, p in PRESETS.items() if len(p.streams) == 1 and "verified" not in p.sources
-                       and p.advantage not in PREFERENCE_LOSSES)
+                       and p.advantage not in PREFERENCE_LOSSES and not p.distill_coef)
 
 
 def flat(R: Tensor) -> tuple[Tensor, Tensor]:

@@ -42,7 +42,8 @@ def recipe(model_dir, method, steps=3, **stage):
           "rollout": {"group_size": 4, "max_new_tokens": 6}, "log_every": 1}
     for k, v in stage.items():
         st[k] = v
-    return {"model": model_dir, "seed": 0, "stages": [st]}
+    teacher = {"teacher": model_dir} if PRESETS[method].distill_coef else {}  # (the model itself: a smoke run)
+    return {"model": model_dir, "seed": 0, "stages": [st], **teacher}
 
 
 def run(tmp_path, model_dir, method, **stage):
