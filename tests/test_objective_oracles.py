@@ -133,6 +133,9 @@ def paper_loss(p: Preset, b: TabularBatch, old_logp: Tensor, ref_logp: Tensor) -
     if p.name == "cispo":  # -TOK(sg(min(r, eps_max)) A logp)
         A = seq_to_tok(zscore_ref(REWARDS, p.std_eps), m)
         return agg_tok(-(r.detach().clamp(max=p.eps_max) * A * logp), m)
+    if p.name == "maxrl":  # -TOK(min(r A, clip(r) A)), A = (R - mean_G R) / mean_G R
+        mean = REWARDS.mean(1, keepdim=True)
+        return agg_tok(-ppo_clip_ref(r, seq_to_tok((REWARDS - mean) / mean, m), el, eh), m)
     raise AssertionError(f"preset {p.name!r} has no paper loss in paper_loss(): write its loss out there")
 
 
@@ -446,3 +449,11 @@ ALL_CHECKS = (
     + [(f"o12[{e}]", lambda e=e: check_o12(e)) for e in C.KL_ESTIMATORS]
     + [("o21", check_o21), ("o22", check_o22), ("o23", check_o23)]
 )
+
+
+def test_maxrl_advantage_on_binary_rewards_is_n_over_k_minus_one_and_zero_without_a_success():
+    """k of n right: a right sample gets n/k - 1, a wrong one -1; a group with nothing right gets 0 (not NaN)."""
+    R = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], dtype=DTYPE)
+    g = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2])
+    a = A.advantage_maxrl(R, g)
+    assert a.tolist() == [3.0, -1.0, -1.0, -1.0, 1.0, 1.0, -1.0, -1.0, 0.0, 0.0, 0.0, 0.0]

@@ -56,6 +56,15 @@ def advantage_group_center(rewards: Tensor, group: Tensor) -> Tensor:
     return torch.where(valid, rewards - mean, torch.zeros_like(rewards))
 
 
+def advantage_maxrl(rewards: Tensor, group: Tensor) -> Tensor:
+    """A_i = (R_i - mean_g R) / mean_g R (MaxRL, arXiv 2602.02710): with 0/1 rewards and k of n right, a right
+    sample gets n/k - 1 and a wrong one -1, so rare successes weigh more, toward maximum likelihood of the
+    right answers. A group with mean 0 (nothing right) gives A = 0."""
+    valid, _, mean = group_stats(rewards, group)
+    ok = valid & (mean != 0)
+    return torch.where(ok, (rewards - mean) / torch.where(ok, mean, torch.ones_like(mean)), torch.zeros_like(rewards))
+
+
 def advantage_group_zscore(rewards: Tensor, group: Tensor, *, std_eps: float, bessel: bool = True) -> Tensor:
     """A_i = (R_i - mean_g R) / (std_g R + eps) (GRPO). Bessel-corrected std by default (as TRL).
 
@@ -87,13 +96,14 @@ SEQUENCE_ADVANTAGES = {
     "raw": advantage_raw,
     "group_center": advantage_group_center,
     "group_zscore": advantage_group_zscore,
+    "maxrl": advantage_maxrl,
     "loo": advantage_loo,
     "indicator": advantage_indicator,
 }
 TOKEN_ADVANTAGES = ("reinforce_pp",)
 # Preference losses: their advantages come from the update's own forward pass (objective/preference.py).
 ADVANTAGES = tuple(SEQUENCE_ADVANTAGES) + TOKEN_ADVANTAGES + ("dpo", "ipo", "simpo", "orpo", "kto")
-GROUP_ADVANTAGES = ("group_center", "group_zscore", "loo", "reinforce_pp")  # need >= 2 samples per question
+GROUP_ADVANTAGES = ("group_center", "group_zscore", "loo", "reinforce_pp", "maxrl")  # need >= 2 samples per question
 
 
 def token_returns(seq_adv: Tensor, kl_tokens: Tensor, mask: Tensor, beta: float) -> Tensor:

@@ -230,6 +230,9 @@ _P = [
            references="paper: eps 3e-4 / 4e-4 [2nd]"),
     Preset("cispo", "CISPO: truncated importance weight, never masked (MiniMax-M1)", ("rollouts",), "group_zscore",
            _rl("truncated", "none", "tok"), eps_max=5.0, references="TRL suggests eps_max 5.0"),
+    Preset("maxrl", "MaxRL: group advantage (R - mean) / mean, toward maximum likelihood of the right answers "
+           "(arXiv 2602.02710)", ("rollouts",), "maxrl", _rl("ratio", "token", "tok"),
+           references="paper / prime-rl: A = (R - mean_G R) / mean_G R; clip 0.2 and token mean as DAPO [?]"),
     # ---- hybrids: demonstrations and rollouts in one step ----------------------------------------------------
     Preset("luffy", "LUFFY: G-k rollouts + k demonstrations per group, advantages over the mixed group, "
            "shaped weight p/(p+gamma) on demonstration tokens (arXiv 2504.14945)", ("rollouts", "paired"),
