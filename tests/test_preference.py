@@ -59,7 +59,10 @@ def test_bad_pairs_are_reported_with_their_rows_before_step_0_and_implicit_promp
 def test_recipes_that_mix_preference_and_other_parts_are_refused():
     base = {"model": "m", "stages": [{"method": "dpo", "data": {"path": "x.jsonl"}}]}
     for override, words in ((["stages.0.rewards=[{fn: exact}]"], "trains on preferences and uses no rewards"),
-                            (["stages.0.advantage.kind=group_zscore"], "do not go together")):
+                            (["stages.0.advantage.kind=group_zscore"], "do not go together"),
+                            (["stages.0.kl.beta=0.1"], "has no KL or entropy term of its own"),
+                            (["stages.0.entropy.coef=0.01"], "has no KL or entropy term of its own"),
+                            (["stages.0.streams.demo.aggregation=tok"], "fixes its stream's components")):
         with pytest.raises(RecipeError, match=words):
             load_recipe(base, override)
     with pytest.raises(RecipeError, match="do not go together"):

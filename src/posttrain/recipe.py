@@ -422,6 +422,10 @@ def _check_combination(s: StageConfig, p: Preset) -> None:
         raise RecipeError(f"{where}: advantage {s.advantage.kind!r} and method {s.method!r} do not go together: a "
                           "preference advantage (dpo, ipo, simpo, orpo, kto) needs a preference method and the reverse")
     if preference:  # the preference losses set A, w = 1, no mask and their own mean (objective/preference.py)
+        if s.kl.beta or s.entropy.coef:
+            raise RecipeError(f"{where}: a preference loss has no KL or entropy term of its own (its beta already "
+                              "ties the policy to the reference); remove kl.beta / entropy.coef, or tune "
+                              "preference.beta")
         want = "sum" if s.advantage.kind == "kto" else "pair"
         for name, st in stage_streams(s).items():
             if (st.weight, st.clip_level, st.aggregation) != ("one", "none", want):
