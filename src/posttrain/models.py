@@ -255,6 +255,20 @@ def load_policy(name_or_path: str, *, dtype: str | torch.dtype = "auto", device:
     return model, tokenizer
 
 
+def load_teacher(name_or_path: str, tokenizer, *, dtype, device) -> torch.nn.Module:
+    """A frozen teacher for distillation. Its tokenizer must be `tokenizer` (the same ids), since distillation
+    compares the two models' log-probs of the same tokens: another one is a RecipeError."""
+    from .recipe import RecipeError
+
+    teacher_tok = load_tokenizer(resolve_model(name_or_path, required_file="tokenizer_config.json"))
+    if teacher_tok.get_vocab() != tokenizer.get_vocab():
+        raise RecipeError(f"teacher {name_or_path!r} has another tokenizer than the model: distillation compares the "
+                          "log-probs of the same token ids, so the two must share one")
+    teacher = load_model(name_or_path, dtype=dtype, device=device).eval().requires_grad_(False)
+    log.info("teacher %s loaded", name_or_path)
+    return teacher
+
+
 def check_finite_weights(model: Any, target: str | os.PathLike) -> None:
     """Raise NonFiniteError naming the first parameter or buffer holding NaN or inf: such weights are never
     written (a diverged run must not publish a model that looks finished)."""

@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .objective.advantages import ADVANTAGES, GROUP_ADVANTAGES
-from .objective.preference import PAIRED_LOSSES, PREFERENCE_LOSSES
+from .objective.preference import NEEDS_REFERENCE, PAIRED_LOSSES, PREFERENCE_LOSSES
 from .objective.components import AGGREGATIONS, KL_ESTIMATORS, WEIGHTS
 from .objective.presets import CLIPS, PRESETS, STREAM_ADVANTAGES, STREAM_NAMES, Preset, get_preset
 
@@ -412,7 +412,7 @@ def _check_combination(s: StageConfig, p: Preset) -> None:
                           "(SFT methods read their demonstrations from `data`)")
     preference = s.advantage.kind in PREFERENCE_LOSSES
     online = p.data == "prompts" and {p.advantage, s.advantage.kind} <= set(PAIRED_LOSSES)  # online DPO
-    if s.preference.refresh_every and not (online and s.advantage.kind in ("dpo", "ipo")):
+    if s.preference.refresh_every and not (online and s.advantage.kind in NEEDS_REFERENCE):
         raise RecipeError(f"{where}: preference.refresh_every renews the reference of online DPO / IPO (method "
                           "online_dpo); remove it")
     if s.preference.refresh_every and s.lora is not None:

@@ -375,14 +375,9 @@ class Run:
     def _teacher(self, tok, device, dtype):
         """The recipe's teacher, loaded once, frozen; its tokenizer must be the policy's (the same ids)."""
         if getattr(self, "_teacher_model", None) is None:
-            from .models import load_model, resolve_model
+            from .models import load_teacher
 
-            teacher_tok = load_tokenizer(resolve_model(self.cfg.teacher, required_file="tokenizer_config.json"))
-            if teacher_tok.get_vocab() != tok.get_vocab():
-                raise RecipeError(f"teacher {self.cfg.teacher!r} has another tokenizer than the model: distillation "
-                                  "compares the log-probs of the same token ids, so the two must share one")
-            self._teacher_model = load_model(self.cfg.teacher, dtype=dtype, device=device).eval().requires_grad_(False)
-            log.info("teacher %s loaded", self.cfg.teacher)
+            self._teacher_model = load_teacher(self.cfg.teacher, tok, dtype=dtype, device=device)
         return self._teacher_model
 
     def _scorer(self, stage):

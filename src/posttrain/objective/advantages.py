@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .preference import PREFERENCE_LOSSES
+
 
 def _index(group: Tensor) -> tuple[Tensor, int]:
     """(inverse (N,) in 0..P-1, P) for arbitrary group ids."""
@@ -102,7 +104,7 @@ SEQUENCE_ADVANTAGES = {
 }
 TOKEN_ADVANTAGES = ("reinforce_pp",)
 # Preference losses: their advantages come from the update's own forward pass (objective/preference.py).
-ADVANTAGES = tuple(SEQUENCE_ADVANTAGES) + TOKEN_ADVANTAGES + ("dpo", "ipo", "simpo", "orpo", "kto")
+ADVANTAGES = tuple(SEQUENCE_ADVANTAGES) + TOKEN_ADVANTAGES + PREFERENCE_LOSSES
 GROUP_ADVANTAGES = ("group_center", "group_zscore", "loo", "reinforce_pp", "maxrl")  # need >= 2 samples per question
 
 

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 
 from .advantages import ADVANTAGES
 from .components import AGGREGATIONS, KL_ESTIMATORS, WEIGHTS
+from .preference import NEEDS_REFERENCE
 
 CLIPS = ("none", "token", "sequence")
 SOURCES = ("demonstrations", "rollouts", "paired", "prefixed", "buffer", "verified", "pairs", "unpaired")
@@ -108,7 +109,7 @@ class Preset:
     @property
     def needs_reference(self) -> bool:
         """A reference model is needed whatever the KL setting (DPO, IPO)."""
-        return self.advantage in ("dpo", "ipo", "kto")
+        return self.advantage in NEEDS_REFERENCE
 
     @property
     def needs_demonstrations(self) -> bool:
@@ -169,7 +170,7 @@ class Preset:
         return "-"
 
     def preference_description(self) -> str:
-        if self.advantage in ("dpo", "ipo", "kto"):
+        if self.advantage in NEEDS_REFERENCE:
             return f"{self.advantage} beta={self.pref_beta:g}"
         if self.advantage == "simpo":
             return f"simpo beta={self.pref_beta:g} gamma={self.pref_gamma:g}"
