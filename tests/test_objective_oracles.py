@@ -28,9 +28,9 @@ LENGTHS = [3, 5, 2, 4, 5, 1, 3, 4]  # two groups of G = 4, ragged (right padding
 MAX_LEN = TP.MAX_LEN  # L_max of the CONST normaliser, deliberately larger than the padded width
 REWARDS = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.5, -1.0, 2.0, 0.0]], dtype=DTYPE)  # (P, G)
 # (preference presets have their own oracles, O13-O16: tests/test_objective_preference.py; on-policy
-# distillation its reverse-KL oracle: tests/test_distill.py)
+# distillation its reverse-KL oracle: tests/test_distill.py; the reward model tests/test_reward_model.py)
 SINGLE_STREAM = sorted(n for n, p in PRESETS.items() if len(p.streams) == 1 and "verified" not in p.sources
-                       and p.advantage not in PREFERENCE_LOSSES and not p.distill_coef)
+                       and p.advantage not in PREFERENCE_LOSSES + ("bradley_terry",) and not p.distill_coef)
 
 
 def flat(R: Tensor) -> tuple[Tensor, Tensor]:
@@ -99,7 +99,24 @@ def reinforce_pp_advantages(k1: Tensor, mask: Tensor, beta: float) -> Tensor:
     return (A - vals.mean()) / (vals.std(unbiased=False) + 1e-8) * mask
 
 
-def paper_loss(p: Preset, b: TabularBatch, old_logp: Tensor, ref_logp: Tensor) -> Tensor:
+def gae_ref(R: Tensor, k1: Tensor, V: Tensor, mask: Tensor, beta: float, gamma: float, lam: float) -> Tensor:
+    """PPO's advantages written out: per-token rewards r_t = -beta k1_t (+ R_i at the row's last token),
+    delta_t = r_t + gamma V_{t+1} - V_t (0 after the end), A_t = sum_l (gamma lam)^l delta_{t+l}, by explicit sums
+    over each row's positions; then whitened over response tokens (population std)."""
+    A = torch.zeros_like(mask)
+    for i in range(mask.shape[0]):
+        pos = [t for t in range(mask.shape[1]) if mask[i, t]]
+        r = {t: -beta * k1[i, t] + (R[i] if t == pos[-1] else 0.0) for t in pos}
+        v = {t: V[i, t] for t in pos}
+        delta = [r[t] + gamma * (v[pos[j + 1]] if j + 1 < len(pos) else 0.0) - v[t] for j, t in enumerate(pos)]
+        for j, t in enumerate(pos):
+            A[i, t] = sum((gamma * lam) ** l * delta[j + l] for l in range(len(pos) - j))
+    vals = A[mask.bool()]
+    return (A - vals.mean()) / (vals.std(unbiased=False) + 1e-8) * mask
+
+
+def paper_loss(p: Preset, b: TabularBatch, old_logp: Tensor, ref_logp: Tensor, values: Tensor | None = None
+               ) -> Tensor:
     """Each method's own value-faithful loss, written out from its paper (algorithms.md §4)."""
     m, logp = b.mask, b.logp
     if old_logp is None:
@@ -117,6 +134,9 @@ def paper_loss(p: Preset, b: TabularBatch, old_logp: Tensor, ref_logp: Tensor) -
         return agg_sum(-ppo_clip_ref(r, seq_to_tok(loo_ref(R), m), el, eh), m)
     if p.name == "reinforce_pp":  # the group-mean-baseline variant, as the preset says
         A = reinforce_pp_advantages(old_logp - ref_logp, m, beta)
+        return agg_tok(-ppo_clip_ref(r, A, el, eh), m)
+    if p.name == "ppo":  # -TOK(min(r A, clip(r) A)), A = GAE(gamma 1, lambda 0.95) over k1-penalised rewards
+        A = gae_ref(REWARDS.reshape(-1), old_logp - ref_logp, values, m, beta, gamma=1.0, lam=0.95)
         return agg_tok(-ppo_clip_ref(r, A, el, eh), m)
     if p.name == "grpo":  # -SEQ(min(r A, clip(r) A) - beta k3)
         A = seq_to_tok(zscore_ref(REWARDS, p.std_eps), m)
@@ -144,7 +164,7 @@ def check_o1(name: str) -> None:
     tb, st, old_logp, ref_logp = trainer_o1(name)
     terms = TP.loss(tb, st)
     b = tb.tab()
-    ref = paper_loss(p, b, old_logp, ref_logp)
+    ref = paper_loss(p, b, old_logp, ref_logp, values=tb.batch.values)
     if p.entropy_coef:  # the bonus is aggregated like the PG term
         W = C.aggregation_weights(b.mask, p.streams[p.primary()].aggregation, num_tokens=b.num_tokens,
                                   num_seqs=len(LENGTHS), max_len=MAX_LEN)

@@ -105,6 +105,7 @@ FAMILIES = {
     "relift": stage("relift", 5, sources={"buffer_size": 2}),
     "prefix_rft": stage("prefix_rft", 4),
     "grpo_lora": {**stage("grpo", 4, kl={"beta": 0.1}, lora={"r": 4, "alpha": 8.0}), "name": "grpo_lora"},
+    "ppo": stage("ppo", 6, ppo_epochs=2),  # the critic's weights and optimizer must come back too
     "dpo": stage("dpo", 4),
     "kto": stage("kto", 4),
     # iterative DPO: the reference renewed before step 4, the run stopped in step 5: the checkpoint must carry it

@@ -119,8 +119,8 @@ def test_completions_are_saved_and_nll_is_logged_for_every_demonstration_stream(
 def test_methods_that_do_not_exist_yet_are_named_not_mistaken(tmp_path):
     from posttrain.recipe import RecipeError
 
-    with pytest.raises(RecipeError, match=r"method 'ppo' \(PPO with a value model\) is not in posttrain yet"):
-        posttrain.train({"model": "m", "stages": [{"method": "ppo", "data": {}}]}, out=tmp_path / "r", progress=False)
+    with pytest.raises(RecipeError, match=r"method 'gkd' \(distillation\) is not in posttrain yet"):
+        posttrain.train({"model": "m", "stages": [{"method": "gkd", "data": {}}]}, out=tmp_path / "r", progress=False)
     with pytest.raises(posttrain.data.DataError, match="the path does not exist"):
         posttrain.train({"model": "m", "stages": [{"method": "sft", "data": {"path": str(tmp_path / "nope.jsonl")}}]},
                         out=tmp_path / "r", progress=False)

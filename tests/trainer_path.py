@@ -135,7 +135,10 @@ def with_logps(tb: TrainerBatch, st, rewards: list[float], old_logp: Tensor | No
                ) -> None:
     """Set q and b on the batch (and recompute advantages, which read them when the KL is in the reward)."""
     tb.batch.old_logp, tb.batch.ref_logp = old_logp, ref_logp
-    if st.kl.beta and st.kl.placement == "reward":
+    if st.advantage.kind == "gae":  # PPO: a critic's values, away from 0 and different on every token
+        g = torch.Generator().manual_seed(11)
+        tb.batch.values = 0.5 * torch.randn(tb.batch.loss_mask.shape, generator=g, dtype=DTYPE) * tb.batch.loss_mask
+    if st.kl.beta and st.kl.placement == "reward" or st.advantage.kind == "gae":
         tb.batch.advantages, _ = token_advantages(tb.batch, torch.tensor(rewards, dtype=DTYPE), st)
 
 

@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .objective.advantages import ADVANTAGES, GROUP_ADVANTAGES
-from .objective.preference import NEEDS_REFERENCE, PAIRED_LOSSES, PREFERENCE_LOSSES
+from .objective.preference import NEEDS_REFERENCE, PAIRED_LOSSES, PREFERENCE_LOSSES, REWARD_MODEL_LOSS
 from .objective.components import AGGREGATIONS, KL_ESTIMATORS, WEIGHTS
 from .objective.presets import CLIPS, PRESETS, STREAM_ADVANTAGES, STREAM_NAMES, Preset, get_preset
 
@@ -61,6 +61,14 @@ class RewardConfig(Strict):
     name: Optional[str] = None  # its name in metrics (default: the function's)
     primary: bool = False  # `accuracy` is this reward's success rate (default: the first reward's)
     threshold: float = 1.0  # the value at which this reward counts a sample as a success
+    path: Optional[str] = None  # fn: model -- the reward model (a directory or hub id) scoring each completion
+
+    @model_validator(mode="after")
+    def _model_path(self) -> "RewardConfig":
+        if (self.fn == "model") != (self.path is not None):
+            raise ValueError("a reward model is given as {fn: model, path: DIR} (DIR a local directory or hub id "
+                             "of a sequence-classification model); `path` belongs to fn: model only")
+        return self
 
 
 class OptimConfig(Strict):
@@ -134,6 +142,18 @@ class AdvantageConfig(Strict):
 
     kind: Optional[Literal[ADVANTAGES]] = None  # type: ignore[valid-type]
     std_eps: Optional[float] = Field(None, gt=0)
+    gamma: float = Field(1.0, ge=0, le=1)  # gae: discount
+    lam: float = Field(0.95, ge=0, le=1)  # gae: lambda of the exponentially weighted sum of TD errors
+    whiten: bool = True  # gae: advantages to mean 0, std 1 over the batch's response tokens
+
+
+class CriticConfig(Strict):
+    """PPO's value model (advantage gae): its own copy of a backbone under a fresh scalar head, its own AdamW."""
+
+    model: Optional[str] = None  # start from this model (a directory or hub id); default: the policy at the stage's start
+    lr: Optional[float] = Field(None, gt=0)  # default: the stage's optim.lr
+    clip: Optional[float] = Field(0.2, gt=0)  # eps_v of the clipped value loss; null: the plain squared error
+    max_grad_norm: float = Field(1.0, gt=0)
 
 
 class DynamicSamplingConfig(Strict):
@@ -248,6 +268,7 @@ class StageConfig(Strict):
     method: str  # a preset: `posttrain methods`
     data: DataConfig
     demos: Optional[DataConfig] = None  # demonstrations from a separate dataset (CHORD, ReLIFT, LUFFY, ...)
+    heldout: Optional[DataConfig] = None  # reward_model: held-out preference pairs, pairwise accuracy after the stage
     rewards: list[RewardConfig] = Field(default_factory=list)  # reward functions (RL methods)
     steps: int = Field(100, gt=0)  # optimizer steps (the schedule's length)
     stop: StopConfig = Field(default_factory=StopConfig)  # a budget of samples / tokens ending it sooner
@@ -271,6 +292,7 @@ class StageConfig(Strict):
     clip: ClipConfig = Field(default_factory=ClipConfig)  # ratio clipping
     kl: KLConfig = Field(default_factory=KLConfig)  # KL to the reference (the policy at the stage's start)
     distill: DistillConfig = Field(default_factory=DistillConfig)  # the teacher term (method opd)
+    critic: CriticConfig = Field(default_factory=CriticConfig)  # the value model (method ppo, advantage gae)
     entropy: EntropyConfig = Field(default_factory=EntropyConfig)  # entropy bonus
     advantage: AdvantageConfig = Field(default_factory=AdvantageConfig)  # advantage estimator
     dynamic_sampling: DynamicSamplingConfig = Field(default_factory=DynamicSamplingConfig)  # DAPO's refill
@@ -411,6 +433,21 @@ def _check_combination(s: StageConfig, p: Preset) -> None:
         raise RecipeError(f"{where}: method {s.method!r} reads no separate demonstrations; remove `demos` "
                           "(SFT methods read their demonstrations from `data`)")
     preference = s.advantage.kind in PREFERENCE_LOSSES
+    rm = s.advantage.kind == REWARD_MODEL_LOSS
+    if rm != (p.advantage == REWARD_MODEL_LOSS):
+        raise RecipeError(f"{where}: only method reward_model trains a scalar head (advantage bradley_terry), and "
+                          "its advantage cannot be changed; remove advantage.kind")
+    if s.heldout is not None and not rm:
+        raise RecipeError(f"{where}: `heldout` pairs are scored after a reward_model stage; method {s.method!r} "
+                          "reads none (evaluate a policy with `eval:`)")
+    if rm and s.lora is not None:
+        raise RecipeError(f"{where}: a reward_model stage trains the whole model and its new head; remove `lora`")
+    if s.critic.model_fields_set and s.advantage.kind != "gae":
+        raise RecipeError(f"{where}: `critic` configures the value model of advantage gae (method ppo); method "
+                          f"{s.method!r} with advantage {s.advantage.kind!r} has none")
+    if s.advantage.kind == "gae" and s.lora is not None:
+        raise RecipeError(f"{where}: PPO's value model is a full copy of the backbone; with `lora` it is not "
+                          "supported yet: remove `lora`, or use a critic-free method (grpo, rloo, reinforce_pp)")
     online = p.data == "prompts" and {p.advantage, s.advantage.kind} <= set(PAIRED_LOSSES)  # online DPO
     if s.preference.refresh_every and not (online and s.advantage.kind in NEEDS_REFERENCE):
         raise RecipeError(f"{where}: preference.refresh_every renews the reference of online DPO / IPO (method "
@@ -418,10 +455,10 @@ def _check_combination(s: StageConfig, p: Preset) -> None:
     if s.preference.refresh_every and s.lora is not None:
         raise RecipeError(f"{where}: with LoRA the reference is the model with its adapters off, which cannot be "
                           "refreshed; remove preference.refresh_every or lora")
-    if preference != (p.data in ("preferences", "unpaired")) and not online:
+    if (preference or rm) != (p.data in ("preferences", "unpaired")) and not online:
         raise RecipeError(f"{where}: advantage {s.advantage.kind!r} and method {s.method!r} do not go together: a "
                           "preference advantage (dpo, ipo, simpo, orpo, kto) needs a preference method and the reverse")
-    if preference:  # the preference losses set A, w = 1, no mask and their own mean (objective/preference.py)
+    if preference or rm:  # the preference losses set A, w = 1, no mask and their own mean (objective/preference.py)
         if s.kl.beta or s.entropy.coef:
             raise RecipeError(f"{where}: a preference loss has no KL or entropy term of its own (its beta already "
                               "ties the policy to the reference); remove kl.beta / entropy.coef, or tune "

@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 import torch
 import yaml
 
-from . import faults
+from . import faults, reward_model
 from .data import detect_format, encode_dataset, load_rows
 from .data.formats import check_rows, split_implicit_prompts
 from .data.loading import RowSet
@@ -37,6 +37,8 @@ from .errors import Interrupted, RewardFailure
 from .jsonio import dumps, write_atomic
 from .models import choose_dtype, load_policy, load_tokenizer, model_context, model_rows, pick_device, \
     resolve_model, save_pretrained, stop_token_ids
+from .eval.preference import reward_model_accuracy
+from .objective.preference import REWARD_MODEL_LOSS
 from .objective.presets import PRESETS, get_preset
 from .recipe import Recipe, RecipeError, dump_recipe, load_recipe, recipe_data
 from .preflight import check_template, explain_stage, long_prompts
@@ -195,9 +197,10 @@ class Run:
                       for s in cfg.stages]
         for stage, sd in zip(cfg.stages, stage_data):
             self._check_rewards(stage, sd)
-        resume_from = str(progress.last_model() or cfg.model)
+        last_policy = progress.last_model()
+        resume_from = str(last_policy or cfg.model)
         # A finished stage saved the tokenizer (and template) it trained with; the first stage may pair others.
-        tok_from, template = (resume_from, None) if progress.done else (cfg.tokenizer or cfg.model, cfg.chat_template)
+        tok_from, template = (resume_from, None) if last_policy else (cfg.tokenizer or cfg.model, cfg.chat_template)
         try:
             tok = load_tokenizer(resolve_model(tok_from, required_file="tokenizer_config.json"), template)
             context = model_context(resume_from)
@@ -210,7 +213,7 @@ class Run:
             self._check_lengths(stage, sd, tok, context)
         self.bad_rows.verdict()
         model, tok = load_policy(resume_from, dtype=choose_dtype(cfg.dtype, device), device=device,
-                                 resize_embeddings=cfg.resize_embeddings, tokenizer=None if progress.done else
+                                 resize_embeddings=cfg.resize_embeddings, tokenizer=None if last_policy else
                                  cfg.tokenizer, chat_template=template)
         stop_ids = stop_token_ids(tok, model)
         pad_id = tok.pad_token_id
@@ -248,19 +251,31 @@ class Run:
                 t0 = time.perf_counter() - (self.resume[1]["stage_wall_s"] if resumed else 0.0)
                 if curve.every and i == 0 and not resumed:
                     curve.point(model, stage.name, 0, 0, 0, 0.0)  # the base
-                result, model = self._run_stage(i, stage, sd, model, tok, stop_ids, pad_id, device, sinks,
-                                                global_step, on_step=curve.on_step(stage.name, t0), t0=t0)
+                result, trained = self._run_stage(i, stage, sd, model, tok, stop_ids, pad_id, device, sinks,
+                                                  global_step, on_step=curve.on_step(stage.name, t0), t0=t0)
                 global_step += result["steps"]
                 result["wall_s"] = round(time.perf_counter() - t0, 3)
-                curve.end_stage(result, model)
-                if hooks.active:
-                    result["eval"] = hooks.evaluate(model)
+                if _trains_reward_model(stage):  # the policy goes on unchanged to the next stage
+                    curve.end_stage(result)
+                    if sd.heldout is not None:
+                        result["eval"] = reward_model_accuracy(trained, sd.heldout, pad_id, device=device)
+                        log.info("stage %s: held-out pairwise accuracy %.3f on %d pairs", stage.name,
+                                 result["eval"]["pref_accuracy"], result["eval"]["n"])
+                else:
+                    model = trained
+                    curve.end_stage(result, model)
+                    if hooks.active:
+                        result["eval"] = hooks.evaluate(model)
                 summary["stages"][stage.name] = result
-                progress.finish_stage(stage.name, result, model, tok, stop_ids)
+                progress.finish_stage(stage.name, result, trained, tok, stop_ids)
             if hooks.active:
                 summary["eval"]["after"] = summary["stages"][cfg.stages[-1].name]["eval"]
             faults.hit("final")
-            save_pretrained(model, tok, self.out / "final", stop_ids=stop_ids)
+            if _trains_reward_model(cfg.stages[-1]):  # the run's last product is the reward model
+                shutil.copytree(self.out / "stages" / cfg.stages[-1].name / "model", self.out / "final",
+                                dirs_exist_ok=True)
+            else:
+                save_pretrained(model, tok, self.out / "final", stop_ids=stop_ids)
             last_stage = cfg.stages[-1]
             if last_stage.lora is not None:  # the last stage's adapter beside the merged weights (peft loads it)
                 shutil.copytree(self.out / "stages" / last_stage.name / "adapter", self.out / "final" / "adapter",
@@ -306,6 +321,9 @@ class Run:
                                                           "demonstrations")
         if sd.rows is not None and (preset.needs_demonstrations or _reads_row_demos(preset, stage)):
             self._check_paired(stage, sd)
+        if stage.heldout is not None:
+            sd.heldout_rows, _ = self._check_rows(stage, stage.heldout, self._rowset(stage, stage.heldout), "auto",
+                                                  "preferences")
         return sd
 
     def _check_rows(self, stage, section, rowset: RowSet, fmt: str, kind: str) -> tuple[RowSet, str]:
@@ -327,6 +345,10 @@ class Run:
             return
         if preset.data in ("preferences", "unpaired"):  # pairs / labelled responses, checked against max_len
             max_len = min(stage.data.max_len, context or stage.data.max_len)
+            if sd.heldout_rows is not None:
+                sd.heldout, bad = encode_dataset(sd.heldout_rows, "preference", tok, max_len=max_len,
+                                                 vocab_rows=self.vocab_rows)
+                self.bad_rows.add(stage, stage.heldout, sd.heldout_rows, bad)
             sd.encoded, bad = encode_dataset(sd.rows, sd.fmt, tok, max_len=max_len, vocab_rows=self.vocab_rows)
             sd.rows = self.bad_rows.add(stage, stage.data, sd.rows, bad)
             if preset.data == "unpaired":  # (the kept rows, in the order of their encodings)
@@ -366,11 +388,14 @@ class Run:
             return
         from .rewards import reward_columns
 
+        self._checking = True
         try:
             with self._scorer(stage) as scorer:
                 scorer.check_columns(reward_columns(sd.rows.rows))
         except ValueError as e:
             raise RecipeError(f"stage {stage.name!r}: {e}") from None
+        finally:
+            self._checking = False
 
     def _teacher(self, tok, device, dtype):
         """The recipe's teacher, loaded once, frozen; its tokenizer must be the policy's (the same ids)."""
@@ -388,16 +413,39 @@ class Run:
         specs = []
         for r in stage.rewards:
             fn: Any = r.fn
-            if fn.startswith("<callable:"):
+            local = fn == "model"
+            if local:  # a reward model, batched on the trainer's device (loaded once per run and path)
+                fn = self._reward_model(r.path, r.kwargs)
+            elif fn.startswith("<callable:"):
                 fn = self.rewards[stage.name][int(fn[len("<callable:"):-1])]
             elif stage.data.task and ":" not in fn:
                 from .tasks import get_task
 
                 fn = get_task(stage.data.task).rewards.get(fn, fn)
-            specs.append(RewardSpec(fn=fn, weight=r.weight, kwargs=dict(r.kwargs), name=r.name))
+            specs.append(RewardSpec(fn=fn, weight=r.weight, kwargs={} if local else dict(r.kwargs),
+                                    name=r.name or ("model" if local else None), local=local))
         pol = stage.reward_policy
         return RewardScorer(specs, timeout_s=stage.reward_timeout_s, memory_mb=pol.memory_mb,
                             file_size_mb=pol.file_size_mb, cpu_s=pol.cpu_s)
+
+    def _reward_model(self, path: str, options: dict):
+        """The reward function of {fn: model, path: ...}: `path` may name a stage of this run (its model)."""
+        from .reward_model import ModelReward
+
+        cache = self.__dict__.setdefault("_reward_models", {})
+        where = self.out / "stages" / path / "model" if path in [s.name for s in self.cfg.stages] else path
+        key = (str(where), tuple(sorted(options.items())))
+        if key not in cache:
+            if not Path(where).exists() and path in [s.name for s in self.cfg.stages]:
+                if self.__dict__.get("_checking"):  # checked before step 0: the stage makes it later
+                    return _pending_reward
+                raise RecipeError(f"reward model {path!r} is a stage of this run that has not finished; put the "
+                                  "reward_model stage before the stages that use it")
+            try:
+                cache[key] = ModelReward(str(where), device=pick_device(self.cfg.device), **options)
+            except (OSError, ValueError, TypeError) as e:
+                raise RecipeError(f"reward model {path!r} (fn: model): {e}") from None
+        return cache[key]
 
     def _resolve_late(self, stage, sd: "StageData", tok, context) -> None:
         """Data made by an earlier stage of this run (`from_stage`) exists only now: load and check it."""
@@ -426,6 +474,8 @@ class Run:
         seed = self.cfg.seed + 7919 * i
         if stage.lora is not None:
             model = lora.attach(model, stage.lora, device)
+        if _trains_reward_model(stage):  # the policy's backbone under a fresh scalar head
+            model = reward_model.from_policy(model, pad_id)
         ref_model = None
         if stage.kl.beta or preset.needs_reference:  # the policy at this stage's start (LoRA: adapters disabled)
             ref_model = lora.reference(model) if stage.lora is not None else \
@@ -440,6 +490,10 @@ class Run:
                                   total_steps=n_steps)
         if stage.distill.coef:
             kw["teacher"] = self._teacher(tok, device, next(model.parameters()).dtype)
+        if stage.advantage.kind == "gae":  # PPO's value model, from the policy at the stage's start by default
+            from .training.critic import Critic
+
+            kw["critic"] = Critic.for_stage(stage, model, pad_id=pad_id, device=device)
         if sd.encoded is not None and preset.data in ("preferences", "unpaired"):
             kw["pairs"] = Demonstrations(sd.encoded, seed + 1, stage.data.shuffle)
         elif sd.encoded is not None:
@@ -522,8 +576,19 @@ class StageData:
     demos: RowSet | None
     demos_fmt: str | None
     encoded: list | None = None  # the encoded demonstrations, once the tokenizer is known
+    heldout_rows: RowSet | None = None  # a reward_model stage's held-out pairs ...
+    heldout: list | None = None  # ... encoded
 
 
+
+
+def _pending_reward(prompts, completions, **kw):
+    """Stands in for a reward model an earlier stage of the run has yet to train (column checks only)."""
+    raise RuntimeError("the reward model of this stage has not been trained yet")
+
+
+def _trains_reward_model(stage) -> bool:
+    return get_preset(stage.method).advantage == REWARD_MODEL_LOSS
 
 
 def _reads_row_demos(preset, stage) -> bool:

@@ -108,7 +108,9 @@ class StageProgress:
                 and (self.out / "final" / "config.json").is_file() and (self.out / "summary.json").is_file())
 
     def last_model(self) -> Path | None:
-        return self.out / "stages" / list(self.done)[-1] / "model" if self.done else None
+        """The policy the next stage starts from: the last finished stage's model (a reward model is not one)."""
+        policies = [name for name, r in self.done.items() if r.get("method") != "reward_model"]
+        return self.out / "stages" / policies[-1] / "model" if policies else None
 
     def save_eval_before(self, result: dict) -> None:
         self.record["eval_before"] = result

@@ -39,6 +39,8 @@ class Batch:
     #                                      (KTO: +1 on a desirable response, -1 on an undesirable one)
     ref_point: Optional[Tensor] = None  # (N,) KTO's batch reference point z0, the same on every row
     teacher_logp: Optional[Tensor] = None  # (N, T) a teacher's log-probs of the tokens (on-policy distillation)
+    values: Optional[Tensor] = None  # (N, T) the critic's V(s_t) when the batch was built (PPO)
+    returns: Optional[Tensor] = None  # (N, T) GAE's returns G_t = A_t + V(s_t), the critic's targets (PPO)
 
     @property
     def size(self) -> int:

@@ -157,6 +157,12 @@ def encode_sft(row: dict, fmt: str, tokenizer) -> Encoded:
     return enc
 
 
+def encode_response(prompt: Any, completion: Any, tokenizer) -> Encoded:
+    """Ids of prompt + completion (strings, or message lists through the chat template), the loss on the
+    completion: how a preference pair's responses are encoded, and what a reward model scores."""
+    return _encode_prompt_completion(prompt, completion, tokenizer, "completion")
+
+
 def encode_pair(row: dict, tokenizer) -> tuple[Encoded, Encoded]:
     """A validated preference row -> (prompt + chosen, prompt + rejected), the loss on each response."""
     return tuple(_encode_prompt_completion(row["prompt"], row[side], tokenizer, side)  # type: ignore[return-value]

@@ -44,3 +44,25 @@ def preference_accuracy(model, tok, rows: list[dict], spec: PreferenceSpec, *, r
     won = (m > 0).double() + 0.5 * (m == 0).double()
     return {"n": len(m), "pref_accuracy": float(won.mean()) if len(m) else float("nan"),
             "margin": float(m.mean()) if len(m) else float("nan")}
+
+
+@torch.no_grad()
+def reward_model_accuracy(model, pairs: list, pad_id: int, *, batch_size: int = 32, device: str = "cpu") -> dict:
+    """{"n", "pref_accuracy", "margin"} of a reward model on encoded pairs: how often its score ranks the chosen
+    response above the rejected one (ties one half), and the mean score margin r_w - r_l."""
+    from ..objective.preference import pair_index
+    from ..reward_model import sequence_scores
+
+    was_training = model.training
+    model.eval()
+    margins = []
+    for i in range(0, len(pairs), batch_size):
+        b = pair_batch(pairs[i: i + batch_size], pad_id).to(device)
+        r = sequence_scores(model, b.input_ids, b.attention_mask).double().cpu()
+        w, lo = pair_index(b.group.cpu(), b.pair_sign.cpu())
+        margins.append(r[w] - r[lo])
+    model.train(was_training)
+    m = torch.cat(margins) if margins else torch.zeros(0, dtype=torch.float64)
+    won = (m > 0).double() + 0.5 * (m == 0).double()
+    return {"n": len(m), "pref_accuracy": float(won.mean()) if len(m) else float("nan"),
+            "margin": float(m.mean()) if len(m) else float("nan")}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .preference import PREFERENCE_LOSSES
+from .preference import PREFERENCE_LOSSES, REWARD_MODEL_LOSS
 
 
 def _index(group: Tensor) -> tuple[Tensor, int]:
@@ -102,9 +102,9 @@ SEQUENCE_ADVANTAGES = {
     "loo": advantage_loo,
     "indicator": advantage_indicator,
 }
-TOKEN_ADVANTAGES = ("reinforce_pp",)
+TOKEN_ADVANTAGES = ("reinforce_pp", "gae")
 # Preference losses: their advantages come from the update's own forward pass (objective/preference.py).
-ADVANTAGES = tuple(SEQUENCE_ADVANTAGES) + TOKEN_ADVANTAGES + PREFERENCE_LOSSES
+ADVANTAGES = tuple(SEQUENCE_ADVANTAGES) + TOKEN_ADVANTAGES + PREFERENCE_LOSSES + (REWARD_MODEL_LOSS,)
 GROUP_ADVANTAGES = ("group_center", "group_zscore", "loo", "reinforce_pp", "maxrl")  # need >= 2 samples per question
 
 
@@ -126,6 +126,42 @@ def global_normalize(adv: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
     mean = (adv * mask).sum() / n
     var = (((adv - mean) * mask) ** 2).sum() / n
     return (adv - mean) / (var.sqrt() + eps) * mask
+
+
+def terminal_rewards(rewards: Tensor, mask: Tensor) -> Tensor:
+    """(N, T) per-token rewards that pay each row's sequence reward R_i (N,) at its last response token."""
+    m = mask.to(torch.float64)
+    last = (m * torch.arange(m.shape[1], dtype=m.dtype)).argmax(1)  # (N,)
+    r = torch.zeros_like(m)
+    r[torch.arange(len(last)), last] = rewards.to(m.dtype)
+    return r * m
+
+
+def gae(token_rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation over each row's response tokens (Schulman et al. 2016; PPO for LMs).
+
+    token_rewards (N, T) r_t (PPO's: R at the last response token, minus beta k1_t on every token when the KL
+    sits in the reward); values (N, T) V(s_t), the critic's value of the state before token t; mask (N, T) the
+    response tokens (one contiguous span per row):
+
+        delta_t = r_t + gamma V(s_{t+1}) - V(s_t),   V after the last token = 0
+        A_t = sum_{l >= 0} (gamma lam)^l delta_{t+l},   returns G_t = A_t + V(s_t)
+
+    Returns (A, G), float64, (N, T) each, 0 off the mask. lam = gamma = 1: A_t = sum_{k >= t} r_k - V(s_t);
+    lam = 0: A_t = delta_t (oracle O11).
+    """
+    m = mask.to(torch.float64)
+    r, v = token_rewards.to(m.dtype) * m, values.to(m.dtype) * m
+    A = torch.zeros_like(m)
+    next_v = torch.zeros(m.shape[0], dtype=m.dtype)
+    next_a = torch.zeros_like(next_v)
+    for t in range(m.shape[1] - 1, -1, -1):  # one vectorised step per position, over every row at once
+        on = m[:, t] > 0
+        a = r[:, t] + gamma * next_v - v[:, t] + gamma * lam * next_a
+        A[:, t] = torch.where(on, a, 0.0)
+        next_v = torch.where(on, v[:, t], next_v)
+        next_a = torch.where(on, a, next_a)
+    return A, (A + v) * m
 
 
 def advantages(kind: str, rewards: Tensor, group: Tensor, mask: Tensor, *, std_eps: float, threshold: float,

@@ -185,3 +185,20 @@ def overlong_penalty(lengths: Tensor, max_len: int, cache: int) -> Tensor:
     ramp = (start - lengths.to(torch.float64)) / cache
     pen = torch.where(lengths <= start, torch.zeros_like(ramp), ramp)
     return torch.where(lengths > max_len, torch.full_like(ramp, -1.0), pen)
+
+
+def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, *, clip: float | None,
+               tokens: float) -> tuple[Tensor, Tensor]:
+    """PPO's clipped value loss, summed over `mask` and divided by `tokens` (the whole minibatch's count):
+
+        L_V = (1/2) sum_t max((V - G)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - G)^2) / tokens
+
+    values (N, T) differentiable, old_values / returns (N, T) detached. `clip` None: the plain squared error.
+    Returns (loss, clipped tokens), the second the count where the clipped term is the larger one."""
+    err = (values - returns) ** 2
+    if clip is None:
+        return 0.5 * (err * mask).sum() / max(tokens, 1.0), values.new_zeros(())
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    err_c = (clipped - returns) ** 2
+    worse = (err_c > err).to(mask.dtype) * mask
+    return 0.5 * (torch.maximum(err, err_c) * mask).sum() / max(tokens, 1.0), worse.sum().detach()

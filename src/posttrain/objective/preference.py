@@ -20,6 +20,10 @@ computed from the current forward pass's *detached* log-probs (no second policy 
            A_w = P / N_w + lam sigma(-D) / ((1 - e^{a_w}) |y_w|),  A_l = -lam sigma(-D) / ((1 - e^{a_l}) |y_l|)
            (N_w: chosen tokens in the whole batch, so the NLL is a token mean as in ORPO / TRL)
 
+Reward-model training (method `reward_model`, not a policy gradient) uses the same pairs with a scalar score
+r(x, y) from a value head instead of log-probs: L = -log sigma(r_w - r_l) (Bradley-Terry), margin r_w - r_l;
+its loss carries the gradient itself (`bradley_terry_terms`).
+
 `margin` is the method's own preference margin (beta h, h, z + gamma, D): the pair is ranked right when it is
 > 0, the preference accuracy.
 
@@ -42,6 +46,7 @@ from torch import Tensor
 PAIRED_LOSSES = ("dpo", "ipo", "simpo", "orpo")
 PREFERENCE_LOSSES = PAIRED_LOSSES + ("kto",)
 NEEDS_REFERENCE = ("dpo", "ipo", "kto")
+REWARD_MODEL_LOSS = "bradley_terry"
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,19 @@ def pair_index(group: Tensor, sign: Tensor) -> tuple[Tensor, Tensor]:
         raise ValueError(f"every preference group must hold one chosen and one rejected row; got groups "
                          f"{group.tolist()} with signs {sign.tolist()}")
     return w, lo
+
+
+def bradley_terry_terms(scores: Tensor, group: Tensor, sign: Tensor, *, num_pairs: float) -> PreferenceTerms:
+    """Reward-model training on a micro-batch of whole pairs: scores (N,) differentiable, one per row,
+
+        L = (1/P) sum_pairs -log sigma(r_w - r_l),   margin = r_w - r_l
+
+    with P the pairs of the whole optimizer step. `value` carries the gradient; no token enters the estimator,
+    so `advantages` is empty."""
+    w, lo = pair_index(group, sign)
+    margin = scores[w] - scores[lo]
+    value = -F.logsigmoid(margin).sum() / max(float(num_pairs), 1.0)
+    return PreferenceTerms(scores.new_zeros(0), value, margin.detach(), scores[w].detach(), scores[lo].detach())
 
 
 def kto_terms(spec: PreferenceSpec, s: Tensor, b: Tensor, m: Tensor, sign: Tensor, z0: Tensor, num_rows: float,

@@ -170,6 +170,8 @@ class Preset:
         return "-"
 
     def preference_description(self) -> str:
+        if self.advantage == "bradley_terry":
+            return "Bradley-Terry on a scalar head (not a policy gradient)"
         if self.advantage in NEEDS_REFERENCE:
             return f"{self.advantage} beta={self.pref_beta:g}"
         if self.advantage == "simpo":
@@ -216,6 +218,11 @@ _P = [
            kl_estimator="k1", kl_placement="reward",
            references="paper/OpenRLHF: eps 0.2, token mean; the 'baseline' variant for G > 1 samples per prompt "
                       "(group mean subtracted before the returns); beta 0.01 [?]"),
+    Preset("ppo", "PPO with a value model: GAE over per-token rewards (R at the end, k1 KL on each token), whitened, "
+           "clipped ratio; the critic trained beside with a clipped value loss (Ouyang et al. 2022)", ("rollouts",),
+           "gae", _rl("ratio", "token", "tok"), kl_beta=0.05, kl_estimator="k1", kl_placement="reward",
+           references="legacy TRL PPOConfig / OpenRLHF: eps 0.2, gamma 1, lambda 0.95, eps_v 0.2, kl 0.05 (k1 in "
+                      "the reward), advantages whitened, token mean; one sample per prompt is enough (no group)"),
     Preset("grpo", "GRPO: group z-scored rewards, clipped ratio, k3 KL in the loss (DeepSeekMath)", ("rollouts",),
            "group_zscore", _rl("ratio", "token", "seq"), kl_beta=0.04, kl_estimator="k3",
            references="DeepSeekMath: beta 0.04 [?], eps 0.2, per-sequence mean; std eps 1e-4 and Bessel as TRL"),
@@ -299,6 +306,10 @@ _P = [
     Preset("orpo", "ORPO: NLL on chosen - lambda log sigma(log-odds ratio), no reference (arXiv 2403.07691)",
            ("pairs",), "orpo", PAIR_STREAMS, pref_lam=0.1,
            references="TRL ORPOConfig beta (lambda) 0.1; NLL a token mean over the chosen responses"),
+    Preset("reward_model", "Reward model, not a policy gradient: a scalar head on the model's backbone trained on "
+           "preference pairs with -log sigma(r_w - r_l) (Bradley-Terry); saved as a sequence-classification model, "
+           "used by RL stages as the reward {fn: model, path: DIR}", ("pairs",), "bradley_terry", PAIR_STREAMS,
+           references="InstructGPT / TRL RewardTrainer: last-token score, sigmoid pairwise loss, no margin term"),
     # ---- distillation ----------------------------------------------------------------------------------------
     Preset("opd", "On-policy distillation: the student's own samples, per-token advantage log pi_T - log pi "
            "(reverse KL to the teacher); rewards optional (Thinking Machines 2025; prime-rl, slime)",
@@ -337,8 +348,7 @@ for _p in _P:
 
 
 # Methods users ask for that posttrain does not have yet: named plainly instead of a near miss ("dapo").
-NOT_YET = {"ppo": "PPO with a value model",
-           "distill": "distillation", "gkd": "distillation"}
+NOT_YET = {"distill": "distillation", "gkd": "distillation"}
 
 
 def get_preset(name: str) -> Preset:

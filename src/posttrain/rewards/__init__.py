@@ -61,6 +61,7 @@ class RewardSpec:
     weight: float = 1.0
     kwargs: dict = field(default_factory=dict)
     name: str | None = None
+    local: bool = False  # run in the caller's process (a reward model on the trainer's device), not the worker
 
 
 @dataclass
@@ -107,6 +108,7 @@ class _Reward:
     weight: float
     kwargs: dict
     target: object  # what the worker loads: a built-in name or "module:function", else the callable itself
+    local: bool = False
 
 
 def _resolve(spec: RewardSpec) -> _Reward:
@@ -123,7 +125,7 @@ def _resolve(spec: RewardSpec) -> _Reward:
         default_name, target = spec.fn.rpartition(":")[2].rpartition(".")[2], spec.fn
     else:
         default_name, target = getattr(fn, "__name__", type(fn).__name__), reference_of(fn) or fn
-    return _Reward(spec.name or default_name, fn, float(spec.weight), dict(spec.kwargs), target)
+    return _Reward(spec.name or default_name, fn, float(spec.weight), dict(spec.kwargs), target, bool(spec.local))
 
 
 class RewardScorer:
@@ -163,6 +165,7 @@ class RewardScorer:
         self.timeout_s, self.in_process, self.max_sample_timeouts = timeout_s, in_process, max_sample_timeouts
         self.limits = {"memory_mb": memory_mb, "file_size_mb": file_size_mb, "cpu_s": cpu_s}
         self._runner: InProcessRunner | WorkerProcess | None = None
+        self._local = InProcessRunner([(r.name, r.fn, r.kwargs) for r in self.rewards if r.local])
         self._closed = False
         self._checked_columns: set[frozenset[str]] = set()
 
@@ -175,18 +178,23 @@ class RewardScorer:
         """How functions run: "in_process", or the worker's start method ("spawn" or "fork")."""
         if self.in_process:
             return "in_process"
-        return "spawn" if all(isinstance(r.target, str) for r in self.rewards) else "fork"
+        return "spawn" if all(isinstance(r.target, str) for r in self._remote) else "fork"
+
+    @property
+    def _remote(self) -> list[_Reward]:
+        """The rewards the worker runs (all of them but the local ones)."""
+        return [r for r in self.rewards if not r.local]
 
     def start(self) -> None:
         """Start the worker now (otherwise the first call does), e.g. to keep its start-up out of timing."""
         if self._closed:
             raise RuntimeError("this RewardScorer is closed; create a new one")
-        if self._runner is None:
-            triples = [(r.name, r.fn if self.in_process else r.target, r.kwargs) for r in self.rewards]
+        if self._runner is None and self._remote:
+            triples = [(r.name, r.fn if self.in_process else r.target, r.kwargs) for r in self._remote]
             if self.in_process:
                 self._runner = InProcessRunner(triples)
             elif self.context == "fork" and not hasattr(os, "fork"):
-                opaque = [r.name for r in self.rewards if not isinstance(r.target, str)]
+                opaque = [r.name for r in self._remote if not isinstance(r.target, str)]
                 raise ValueError(
                     f"rewards {opaque} cannot be imported by name and this platform cannot fork: define them "
                     "at module level in an importable file (name them 'module:function'), or pass in_process=True"
@@ -216,7 +224,15 @@ class RewardScorer:
             columns={k: list(v) for k, v in columns.items()},
             completion_ids=[ids.tolist() if hasattr(ids, "tolist") else list(ids) for ids in completion_ids],
         )
-        values, failures = score(self._runner, batch, self.names, max_sample_timeouts=self.max_sample_timeouts)
+        values, failures = [[]] * len(self.rewards), []
+        for runner, part in ((self._runner, self._remote), (self._local, [r for r in self.rewards if r.local])):
+            if not part:
+                continue
+            index = [self.rewards.index(r) for r in part]  # position in self.rewards of each of the runner's fns
+            v, f = score(runner, batch, [r.name for r in part], max_sample_timeouts=self.max_sample_timeouts)
+            for k, vals in zip(index, v):
+                values[k] = vals
+            failures += [Failure(index[x.fn], x.index, x.kind, x.message, x.traceback) for x in f]
         import torch
 
         per_fn = {r.name: torch.tensor(v, dtype=torch.float64) for r, v in zip(self.rewards, values)}  # (N,) each

@@ -358,6 +358,7 @@ class CorpusMix:
     operands: tuple[tuple[int, float], ...] = ((2, 0.52), (3, 0.2), (4, 0.28))
     styles: tuple[tuple[str, float], ...] = (
         ("bare", 0.15), ("sentence", 0.15), ("restated", 0.10), ("inline", 0.45), ("worked", 0.15))
+    ood_styles: tuple[tuple[str, float], ...] | None = None  # reply styles of 4-operand chat questions (None: `styles`)
 
 
 def pretraining_corpus(n: int, seed: int, mix: CorpusMix = CorpusMix()) -> list[dict]:
@@ -372,6 +373,7 @@ def pretraining_corpus(n: int, seed: int, mix: CorpusMix = CorpusMix()) -> list[
     rng.shuffle(problems)
     paragraphs = iter(prose(kinds.count("prose"), seed, range(PLAIN_BUCKETS.stop, 100), "corpus"))
     style_names, style_shares = zip(*mix.styles)
+    ood_names, ood_shares = zip(*(mix.ood_styles or mix.styles))
     out = []
     for kind in kinds:
         if kind == "chat":
@@ -379,7 +381,8 @@ def pretraining_corpus(n: int, seed: int, mix: CorpusMix = CorpusMix()) -> list[
             question = problem.question
             if mix.phrasings and rng.random() < mix.phrasings:
                 question = rng.choice(PHRASINGS).format(problem.expression)
-            text = chatml(question, styled_reply(problem, rng.choices(style_names, style_shares)[0]))
+            names, shares = (ood_names, ood_shares) if len(problem.operands) == OOD_OPERANDS else (style_names, style_shares)
+            text = chatml(question, styled_reply(problem, rng.choices(names, shares)[0]))
         elif kind == "facts":
             lines = [line for _ in range(mix.facts_problems) for line in problems.pop().steps()]
             rng.shuffle(lines)

@@ -4,6 +4,7 @@
       model.safetensors      the policy's weights
       optimizer.safetensors  AdamW's moments and step counts (param_groups in state.json)
       rng.safetensors        torch's CPU (and CUDA) RNG and the sampler's generator
+      critic*.safetensors    PPO's value model and its optimizer (only with one)
       state.json             step and counters, the sources' state (data cursors, ReLIFT's buffer, RFT's
                              pool), the scheduler, Python's and NumPy's RNG, reward statistics, the stage's
                              resolved configuration
@@ -39,6 +40,7 @@ log = logging.getLogger("posttrain")
 COMMIT = "COMMIT"
 FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
 REFERENCE = "reference.safetensors"  # only when the stage renews its reference (iterative DPO)
+CRITIC, CRITIC_OPTIMIZER = "critic.safetensors", "critic_optimizer.safetensors"  # only with a value model (PPO)
 _NAME = re.compile(r"^(\d+)-(.+)-step(\d+)$")
 
 
@@ -87,6 +89,12 @@ def save(root: Path, stage_index: int, stage: str, state, extra: dict) -> Path:
     ref = getattr(state.experience, "renewed_reference", lambda: None)()
     if ref is not None:  # the reference is not the stage's start policy any more: it must be saved too
         writers[REFERENCE] = lambda p: save_model(ref, str(p))
+    critic = getattr(state.experience, "critic", None)
+    if critic is not None:  # PPO's value model and its optimizer
+        check_finite_weights(critic.model, root)
+        c_tensors, body["critic_optimizer"] = _flatten_optimizer(critic.optimizer.state_dict())
+        writers[CRITIC] = lambda p: save_model(critic.model, str(p))
+        writers[CRITIC_OPTIMIZER] = lambda p: save_file(c_tensors, str(p))
     for fname in writers:
         faults.hit("save")
         writers[fname](tmp / fname)
@@ -203,6 +211,11 @@ def load(path: Path, state) -> dict:
     ref = getattr(state.experience, "renewed_reference", lambda: None)()
     if ref is not None and (path / REFERENCE).is_file():
         load_model(ref, str(path / REFERENCE))
+    critic = getattr(state.experience, "critic", None)
+    if critic is not None:
+        load_model(critic.model, str(path / CRITIC))
+        critic.optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / CRITIC_OPTIMIZER)),
+                                                              body["critic_optimizer"]))
     for key in ("step", "samples", "tokens", "nonfinite", "nonfinite_streak", "wall_s"):
         setattr(state, key, body[key])
     return body

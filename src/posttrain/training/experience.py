@@ -25,7 +25,7 @@ from ..data.encode import completion_text, encode_prompt
 from ..logprobs import token_logprobs
 from ..objective import mixers
 from ..objective import advantages as adv_fns
-from ..objective.advantages import advantages, group_success, mixed_outcome
+from ..objective.advantages import advantages, gae, global_normalize, group_success, mixed_outcome, terminal_rewards
 from ..objective.components import overlong_penalty
 from ..objective.preference import PAIRED_LOSSES
 from ..objective.presets import get_preset
@@ -100,14 +100,14 @@ class Experience:
     def __init__(self, stage, tokenizer, *, pad_id: int, stop_ids=(), device="cpu", seed: int = 0, rows=None,
                  demos: Demonstrations | None = None, paired: PairedDemos | None = None, scorer=None,
                  ref_model=None, total_steps: int = 1, on_data=None, on_samples=None,
-                 pairs: Demonstrations | None = None, teacher=None):
+                 pairs: Demonstrations | None = None, teacher=None, critic=None):
         self.s, self.p = stage, get_preset(stage.method)
         self.tok, self.pad_id, self.stop_ids, self.device = tokenizer, pad_id, list(stop_ids), device
         self.rows = rows or []
         self.columns = reward_columns(self.rows)
         self.prompts = DataCursor(len(self.rows), seed, stage.data.shuffle)
         self.demos, self.paired, self.scorer, self.ref_model = demos, paired, scorer, ref_model
-        self.pairs, self.teacher = pairs, teacher
+        self.pairs, self.teacher, self.critic = pairs, teacher, critic
         self.buffer = Buffer(stage.sources.buffer_size) if "buffer" in self.p.sources else None
         self.pool = VerifiedPool(math.ceil(total_steps / stage.sources.rounds), seed) \
             if "verified" in self.p.sources else None
@@ -458,6 +458,8 @@ class Experience:
             batch.old_logp = self._logp(model, batch)
         if s.kl.beta:
             batch.ref_logp = self._logp(self.ref_model, batch)
+        if self.critic is not None:  # V(s_t) of the old policy's states, for GAE and the clipped value loss
+            batch.values = self.critic.values(batch)
         if s.distill.coef:  # the teacher's log-probs of the student's tokens, one no-grad pass
             batch.teacher_logp = self._logp(self.teacher, batch)
             own = batch.loss_mask * (batch.stream[:, None] == ROLLOUT)
@@ -575,6 +577,7 @@ def token_advantages(batch: Batch, rewards: torch.Tensor, stage) -> tuple[torch.
     Tokens of streams whose advantage is "group" get the stage's advantage over their row's group (with the
     k1 penalty in the reward when the stage puts its KL there, k1 = old_logp - ref_logp on rollout tokens);
     tokens of "one" streams (a demonstration's SFT term) get A = 1. The trainer and the oracles call this.
+    GAE (PPO) reads the critic's `batch.values` and sets `batch.returns`, the critic's targets.
     On-policy distillation adds coef * (log pi_T - log q) on every sampled token (q = old_logp, the policy
     that sampled them): minimising -A log pi then follows the reverse KL to the teacher, KL(pi || pi_T).
     """
@@ -589,8 +592,17 @@ def token_advantages(batch: Batch, rewards: torch.Tensor, stage) -> tuple[torch.
         own = batch.loss_mask * (ts == ROLLOUT)
         k1 = (batch.old_logp - batch.ref_logp) * own  # (N, T) detached, q in place of p
         kl = float(k1.sum() / own.sum().clamp(min=1))
-    A = advantages(stage.advantage.kind, rewards, batch.group, group_tokens, std_eps=stage.advantage.std_eps,
-                   threshold=stage.success_threshold, k1=k1, kl_beta=stage.kl.beta if kl_reward else 0.0)
+    if stage.advantage.kind == "gae":  # PPO: per-token rewards (R at the end, -beta k1 each token) and the critic
+        adv = stage.advantage
+        r = terminal_rewards(torch.nan_to_num(rewards, nan=0.0), group_tokens)
+        if kl_reward:
+            r = r - stage.kl.beta * k1.to(r)
+        A, batch.returns = gae(r, batch.values, group_tokens, gamma=adv.gamma, lam=adv.lam)
+        A = global_normalize(A, group_tokens).to(batch.loss_mask) if adv.whiten else A.to(batch.loss_mask)
+        batch.returns = batch.returns.to(batch.loss_mask)
+    else:
+        A = advantages(stage.advantage.kind, rewards, batch.group, group_tokens, std_eps=stage.advantage.std_eps,
+                       threshold=stage.success_threshold, k1=k1, kl_beta=stage.kl.beta if kl_reward else 0.0)
     A = A + (batch.loss_mask - group_tokens)
     if stage.distill.coef:
         own = batch.loss_mask * (ts == ROLLOUT)

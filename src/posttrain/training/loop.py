@@ -160,8 +160,11 @@ def _updates(state: TrainState, stage, spec: ObjectiveSpec, batch: Batch | None,
         for rows in chunks:
             if state.step >= total:
                 return
-            record = optimizer_step(state.model, state.optimizer, state.scheduler, batch.select(rows), spec,
+            mb = batch.select(rows)
+            record = optimizer_step(state.model, state.optimizer, state.scheduler, mb, spec,
                                     micro_size=micro, max_grad_norm=stage.optim.max_grad_norm, device=device)
+            if state.experience.critic is not None:  # PPO's value model learns on the same rows
+                record.update(state.experience.critic.update(mb))
             state.step += 1
             record["step"] = state.step
             yield record

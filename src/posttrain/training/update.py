@@ -15,8 +15,9 @@ import torch
 from ..data.batch import DEMO, PREFIX, ROLLOUT, STREAMS, Batch
 from ..logprobs import token_logprobs
 from ..objective import mixers
-from ..objective.estimator import StreamComponents, objective_loss, preference_loss, stream_counts
-from ..objective.preference import PREFERENCE_LOSSES, PreferenceSpec
+from ..objective.estimator import ObjectiveTerms, StreamComponents, objective_loss, preference_loss, stream_counts
+from ..objective.preference import PREFERENCE_LOSSES, REWARD_MODEL_LOSS, PreferenceSpec, bradley_terry_terms
+from ..reward_model import sequence_scores
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class ObjectiveSpec:
     with_entropy: bool  # compute per-token entropy (bonus, SRFT's mixer, or logged for RL)
     srft: tuple[float, float] | None = None  # (w_sft, w_rl) when the mixer reads the forward pass's entropy
     preference: PreferenceSpec | None = None  # a preference loss: the advantage from the forward pass
+    reward_model: bool = False  # Bradley-Terry on a scalar head's scores (method reward_model), not logp
 
     @classmethod
     def from_stage(cls, s, *, log_entropy: bool = False) -> "ObjectiveSpec":
@@ -53,6 +55,7 @@ class ObjectiveSpec:
         pref = PreferenceSpec(s.advantage.kind, p.beta, p.gamma, p.lam, p.desirable_weight, p.undesirable_weight) \
             if s.advantage.kind in PREFERENCE_LOSSES else None
         return cls(streams=streams, joint=s.normaliser == "joint", preference=pref,
+                   reward_model=s.advantage.kind == REWARD_MODEL_LOSS,
                    kl_beta_loss=s.kl.beta if s.kl.placement == "loss" else 0.0, kl_estimator=s.kl.estimator,
                    entropy_coef=s.entropy.coef, temperature=s.rollout.temperature if rl and pref is None else 1.0,
                    with_entropy=s.entropy.coef > 0 or (log_entropy and rl) or srft is not None, srft=srft)
@@ -104,11 +107,16 @@ def accumulate_gradients(model, batch: Batch, spec: ObjectiveSpec, *, micro_size
     for rows in batch.split(micro_size):
         mb = batch.select(rows).to(device)
         # ---- forward / backward -------------------------------------------------------------------
-        logp, entropy = token_logprobs(model, mb.input_ids, mb.attention_mask, temperature=spec.temperature,
-                                       with_entropy=spec.with_entropy)
-        logp = logp.float()  # the estimator's math runs in fp32 even when the model is bf16
-        entropy = entropy.float() if entropy is not None else None
-        terms = micro_loss(logp, entropy, mb, spec, counts)
+        if spec.reward_model:  # a scalar per row: Bradley-Terry over the pairs, no token log-probs
+            scores = sequence_scores(model, mb.input_ids, mb.attention_mask)
+            pref = bradley_terry_terms(scores, mb.group, mb.pair_sign, num_pairs=counts[DEMO][1] / 2)
+            logp, terms = torch.zeros_like(mb.loss_mask), ObjectiveTerms(pref.value, {}, pref)
+        else:
+            logp, entropy = token_logprobs(model, mb.input_ids, mb.attention_mask, temperature=spec.temperature,
+                                           with_entropy=spec.with_entropy)
+            logp = logp.float()  # the estimator's math runs in fp32 even when the model is bf16
+            entropy = entropy.float() if entropy is not None else None
+            terms = micro_loss(logp, entropy, mb, spec, counts)
         terms.loss.backward()
         # -------------------------------------------------------------------------------------------
         with torch.no_grad():
@@ -126,7 +134,7 @@ def accumulate_gradients(model, batch: Batch, spec: ObjectiveSpec, *, micro_size
                      own.sum() if mb.sampler_logp is not None else zero, mb.attention_mask.sum(),
                      (mb.loss_mask.sum(1) > 0).sum()]
             demo = mb.loss_mask * (ts == DEMO)  # demonstration tokens: their NLL compares across SFT-like methods
-            if spec.preference is None:  # (a preference stage logs its margins instead)
+            if spec.preference is None and not spec.reward_model:  # (a preference stage logs its margins instead)
                 parts += [-(logp.detach() * demo).sum(), demo.sum()]
             else:
                 parts += [zero, zero]

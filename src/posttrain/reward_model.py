@@ -1,0 +1,128 @@
+"""Reward models: a Bradley-Terry scalar head on a causal LM's backbone (algorithms.md §4.2).
+
+    r(x, y) = w . h_L(x, y) (+ b),   h_L the backbone's last hidden state at the last real token of x + y
+
+The model is a transformers `*ForSequenceClassification` with one label, built from the policy's backbone and
+a fresh head (`from_policy`), trained on preference pairs with L = -log sigma(r_w - r_l) (method
+`reward_model`), and saved as it is: `AutoModelForSequenceClassification.from_pretrained(DIR)` loads it and
+gives the same scores (both read the last token that is not `pad_token_id`, set in the config). `ModelReward` scores completions with it inside an RL
+stage, batched, as the reward `{fn: model, path: DIR}`.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from .logprobs import position_ids_from_mask
+
+log = logging.getLogger("posttrain")
+
+
+def _head(model) -> torch.nn.Module:
+    for name in ("score", "classifier"):
+        head = getattr(model, name, None)
+        if isinstance(head, torch.nn.Module):
+            return head
+    raise ValueError(f"{type(model).__name__} has no scalar head (`score` or `classifier`): a reward model is a "
+                     "transformers *ForSequenceClassification model with num_labels=1")
+
+
+def sequence_scores(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """(B,) the head's scalar at the last real, non-pad token of each right-padded row; differentiable."""
+    position_ids = position_ids_from_mask(attention_mask)
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False).last_hidden_state  # (B, T, D)
+    # The last real token that is not the pad id: transformers' own pooling, so a model loaded with
+    # AutoModelForSequenceClassification scores alike (where pad is eos, a final eos is skipped by both).
+    real = attention_mask.bool()
+    pad = getattr(model.config, "pad_token_id", None)
+    if pad is not None:
+        real = real & (input_ids != pad)
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    last = (positions * real).argmax(-1)  # (B,)
+    h = hidden[torch.arange(len(last), device=hidden.device), last]  # (B, D)
+    r = _head(model)(h).squeeze(-1)
+    return r.to(torch.promote_types(r.dtype, torch.float32))  # a bf16 model's scores in fp32
+
+
+def token_values(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """(B, T) a value model's V(s_t) aligned with the tokens like `token_logprobs`: column t holds the head's
+    scalar after tokens 0..t-1, the state token t is sampled from; column 0 and padding are 0. Differentiable."""
+    position_ids = position_ids_from_mask(attention_mask)
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False).last_hidden_state  # (B, T, D)
+    v = _head(model)(hidden[:, :-1]).squeeze(-1)  # (B, T-1)
+    v = torch.nn.functional.pad(v.to(torch.promote_types(v.dtype, torch.float32)), (1, 0))
+    return v * attention_mask.to(v.dtype)
+
+
+def from_policy(policy, pad_id: int) -> torch.nn.Module:
+    """A one-label sequence-classification model with `policy`'s backbone weights and a fresh head (drawn from
+    the global torch RNG, like any new layer), on the policy's device and dtype."""
+    from transformers import AutoModelForSequenceClassification
+
+    cfg = copy.deepcopy(policy.config)
+    cfg.num_labels, cfg.pad_token_id, cfg.architectures = 1, pad_id, None
+    cfg.id2label, cfg.label2id = {0: "reward"}, {"reward": 0}
+    param = next(policy.parameters())
+    rm = AutoModelForSequenceClassification.from_config(cfg, dtype=param.dtype)
+    missing, unexpected = rm.base_model.load_state_dict(policy.base_model.state_dict(), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"the policy's backbone does not fit {type(rm).__name__}: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    return rm.to(param.device)
+
+
+def load(path: str, *, dtype="auto", device: str = "cpu"):
+    """(model, tokenizer) of a saved reward model (a local directory or hub id), frozen, in eval mode."""
+    from transformers import AutoModelForSequenceClassification
+
+    from .models import choose_dtype, load_tokenizer, resolve_model
+
+    where = resolve_model(path)
+    model = AutoModelForSequenceClassification.from_pretrained(where, dtype=choose_dtype(dtype, device))
+    if model.config.num_labels != 1:
+        raise ValueError(f"reward model {path!r} has {model.config.num_labels} labels; a reward model has one "
+                         "(a scalar score)")
+    tok = load_tokenizer(resolve_model(path, required_file="tokenizer_config.json"))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model.to(device).eval().requires_grad_(False), tok
+
+
+class ModelReward:
+    """A reward function (TRL signature) that scores each prompt + completion with a reward model, batched.
+
+    The text is encoded as the reward model was trained on pairs (`data.encode.encode_response`: the chat
+    template for message lists), with the reward model's own tokenizer, so it need not share the policy's.
+    """
+
+    def __init__(self, path: str, *, batch_size: int = 32, device: str = "cpu", max_len: int | None = None):
+        self.path, self.batch_size, self.device = path, batch_size, device
+        self.model, self.tok = load(path, device=device)
+        self.max_len = max_len or getattr(self.model.config, "max_position_embeddings", None)
+        self.__name__ = "model"
+        log.info("reward model %s loaded on %s", path, device)
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence, completions: Sequence, **kw: Any) -> list[float]:
+        from .data.encode import encode_response
+
+        ids = [encode_response(p, c, self.tok).input_ids for p, c in zip(prompts, completions)]
+        if self.max_len:
+            ids = [x[-self.max_len:] for x in ids]  # keep the response's end, where the score is read
+        out: list[float] = []
+        for i in range(0, len(ids), self.batch_size):
+            chunk = ids[i: i + self.batch_size]
+            T = max(len(x) for x in chunk)
+            input_ids = torch.full((len(chunk), T), self.tok.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), T), dtype=torch.long)
+            for j, x in enumerate(chunk):
+                input_ids[j, : len(x)] = torch.tensor(x)
+                mask[j, : len(x)] = 1
+            out += sequence_scores(self.model, input_ids.to(self.device), mask.to(self.device)).tolist()
+        return out

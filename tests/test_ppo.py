@@ -1,0 +1,105 @@
+"""PPO with a value model: GAE (oracle O11), the clipped value loss, the critic's alignment with the tokens, and a
+PPO stage end to end (the critic learns, its state survives a checkpoint: tests/test_resume.py family `ppo`).
+The preset's policy gradient against its paper loss is in test_objective_oracles.py (O1, `ppo`)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_train_e2e import metrics, model_dirs  # noqa: F401  (model_dirs: a fixture)
+
+import posttrain
+from posttrain.objective.advantages import gae, terminal_rewards
+from posttrain.objective.components import value_loss
+from posttrain.recipe import RecipeError, load_recipe
+from posttrain.reward_model import from_policy, token_values
+
+D = torch.float64
+
+
+def ragged(seed=0):
+    """(token rewards, values, mask): 3 rows whose response spans start after a prompt and end at different places."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(3, 9, dtype=D)
+    for i, (a, b) in enumerate([(2, 9), (3, 6), (1, 4)]):
+        mask[i, a:b] = 1
+    return torch.randn(3, 9, generator=g, dtype=D) * mask, torch.randn(3, 9, generator=g, dtype=D) * mask, mask
+
+
+def test_gae_with_lambda_1_is_the_return_minus_the_value_and_with_lambda_0_the_td_error():  # O11
+    r, V, m = ragged()
+    A1, G1 = gae(r, V, m, gamma=1.0, lam=1.0)
+    togo = r.flip(1).cumsum(1).flip(1)  # sum_{k >= t} r_k (0 outside the span, so sums past its end add 0)
+    torch.testing.assert_close(A1, (togo - V) * m)
+    torch.testing.assert_close(G1, togo * m)  # the returns are the rewards to go
+    A0, _ = gae(r, V, m, gamma=1.0, lam=0.0)
+    V_next = torch.roll(V, -1, 1) * torch.roll(m, -1, 1)  # V(s_{t+1}), 0 after each row's last token
+    torch.testing.assert_close(A0, (r + V_next - V) * m)
+    Ag, _ = gae(r, V, m, gamma=0.5, lam=0.5)  # a discount: the last token's advantage is its own TD error
+    last = [8, 5, 3]
+    for i, t in enumerate(last):
+        assert float(Ag[i, t]) == pytest.approx(float(r[i, t] - V[i, t]))
+        assert float(Ag[i, t - 1]) == pytest.approx(float(r[i, t - 1] + 0.5 * V[i, t] - V[i, t - 1]
+                                                          + 0.25 * (r[i, t] - V[i, t])))
+
+
+def test_with_no_critic_no_kl_no_whitening_and_lambda_1_ppos_advantage_is_the_sequence_reward_on_every_token():  # O11
+    _, _, m = ragged()
+    R = torch.tensor([1.0, -0.5, 2.0], dtype=D)
+    A, _ = gae(terminal_rewards(R, m), torch.zeros_like(m), m, gamma=1.0, lam=1.0)
+    torch.testing.assert_close(A, R[:, None] * m)  # REINFORCE's A = R under TOK
+
+
+def test_the_clipped_value_loss_takes_the_larger_error_and_its_gradient_flows_only_through_the_unclipped_side():
+    V = torch.tensor([[0.0, 1.0, 0.5, 0.9]], dtype=D, requires_grad=True)
+    V_old = torch.tensor([[0.0, 0.5, 0.5, 0.5]], dtype=D)
+    G = torch.tensor([[0.0, 2.0, 0.0, 0.0]], dtype=D)
+    m = torch.tensor([[0.0, 1.0, 1.0, 1.0]], dtype=D)
+    loss, clipped = value_loss(V, V_old, G, m, clip=0.2, tokens=3.0)
+    # t=1: (1-2)^2 = 1 vs (0.7-2)^2 = 1.69 -> clipped; t=2: 0.25 both; t=3: 0.81 vs (0.7)^2 = 0.49 -> unclipped
+    assert float(loss.detach()) == pytest.approx(0.5 * (1.69 + 0.25 + 0.81) / 3)
+    assert float(clipped) == 1.0
+    loss.backward()
+    torch.testing.assert_close(V.grad, torch.tensor([[0.0, 0.0, 0.5 / 3, 0.9 / 3]], dtype=D))
+    plain, _ = value_loss(V, V_old, G, m, clip=None, tokens=3.0)
+    assert float(plain.detach()) == pytest.approx(0.5 * (1.0 + 0.25 + 0.81) / 3)
+
+
+def test_a_critics_value_at_token_t_reads_only_the_tokens_before_t(make_model, tokenizer_with_pad):
+    critic = from_policy(make_model("llama", dtype=D), tokenizer_with_pad.pad_token_id).eval()
+    ids = torch.randint(5, 60, (2, 7), generator=torch.Generator().manual_seed(0))
+    att = torch.ones_like(ids)
+    att[1, 5:] = 0
+    v = token_values(critic, ids, att)
+    assert v.shape == ids.shape and float(v[0, 0]) == 0.0 and bool((v[1, 5:] == 0).all())
+    changed = ids.clone()
+    changed[:, 4] = (changed[:, 4] + 1) % 60
+    w = token_values(critic, changed, att)
+    torch.testing.assert_close(w[:, :5], v[:, :5])  # V(s_t) for t <= 4 does not see token 4
+    assert not torch.allclose(w[0, 5:], v[0, 5:])
+
+
+def test_a_ppo_stage_trains_its_critic_beside_the_policy(tmp_path, model_dirs):
+    rows = [{"prompt": f"Say {c}.", "answer": c} for c in "ABCDEFGH"]
+    r = {"model": model_dirs["llama"], "device": "cpu", "seed": 0, "stages": [
+        {"method": "ppo", "data": {}, "steps": 6, "batch": {"size": 4}, "ppo_epochs": 2, "minibatches": 2,
+         "rollout": {"group_size": 2, "max_new_tokens": 4}, "optim": {"lr": 1e-3},
+         "critic": {"lr": 1e-2}, "rewards": [{"fn": "reward_fns:length"}]}]}
+    posttrain.train(r, out=tmp_path / "run", data=rows, progress=False)
+    recs = metrics(tmp_path / "run")
+    assert len(recs) == 6  # 3 batches x 2 epochs x 2 minibatches, and every update trains the critic too
+    assert all({"value_loss", "value_mean", "value_clipfrac", "value_mse", "clipfrac"} <= set(x) for x in recs)
+    assert all("kl" in x for x in recs[::4])  # the batch's k1 (in the reward) is logged with its first update
+    assert recs[-1]["value_mse"] < recs[0]["value_mse"]
+    saved = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
+    assert saved["architectures"] == ["LlamaForCausalLM"]  # final/ is the policy; the critic is not published
+
+
+@pytest.mark.parametrize("stage, message", [
+    ({"method": "grpo", "critic": {"lr": 1e-4}}, "`critic` configures the value model of advantage gae"),
+    ({"method": "ppo", "lora": {"r": 4}}, "PPO's value model is a full copy of the backbone"),
+])
+def test_ppo_recipes_that_cannot_mean_anything_are_refused(stage, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe({"model": "m", "stages": [{"data": {"path": "x.jsonl"}, "rewards": [{"fn": "exact"}], **stage}]})
