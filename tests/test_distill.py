@@ -85,3 +85,43 @@ def test_an_opd_run_needs_a_teacher_with_the_students_tokenizer_and_no_rewards(t
     other.save_pretrained(teacher)
     with pytest.raises(RecipeError, match="has another tokenizer than the model"):
         posttrain.train({**r, "teacher": str(teacher)}, out=tmp_path / "bad", data=RL_ROWS, progress=False)
+
+
+def test_kd_gradient_is_the_forward_kl_to_the_teachers_distribution_on_the_demonstrations(make_model, tokenizer):
+    """KD through the trainer's path (Experience's teacher targets, ObjectiveSpec, accumulate_gradients over
+    micro-batches) with top_k = the whole vocabulary: the gradient equals autograd of the textbook loss
+    (1 - lam) NLL + lam (1/N) sum_t KL(pi_T(.|y_<t) || pi(.|y_<t)) over the demonstration tokens."""
+    from posttrain.data.encode import encode_sft
+    from posttrain.recipe import load_recipe
+    from posttrain.training.experience import Experience
+    from posttrain.training.sources import Demonstrations
+    from posttrain.training.update import ObjectiveSpec, accumulate_gradients
+
+    student, teacher = make_model("llama", seed=0, dtype=torch.float64), make_model("llama", seed=5, dtype=torch.float64)
+    V = student.get_output_embeddings().out_features
+    rows = [{"prompt": f"Say {c}.", "completion": c * (i + 1)} for i, c in enumerate("ABCDE")]
+    demos = [encode_sft(r, "prompt_completion", tokenizer) for r in rows]
+    for lam in (1.0, 0.25):
+        st = load_recipe({"model": "m", "teacher": "t", "stages": [
+            {"method": "kd", "data": {"path": "x"}, "batch": {"size": 5, "micro_size": 2},
+             "distill": {"coef": lam, "top_k": 10_000}}]}).stages[0]
+        exp = Experience(st, tokenizer, pad_id=tokenizer.eos_token_id, demos=Demonstrations(demos, 0, False),
+                         teacher=teacher)
+        batch = exp.make(student, 0, None).batch
+        assert batch.teacher_ids.shape[-1] == V
+        student.zero_grad()
+        accumulate_gradients(student, batch, ObjectiveSpec.from_stage(st), micro_size=2, device="cpu")
+        got = [p.grad.clone() for p in student.parameters()]
+
+        student.zero_grad()
+        ids, att, m = batch.input_ids, batch.attention_mask, batch.loss_mask.double()
+        log_pi = torch.log_softmax(student(input_ids=ids, attention_mask=att).logits[:, :-1].double(), -1)
+        with torch.no_grad():
+            log_t = torch.log_softmax(teacher(input_ids=ids, attention_mask=att).logits[:, :-1].double(), -1)
+        kl = (log_t.exp() * (log_t - log_pi)).sum(-1)  # (N, T-1) forward KL at each position
+        nll = -log_pi.gather(-1, ids[:, 1:, None]).squeeze(-1)
+        mm = m[:, 1:]
+        loss = ((1 - lam) * nll + lam * kl).mul(mm).sum() / mm.sum()
+        loss.backward()
+        for g, p in zip(got, student.parameters()):
+            torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-8)  # (the batch's masks are fp32)

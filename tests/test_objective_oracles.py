@@ -27,6 +27,7 @@ from posttrain.objective.presets import PRESETS, Preset
 LENGTHS = [3, 5, 2, 4, 5, 1, 3, 4]  # two groups of G = 4, ragged (right padding to T = 5)
 MAX_LEN = TP.MAX_LEN  # L_max of the CONST normaliser, deliberately larger than the padded width
 REWARDS = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.5, -1.0, 2.0, 0.0]], dtype=DTYPE)  # (P, G)
+GREEDY = torch.tensor([1.0, -0.5], dtype=DTYPE)  # (P,) ReMax: the reward of each question's greedy decode
 # (preference presets have their own oracles, O13-O16: tests/test_objective_preference.py; on-policy
 # distillation its reverse-KL oracle: tests/test_distill.py; the reward model tests/test_reward_model.py)
 SINGLE_STREAM = sorted(n for n, p in PRESETS.items() if len(p.streams) == 1 and "verified" not in p.sources
@@ -76,11 +77,14 @@ def trainer_o1(name: str, seed: int = 0):
     rewards = [math.nan] * 8 if demo else REWARDS.reshape(-1).tolist()
     part = TP.scored_rows(pool, spec, rewards)
     part.scored = [not demo] * 8
+    if p.advantage == "remax":  # each question's greedy decode scored GREEDY[q], as Experience leaves it
+        for row in part.rows:
+            row.meta["baseline"] = float(GREEDY[row.group])
     tb = TP.build(st, part, pool)
     lp = tb.logp.detach()
     d = log_ratio_offsets(*lp.shape)
     d[0], d[1] = 0.0, 1e-4
-    old_logp = None if demo else (lp - d) * tb.batch.loss_mask
+    old_logp = None if demo and p.streams["demo"].weight == "one" else (lp - d) * tb.batch.loss_mask
     ref = lp + 0.4 * torch.randn(lp.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=DTYPE)
     TP.with_logps(tb, st, rewards, old_logp, ref * tb.batch.loss_mask)
     return tb, st, old_logp, tb.batch.ref_logp
@@ -129,12 +133,21 @@ def paper_loss(p: Preset, b: TabularBatch, old_logp: Tensor, ref_logp: Tensor, v
         return agg_tok(-torch.exp(logp), m)
     if p.name == "reinforce":
         return agg_sum(-seq_to_tok(REWARDS, m) * logp, m)
+    if p.name == "remax":  # REINFORCE with the greedy decode's reward as baseline, sum over tokens
+        return agg_sum(-seq_to_tok(REWARDS - GREEDY[:, None], m) * logp, m)
     if p.name == "rloo":  # k1 in the reward, leave-one-out baseline, clipped ratio, mean over sequences of sums
         R = REWARDS - beta * ((old_logp - ref_logp) * m).sum(1).reshape(REWARDS.shape)
         return agg_sum(-ppo_clip_ref(r, seq_to_tok(loo_ref(R), m), el, eh), m)
     if p.name == "reinforce_pp":  # the group-mean-baseline variant, as the preset says
         A = reinforce_pp_advantages(old_logp - ref_logp, m, beta)
         return agg_tok(-ppo_clip_ref(r, A, el, eh), m)
+    if p.name == "psft":  # -TOK(min(r, clip(r))) on demonstrations: A = 1
+        return agg_tok(-ppo_clip_ref(r, m, el, eh), m)
+    if p.name == "dppo":  # -TOK(M r A): M drops tokens with |p - q| > delta in the direction A pushes them
+        A = seq_to_tok(zscore_ref(REWARDS, p.std_eps), m)
+        diff = torch.exp(logp.detach()) - torch.exp(old_logp)
+        keep = ~(((A > 0) & (diff > p.tv_delta)) | ((A < 0) & (-diff > p.tv_delta)))
+        return agg_tok(-(keep * r * A), m)
     if p.name == "ppo":  # -TOK(min(r A, clip(r) A)), A = GAE(gamma 1, lambda 0.95) over k1-penalised rewards
         A = gae_ref(REWARDS.reshape(-1), old_logp - ref_logp, values, m, beta, gamma=1.0, lam=0.95)
         return agg_tok(-ppo_clip_ref(r, A, el, eh), m)

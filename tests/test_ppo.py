@@ -103,3 +103,35 @@ def test_a_ppo_stage_trains_its_critic_beside_the_policy(tmp_path, model_dirs):
 def test_ppo_recipes_that_cannot_mean_anything_are_refused(stage, message):
     with pytest.raises(RecipeError, match=message):
         load_recipe({"model": "m", "stages": [{"data": {"path": "x.jsonl"}, "rewards": [{"fn": "exact"}], **stage}]})
+
+
+def test_remax_baselines_each_question_with_the_reward_of_its_greedy_decode(tokenizer):
+    """ReMax through the experience builder: each row's baseline is the reward of its prompt's greedy decode
+    (decoded here again from the same model), and its advantage is its own reward minus that baseline."""
+    from posttrain.data.encode import completion_text
+    from posttrain.rewards import RewardScorer, RewardSpec
+    from posttrain.rollout.sampler import sample
+    from posttrain.tiny import tiny_model
+    from posttrain.training.experience import Experience
+
+    rows = [{"prompt": f"Say {c}.", "answer": c} for c in "ABCD"]
+    st = load_recipe({"model": "m", "stages": [{"method": "remax", "data": {"path": "x"}, "batch": {"size": 2},
+                                                "rollout": {"group_size": 3, "max_new_tokens": 5},
+                                                "rewards": [{"fn": "exact"}]}]}).stages[0]
+    model = tiny_model("llama", tokenizer, seed=0)
+    stop = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    with RewardScorer([RewardSpec(fn="reward_fns:length")], in_process=True) as scorer:
+        exp = Experience(st, tokenizer, pad_id=tokenizer.eos_token_id, stop_ids=stop, rows=rows, scorer=scorer)
+        timing = {"t_rollout": 0.0, "t_reward": 0.0}
+        exp._compute = {"prefill_tokens": 0, "generated_tokens": 0, "ref_forward_tokens": 0}  # as make() starts
+        part = exp._question_rows(model, [1, 3], 0, 0, torch.Generator().manual_seed(0), timing)
+        batch = exp._assemble(model, part, torch.ones(len(part.rows), dtype=torch.float64), {})
+    for key, g in ((1, 0), (3, 1)):
+        ro = sample(model, [exp._prompt_ids(key)], num_samples=1, max_new_tokens=5, temperature=1.0,
+                    stop_ids=stop, pad_id=tokenizer.eos_token_id, greedy=True)
+        greedy = float(len(completion_text(rows[key]["prompt"], ro.completion_ids[0], tokenizer)))
+        mine = [i for i, r in enumerate(part.rows) if r.group == g]
+        assert len(mine) == 3 and all(part.rows[i].meta["baseline"] == greedy for i in mine)
+        for i in mine:
+            m = batch.loss_mask[i] > 0
+            torch.testing.assert_close(batch.advantages[i][m], torch.full((int(m.sum()),), part.rewards[i] - greedy))

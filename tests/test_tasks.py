@@ -122,14 +122,14 @@ def test_registry_and_unknown_names_list_the_choices(task):
     with pytest.raises(ValueError, match="available tasks: arith"):
         get_task("nope")
     with pytest.raises(ValueError, match="valid splits: train, dev, id, ood, ood_phrasing, plain, pref_train, "
-                                         "pref_dev"):
+                                         "pref_dev, rm_train, rm_dev"):
         task.rows("test")
 
 
 def test_default_split_sizes(task):
     sizes = {s: len(task.rows(s)) for s in task.splits}
     assert sizes == {"train": 2000, "dev": 200, "id": 500, "ood": 300, "ood_phrasing": 300, "plain": 200,
-                     "pref_train": 2000, "pref_dev": 200}
+                     "pref_train": 2000, "pref_dev": 200, "rm_train": 2000, "rm_dev": 200}
     assert len(task.rows("id", n=7, seed=3)) == 7
 
 
@@ -185,6 +185,25 @@ def test_preference_pairs_prefer_the_worked_solution_to_one_slip_on_held_out_que
     held_out = {r["prompt"][0]["content"] for r in task.rows("pref_dev")}
     assert all(bucket(q) in SPLIT_BUCKETS["dev"][1] for q in held_out) and not held_out & train
     assert not held_out & {r["prompt"][0]["content"] for r in task.rows("pref_train")}
+
+
+def test_reward_model_pairs_are_right_against_wrong_in_one_style_with_every_kind_of_error(task):
+    """rm_*: chosen is right (its answer, or the last total of inline prose), rejected wrong, both in one style;
+    each kind of error appears, and rm_dev asks only held-out questions."""
+    from posttrain.tasks.arith import RM_KINDS, SPLIT_BUCKETS, bucket, follows_format
+
+    rows = task.rows("rm_train", n=400) + task.rows("rm_dev")
+    prompts, answers = [r["prompt"] for r in rows], [r["answer"] for r in rows]
+    correct = task.rewards["correct"]
+    assert correct(prompts, [r["chosen"] for r in rows], answer=answers) == [1.0] * len(rows)
+    assert correct(prompts, [r["rejected"] for r in rows], answer=answers) == [0.0] * len(rows)
+    for r in rows:
+        c, x = r["chosen"][0]["content"], r["rejected"][0]["content"]
+        assert follows_format(c) == follows_format(x) == ("####" in c), r  # one style per pair
+    kinds = {(r["kind"], "####" in r["chosen"][0]["content"]) for r in rows}
+    assert kinds == {(k, worked) for k in RM_KINDS for worked in (True, False)} - {("mark", False)}
+    assert all(bucket(r["prompt"][0]["content"]) in SPLIT_BUCKETS["dev"][1] for r in task.rows("rm_dev"))
+    assert task.rows("pref_train", n=5) == [{k: v for k, v in r.items()} for r in task.rows("pref_train", n=5)]
 
 
 def test_ids_are_unique_and_plain_rows_are_text(task):

@@ -18,7 +18,7 @@ from posttrain.data.encode import Encoded
 from posttrain.objective.components import entropy_from_logits
 from posttrain.objective.estimator import ObjectiveTerms, stream_counts
 from posttrain.recipe import load_recipe
-from posttrain.training.experience import Experience, _Rows, rows_to_batch, token_advantages
+from posttrain.training.experience import Experience, _Rows, row_baselines, rows_to_batch, token_advantages
 from posttrain.training.update import ObjectiveSpec, micro_loss
 
 MAX_LEN = 8  # rollout.max_new_tokens and data.max_len: L_max of the CONST normaliser
@@ -125,7 +125,8 @@ def build(st, part: _Rows, pool: Pool, *, exp: Experience | None = None, step: i
     mix = exp._add_demonstrations(part, step, 100, {} if values is None else values)
     batch = rows_to_batch(part.rows, part.rewards, part.scored, mix, 0, DTYPE)
     if not (st.kl.beta and st.kl.placement == "reward"):  # else they need q and b: see with_logps
-        batch.advantages, _ = token_advantages(batch, torch.tensor(part.rewards, dtype=DTYPE), st)
+        batch.advantages, _ = token_advantages(batch, torch.tensor(part.rewards, dtype=DTYPE), st,
+                                               baseline=row_baselines(part.rows))
     rows = part.rows
     sel = [r.meta["tab"] if "tab" in r.meta else (demo_rows or {}).get(r.meta.get("key"), -1) for r in rows]
     return TrainerBatch(batch, sel, pool)

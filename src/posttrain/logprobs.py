@@ -46,6 +46,26 @@ def _final_logits(model: torch.nn.Module, hidden: Tensor) -> Tensor:
     return logits
 
 
+def logprobs_at(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, ids: Tensor
+                ) -> tuple[Tensor, Tensor]:
+    """One forward pass: (logp (B, T) of each token, as `token_logprobs`, and logp of the candidate tokens `ids`
+    (B, T, K) at each position, (B, T, K)); aligned with the tokens (position t: the distribution that produced
+    token t), 0 at column 0 and on padding. Knowledge distillation reads the teacher's top-K there."""
+    mask = attention_mask.bool()
+    out = model(input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    z = out.logits[:, :-1]
+    z = z.to(torch.promote_types(z.dtype, torch.float32))
+    lse = z.logsumexp(-1, keepdim=True)  # (B, T-1, 1)
+    targets = input_ids.masked_fill(~mask, 0)[:, 1:]
+    logp = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse.squeeze(-1)
+    at = z.gather(-1, ids[:, 1:].clamp(min=0)) - lse  # (B, T-1, K)
+    valid = mask[:, 1:]
+    logp = torch.nn.functional.pad(torch.where(valid, logp, 0.0), (1, 0))
+    at = torch.nn.functional.pad(torch.where(valid[..., None], at, 0.0), (0, 0, 1, 0))
+    return logp, at
+
+
 def token_logprobs(
     model: torch.nn.Module,
     input_ids: Tensor,

@@ -114,6 +114,7 @@ class ClipConfig(Strict):
     eps_low: Optional[float] = Field(None, ge=0, lt=1)
     eps_high: Optional[float] = Field(None, ge=0)
     eps_max: Optional[float] = Field(None, gt=0)  # CISPO truncation
+    tv_delta: Optional[float] = Field(None, gt=0, le=1)  # DPPO: the bound on |p - q| of clip_level tv
 
 
 class KLConfig(Strict):
@@ -125,10 +126,13 @@ class KLConfig(Strict):
 
 
 class DistillConfig(Strict):
-    """On-policy distillation: coef * (log pi_teacher - log pi) added to the advantage of every sampled token
-    (the teacher is the recipe's `teacher:`)."""
+    """Distillation from the recipe's `teacher:`. On rollouts (opd): coef * (log pi_teacher - log pi) added to the
+    advantage of every sampled token. On demonstrations (kd, or sft with a coef): the target of each token is
+    (1 - coef) one-hot(y*) + coef * the teacher's distribution over its top_k tokens (forward KL)."""
 
-    coef: Optional[float] = Field(None, ge=0)  # lambda; 0: no teacher term
+    coef: Optional[float] = Field(None, ge=0)  # lambda; 0: no teacher term. On demonstrations (kd, sft): the share
+    #                                            of the teacher's distribution in the target (1: pure KD)
+    top_k: int = Field(64, gt=0)  # on demonstrations: the teacher's K most likely tokens per position are the target
 
 
 class EntropyConfig(Strict):
@@ -381,7 +385,7 @@ def resolve_stage(stage: StageConfig) -> StageConfig:
     _fill(s.mix, mu_peak=p.mu_peak, mu_valley=p.mu_valley, mu_warmup=p.mu_warmup, mu_decay=p.mu_decay,
           hpt_gamma=p.hpt_gamma, sft_coef=p.sft_coef, soft_table=[list(r) for r in p.soft_table], w_sft=p.w_sft,
           w_rl=p.w_rl)
-    _fill(s.clip, eps_low=p.eps_low, eps_high=p.eps_high, eps_max=p.eps_max)
+    _fill(s.clip, eps_low=p.eps_low, eps_high=p.eps_high, eps_max=p.eps_max, tv_delta=p.tv_delta)
     _fill(s.kl, beta=p.kl_beta, estimator=p.kl_estimator, placement=p.kl_placement)
     _fill(s.entropy, coef=p.entropy_coef)
     _fill(s.advantage, kind=p.advantage, std_eps=p.std_eps)
@@ -468,6 +472,9 @@ def _check_combination(s: StageConfig, p: Preset) -> None:
             if (st.weight, st.clip_level, st.aggregation) != ("one", "none", want):
                 raise RecipeError(f"{where}: a preference loss fixes its stream's components (weight one, clip_level "
                                   f"none, aggregation {want}); remove the overrides of streams.{name}")
+    if p.data == "demonstrations" and s.distill.coef and s.distill.coef > 1:
+        raise RecipeError(f"{where}: on demonstrations distill.coef is the teacher's share of the target, in [0, 1]; "
+                          f"got {s.distill.coef}")
     if p.data in ("demonstrations", "preferences", "unpaired"):
         if s.rewards:
             raise RecipeError(f"{where}: method {s.method!r} trains on {p.data} and uses no rewards; "

@@ -39,6 +39,8 @@ class Batch:
     #                                      (KTO: +1 on a desirable response, -1 on an undesirable one)
     ref_point: Optional[Tensor] = None  # (N,) KTO's batch reference point z0, the same on every row
     teacher_logp: Optional[Tensor] = None  # (N, T) a teacher's log-probs of the tokens (on-policy distillation)
+    teacher_ids: Optional[Tensor] = None  # (N, T, K) long: the teacher's K most likely tokens at each position (KD)
+    teacher_probs: Optional[Tensor] = None  # (N, T, K) ... and their probabilities under the teacher
     values: Optional[Tensor] = None  # (N, T) the critic's V(s_t) when the batch was built (PPO)
     returns: Optional[Tensor] = None  # (N, T) GAE's returns G_t = A_t + V(s_t), the critic's targets (PPO)
 
@@ -59,7 +61,7 @@ class Batch:
             idx = torch.as_tensor(idx, dtype=torch.long)
         kw = {f.name: (getattr(self, f.name)[idx] if getattr(self, f.name) is not None else None) for f in fields(self)}
         t = int(kw["attention_mask"].sum(1).max().item()) if kw["attention_mask"].numel() else 0
-        return Batch(**{k: (v[:, :t] if v is not None and v.dim() == 2 else v) for k, v in kw.items()})
+        return Batch(**{k: (v[:, :t] if v is not None and v.dim() >= 2 else v) for k, v in kw.items()})
 
     def to(self, device: str | torch.device) -> "Batch":
         return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)

@@ -96,6 +96,7 @@ SEQUENCE_ADVANTAGES = {
     "one": advantage_one,
     "zero": advantage_zero,
     "raw": advantage_raw,
+    "remax": advantage_raw,  # R - R(greedy decode of the prompt): the baseline is subtracted before (ReMax)
     "group_center": advantage_group_center,
     "group_zscore": advantage_group_zscore,
     "maxrl": advantage_maxrl,
@@ -165,7 +166,7 @@ def gae(token_rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float, la
 
 
 def advantages(kind: str, rewards: Tensor, group: Tensor, mask: Tensor, *, std_eps: float, threshold: float,
-               k1: Tensor | None = None, kl_beta: float = 0.0) -> Tensor:
+               k1: Tensor | None = None, kl_beta: float = 0.0, baseline: Tensor | None = None) -> Tensor:
     """Token advantages (N, T) of rows with `rewards` (N,) in `group` (N,); `mask` (N, T) their loss tokens.
     `std_eps` (z-score) and `threshold` (indicator) come from the stage; their defaults live in the presets.
 
@@ -173,6 +174,7 @@ def advantages(kind: str, rewards: Tensor, group: Tensor, mask: Tensor, *, std_e
       sequence kinds:  R_i <- R_i - beta * sum_t k1_it, then A;
       reinforce_pp:    REINFORCE++ with the group-mean baseline (arXiv 2501.03262, the variant for G > 1):
                        a_i = R_i - mean_g R, A_it = a_i - beta * sum_{t' >= t} k1_it', whitened over the batch.
+    ReMax (arXiv 2310.10505): A_i = R_i - baseline_i, the reward of the greedy decode of row i's prompt (N,).
     """
     kl_on = k1 is not None and kl_beta > 0
     if kind == "reinforce_pp":
@@ -181,6 +183,10 @@ def advantages(kind: str, rewards: Tensor, group: Tensor, mask: Tensor, *, std_e
         return global_normalize(tok, mask)
     if kind not in SEQUENCE_ADVANTAGES:
         raise ValueError(f"unknown advantage {kind!r}; choose one of {', '.join(ADVANTAGES)}")
+    if kind == "remax":
+        if baseline is None:
+            raise ValueError("the remax advantage needs each row's baseline, the reward of its prompt's greedy decode")
+        rewards = rewards - baseline.to(rewards)
     if kl_on:
         rewards = rewards - kl_beta * (k1 * mask).sum(1).to(rewards)
     fn = SEQUENCE_ADVANTAGES[kind]

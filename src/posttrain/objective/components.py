@@ -113,6 +113,15 @@ def clip_mask(ratio: Tensor, advantages: Tensor, eps_low: float, eps_high: float
     return (~clipped).to(advantages.dtype)
 
 
+def tv_mask(logp: Tensor, old_logp: Tensor, advantages: Tensor, delta: float) -> Tensor:
+    """DPPO's divergence mask in place of the ratio clip: 0 where the sampled token's probability has already
+    moved more than `delta` from the rollout policy's (|p - q|, the binary total-variation estimate) in the
+    direction the advantage pushes it, (A > 0 and p - q > delta) or (A < 0 and q - p > delta); else 1."""
+    diff = torch.exp(logp) - torch.exp(old_logp)
+    out = ((advantages > 0) & (diff > delta)) | ((advantages < 0) & (-diff > delta))
+    return (~out).to(advantages.dtype)
+
+
 # ----------------------------------------------------------------------------------------------
 # Aggregation W: how token terms are summed. Normalisers are global (the whole optimizer step), so
 # gradient accumulation over micro-batches leaves the gradient unchanged.
@@ -202,3 +211,13 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
     err_c = (clipped - returns) ** 2
     worse = (err_c > err).to(mask.dtype) * mask
     return 0.5 * (torch.maximum(err, err_c) * mask).sum() / max(tokens, 1.0), worse.sum().detach()
+
+
+def soft_target_loss(logp_at: Tensor, probs: Tensor, *, tokens: float) -> Tensor:
+    """Knowledge distillation's cross-entropy to the teacher's distribution (Hinton et al. 2015), token mean:
+
+        L = -(1/tokens) sum_{i,t} sum_k p_T(v_k | x, y_<t) log pi(v_k | x, y_<t)
+
+    over the teacher's top-K tokens v_k at each position; logp_at (N, T, K) differentiable, probs (N, T, K) 0 off
+    the loss tokens. With K = V it is the forward KL(pi_T || pi) up to the teacher's entropy (no gradient)."""
+    return -(probs.to(logp_at) * logp_at).sum() / max(tokens, 1.0)

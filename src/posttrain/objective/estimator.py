@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .components import WEIGHTS, clip_mask, kl_penalty, likelihood_value, sequence_ratio
+from .components import WEIGHTS, clip_mask, kl_penalty, likelihood_value, sequence_ratio, tv_mask
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,7 @@ def estimator_loss(
     eps_high: float | None = None,
     eps_max: float | None = None,
     shaping_gamma: float | None = None,
+    tv_delta: float | None = None,
     ref_logp: Tensor | None = None,
     kl_estimator: str = "k3",
     kl_beta: float = 0.0,
@@ -64,7 +65,8 @@ def estimator_loss(
       advantages: A (detached). mask: 1 on tokens the loss may touch. agg_weights: W from `aggregation_weights`.
       old_logp: log q of the policy that produced the data; None means q = sg(p) (one update per batch).
       mix: the mixer's weights, (N, T) or (N, 1) (default 1). weight: a key of WEIGHTS.
-      clip: "none" | "token" | "sequence" (needs eps_low, eps_high). eps_max: CISPO's truncation (weight
+      clip: "none" | "token" | "sequence" (needs eps_low, eps_high) | "tv" (DPPO's divergence mask, needs
+      tv_delta). eps_max: CISPO's truncation (weight
       "truncated"); shaping_gamma: LUFFY's gamma (weight "shaped"). Their defaults live in the presets.
       ref_logp: log b of the reference model, needed when kl_beta > 0 (KL in the loss).
       entropy: per-token entropy (differentiable), needed when entropy_coef > 0.
@@ -86,8 +88,12 @@ def estimator_loss(
         elif clip == "sequence":
             ratio_for_clip = sequence_ratio(lp, q, mask)[:, None].expand_as(lp)  # (N, T)
             M = clip_mask(ratio_for_clip, advantages, eps_low, eps_high)
+        elif clip == "tv":
+            if tv_delta is None:
+                raise ValueError("estimator_loss needs tv_delta (for the divergence mask)")
+            ratio_for_clip, M = None, tv_mask(lp, q, advantages, tv_delta)
         else:
-            raise ValueError(f"unknown clip {clip!r}; choose one of none, token, sequence")
+            raise ValueError(f"unknown clip {clip!r}; choose one of none, token, sequence, tv")
         coef = agg_weights * mix * M * advantages * w  # (N, T) detached
         # The familiar surrogate value: -sum W mix min(T A, clip(T) A) for clipped ratios, else -sum W mix M A T.
         T = likelihood_value(weight, lp, q, mask, shaping_gamma=shaping_gamma, eps_max=eps_max)
@@ -146,6 +152,7 @@ class StreamComponents:
     eps_max: float
     shaping_gamma: float
     max_len: int  # L_max of the CONST aggregation
+    tv_delta: float | None = None  # DPPO's divergence bound (clip "tv")
     kl: bool = False  # the KL-in-loss term applies to this stream's tokens (samples of the policy)
 
 
@@ -193,6 +200,7 @@ def objective_loss(logp: Tensor, *, token_stream: Tensor, mask: Tensor, advantag
         terms = estimator_loss(
             logp, advantages=advantages * m, mask=m, agg_weights=W, old_logp=old_logp, mix=mix_tok, weight=c.weight,
             clip=c.clip, eps_low=c.eps_low, eps_high=c.eps_high, eps_max=c.eps_max, shaping_gamma=c.shaping_gamma,
+            tv_delta=c.tv_delta,
             ref_logp=ref_logp, kl_estimator=kl_estimator, kl_beta=kl_beta if c.kl else 0.0, entropy=entropy,
             entropy_coef=entropy_coef)
         total = total + terms.loss

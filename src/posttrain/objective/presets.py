@@ -26,7 +26,7 @@ from .advantages import ADVANTAGES
 from .components import AGGREGATIONS, KL_ESTIMATORS, WEIGHTS
 from .preference import NEEDS_REFERENCE
 
-CLIPS = ("none", "token", "sequence")
+CLIPS = ("none", "token", "sequence", "tv")
 SOURCES = ("demonstrations", "rollouts", "paired", "prefixed", "buffer", "verified", "pairs", "unpaired")
 MIXERS = ("none", "chord", "hpt", "hpt_soft", "srft")
 STREAM_NAMES = ("demo", "rollout", "prefix")
@@ -60,6 +60,7 @@ class Preset:
     eps_low: float = 0.2
     eps_high: float = 0.2
     eps_max: float = 5.0  # CISPO truncation
+    tv_delta: float = 0.2  # DPPO: the divergence mask's bound on |p - q| [?]
     shaping_gamma: float = 0.1  # LUFFY policy shaping f(p) = p / (p + gamma)
     kl_beta: float = 0.0
     kl_estimator: str = "k3"
@@ -139,7 +140,9 @@ class Preset:
     def mask_description(self) -> str:
         parts = []
         for name, s in self.streams.items():
-            if s.clip != "none":
+            if s.clip == "tv":
+                parts.append(f"{name}: drop |p - q| > {self.tv_delta:g} (TV)")
+            elif s.clip != "none":
                 lo, hi = self.eps_low, self.eps_high
                 parts.append(f"{name}: clip {s.clip} {lo:g}" + (f"/{hi:g}" if hi != lo else ""))
             if s.weight == "truncated":
@@ -207,8 +210,22 @@ _P = [
     Preset("dft", "dynamic fine-tuning: NLL re-weighted by sg(p) (arXiv 2508.05629)", ("demonstrations",), "one",
            {"demo": StreamSpec("prob", "none", "tok", "one")},
            references="DFT paper/README; TRL SFTConfig(loss_type='dft')"),
+    Preset("kd", "Knowledge distillation on demonstrations: each token's target is the teacher's distribution over "
+           "its top-k tokens, the forward KL(pi_T || pi) (Hinton et al. 2015); distill.coef < 1 mixes in the one-hot "
+           "demonstration", ("demonstrations",), "one", {"demo": SFT_STREAM}, distill_coef=1.0,
+           references="classic KD / TRL GKD with lambda 0 (no student samples) and beta 0 (forward KL), temperature "
+                      "1; the teacher's top 64 tokens per position (distill.top_k)"),
+    Preset("psft", "Proximal SFT: the NLL of demonstrations as a PPO-clipped ratio to the policy before the batch's "
+           "updates, A = 1 (arXiv 2508.17784)", ("demonstrations",), "one",
+           {"demo": StreamSpec("ratio", "token", "tok", "one")},
+           references="paper: a trust region for SFT; it matters with several updates per batch (ppo_epochs / "
+                      "minibatches > 1); with one it is SFT exactly. eps 0.2 [?]"),
     Preset("reinforce", "REINFORCE with the raw reward, on-policy", ("rollouts",), "raw", _rl("one", "none", "sum"),
            references="Williams 1992; sum over tokens, mean over sequences"),
+    Preset("remax", "ReMax: REINFORCE with the reward of the prompt's greedy decode as the baseline (arXiv "
+           "2310.10505)", ("rollouts",), "remax", _rl("one", "none", "sum"),
+           references="paper: one sample and one greedy decode per prompt, A = R - R_greedy on every token, sum "
+                      "over tokens, mean over sequences; KL optional (off)"),
     Preset("rloo", "REINFORCE leave-one-out baseline (Ahmadian et al. 2024)", ("rollouts",), "loo",
            _rl("ratio", "token", "sum"), kl_beta=0.05, kl_estimator="k1", kl_placement="reward",
            references="TRL RLOO defaults: beta 0.05 (k1 in reward), eps 0.2; TRL uses a sequence ratio of token "
@@ -233,6 +250,11 @@ _P = [
            dynamic_sampling=True, mask_truncated=True, overlong_penalty=True,
            references="paper / TRL docs: eps 0.2/0.28, token mean, no KL; soft overlong cache = 20% of L_max "
                       "(4096 of 20480 in the paper)"),
+    Preset("dppo", "DPPO: GRPO's advantage with a divergence mask in place of the ratio clip: a token whose "
+           "probability moved more than delta from the rollout policy's, in the advantage's direction, gets no "
+           "gradient (arXiv 2602.04879)", ("rollouts",), "group_zscore", _rl("ratio", "tv", "tok"), tv_delta=0.2,
+           references="verl / prime-rl DPPO: binary TV estimate |p - q| of the sampled token, token mean; delta "
+                      "0.2 [?]; no KL"),
     Preset("gspo", "GSPO: sequence-level ratio and clip (arXiv 2507.18071)", ("rollouts",), "group_zscore",
            _rl("seq_ratio", "sequence", "seq"), eps_low=3e-4, eps_high=4e-4,
            references="paper: eps 3e-4 / 4e-4 [2nd]"),

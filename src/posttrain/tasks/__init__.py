@@ -43,13 +43,16 @@ TASKS: dict[str, Task] = {
         description=("Sums and differences of 2-3 two-digit numbers (ood: 4 operands; ood_phrasing: the same "
                      "problems asked in words no training prompt uses). Demonstrations work "
                      "the chain step by step and end with '#### answer'. pref_train / pref_dev: the worked "
-                     "solution preferred to the same working with one arithmetic slip."),
-        splits=("train", "dev", "id", "ood", "ood_phrasing", "plain", "pref_train", "pref_dev"),
+                     "solution preferred to the same working with one arithmetic slip. rm_train / rm_dev: pairs for "
+                     "a reward model, the right chain against one with a slip, a miscopied operand, a missing "
+                     "last step or a wrong marked answer, in the worked or the inline style."),
+        splits=("train", "dev", "id", "ood", "ood_phrasing", "plain", "pref_train", "pref_dev", "rm_train",
+                "rm_dev"),
         rewards=dict(arith.REWARDS),
         primary="correct",
         generate=arith.rows,
         sizes={"train": 2000, "dev": 200, "id": 500, "ood": 300, "ood_phrasing": 300, "plain": 200,
-               "pref_train": 2000, "pref_dev": 200},
+               "pref_train": 2000, "pref_dev": 200, "rm_train": 2000, "rm_dev": 200},
         corpus=lambda n, seed: arith.pretraining_corpus(n, seed),
         answer=arith.extract_answer,
     ),

@@ -143,36 +143,77 @@ def problem_row(problem: Problem, split: str, index: int, question: str | None =
 
 
 # preference split -> the split whose questions it asks (so `pref_dev` is as held out as `dev`)
-PREFERENCE_SPLITS = {"pref_train": "train", "pref_dev": "dev"}
+PREFERENCE_SPLITS = {"pref_train": "train", "pref_dev": "dev", "rm_train": "train", "rm_dev": "dev"}
+# How a reward-model pair's rejected response goes wrong (`rm_*` splits): one arithmetic slip; an operand
+# copied wrong; the last step left out; the steps right but the marked answer wrong.
+RM_KINDS = ("slip", "operand", "short", "mark")
+
+
+def chain(problem: Problem, *, slip: tuple[int, int] | None = None,
+          miscopy: tuple[int, int] | None = None) -> list[tuple[int, str, int, int]]:
+    """The steps (left, op, x, result) of the worked chain; `slip` (k, d): step k's result is off by d and the
+    chain goes on from it; `miscopy` (k, d): step k uses operand x + d in place of x, its arithmetic right."""
+    out, acc = [], problem.operands[0]
+    for j, (op, x) in enumerate(zip(problem.ops, problem.operands[1:])):
+        x = x + miscopy[1] if miscopy and miscopy[0] == j else x
+        left, acc = acc, acc + x if op == "+" else acc - x
+        acc = acc + slip[1] if slip and slip[0] == j else acc
+        out.append((left, op, x, acc))
+    return out
+
+
+def render(steps: list[tuple[int, str, int, int]], style: str, mark: int) -> str:
+    """Steps as the worked format (lines, then `#### mark`) or `inline` prose (no mark: the last total answers)."""
+    lines = [f"{a} {op} {b} = {c}" for a, op, b, c in steps]
+    return "\n".join(lines + [f"{MARK} {mark}"]) if style == "worked" else ", then ".join(lines) + "."
 
 
 def flawed(problem: Problem, rng: random.Random) -> str:
     """A worked solution with one arithmetic slip: step k's result is off by 1-10, and the chain goes on
     correctly from the wrong total, so the working looks consistent and the marked answer is wrong."""
     k = rng.randrange(len(problem.ops))
-    slip = rng.choice([d for d in range(-10, 11) if d])
-    lefts, lines, acc = [problem.operands[0]], [], problem.operands[0]
-    for j, (op, x) in enumerate(zip(problem.ops, problem.operands[1:])):
-        acc = acc + x if op == "+" else acc - x
-        if j == k:
-            acc += slip
-        lines.append(f"{lefts[-1]} {op} {x} = {acc}")
-        lefts.append(acc)
-    return "\n".join(lines + [f"{MARK} {acc}"])
+    steps = chain(problem, slip=(k, rng.choice([d for d in range(-10, 11) if d])))
+    return render(steps, "worked", steps[-1][3])
+
+
+def reward_model_pair(problem: Problem, rng: random.Random) -> tuple[str, str, str]:
+    """(chosen, rejected, kind): the right chain and a wrong one of a kind from RM_KINDS, both in one style,
+    worked or inline (the base model's own style), so a reward model must judge the working, not the style."""
+    style = rng.choice(("worked", "inline"))
+    kinds = [k for k in RM_KINDS if not (k == "short" and len(problem.ops) < 2) and not (k == "mark" and
+                                                                                          style == "inline")]
+    kind, k = rng.choice(kinds), rng.randrange(len(problem.ops))
+    right = chain(problem)
+    while True:  # an error that keeps every number non-negative, so the format alone cannot tell
+        d = rng.choice([d for d in range(-10, 11) if d])
+        if kind == "slip":
+            wrong = chain(problem, slip=(k, d))
+        elif kind == "operand":
+            wrong = chain(problem, miscopy=(k, d))
+        else:
+            wrong = right[:-1] if kind == "short" else right
+        if min(min(a, x, c) for a, _, x, c in wrong) >= 0 and (kind != "mark" or problem.answer + d >= 0):
+            break
+    mark = problem.answer + d if kind == "mark" else wrong[-1][3]
+    return render(right, style, problem.answer), render(wrong, style, mark), kind
 
 
 def preference_rows(split: str, n: int, seed: int) -> list[dict]:
-    """`n` preference pairs on the questions of PREFERENCE_SPLITS[split]: chosen the worked solution, rejected
-    the same working with one slip (`flawed`); `answer` is kept, so a verifier can score either."""
+    """`n` preference pairs on the questions of PREFERENCE_SPLITS[split]. `pref_*`: chosen the worked solution,
+    rejected the same working with one slip (`flawed`); `rm_*`: pairs for a reward model (`reward_model_pair`,
+    with a `kind` column). `answer` is kept, so a verifier can score either response."""
     base = PREFERENCE_SPLITS[split]
     counts, buckets = SPLIT_BUCKETS[base]
-    rng = random.Random(f"arith:flawed:{split}:{seed}")
+    rm = split.startswith("rm_")
+    rng = random.Random(f"arith:{'rm' if rm else 'flawed'}:{split}:{seed}")
     out = []
     for i, p in enumerate(sample_problems(n, seed, counts, buckets, split)):
         user = [{"role": "user", "content": p.question}]
-        out.append({"id": f"arith-{split}-{i:05d}", "prompt": user, "answer": str(p.answer),
-                    "chosen": [{"role": "assistant", "content": p.worked()}],
-                    "rejected": [{"role": "assistant", "content": flawed(p, rng)}]})
+        chosen, rejected, kind = reward_model_pair(p, rng) if rm else (p.worked(), flawed(p, rng), "slip")
+        row = {"id": f"arith-{split}-{i:05d}", "prompt": user, "answer": str(p.answer),
+               "chosen": [{"role": "assistant", "content": chosen}],
+               "rejected": [{"role": "assistant", "content": rejected}]}
+        out.append({**row, "kind": kind} if rm else row)
     return out
 
 

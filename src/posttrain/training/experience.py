@@ -22,7 +22,7 @@ import torch
 from .. import faults
 from ..data.batch import DEMO, PREFIX, ROLLOUT, Batch, Row, collate, demo_batch, mismatched, pair_batch, unpaired_batch
 from ..data.encode import completion_text, encode_prompt
-from ..logprobs import token_logprobs
+from ..logprobs import position_ids_from_mask, token_logprobs
 from ..objective import mixers
 from ..objective import advantages as adv_fns
 from ..objective.advantages import advantages, gae, global_normalize, group_success, mixed_outcome, terminal_rewards
@@ -142,7 +142,13 @@ class Experience:
     def make(self, model, step: int, generator) -> StepData:
         """The experience of optimizer step `step` (0-based count of the steps already taken)."""
         if self.p.sources == ("demonstrations",):
-            return StepData(demo_batch(self.demos.take(self.s.batch.size), self.pad_id))
+            batch = demo_batch(self.demos.take(self.s.batch.size), self.pad_id)
+            self._compute = {"ref_forward_tokens": 0}
+            if self.s.ppo_epochs * self.s.minibatches > 1 and self.s.weight != "one":  # PSFT's q: the policy
+                batch.old_logp = self._logp(model, batch, temperature=1.0)              # before the batch
+            if self.s.distill.coef:  # KD: the teacher's top-k distribution is (a share of) each token's target
+                self._teacher_targets(batch)
+            return StepData(batch, dict(self._compute) if self._compute["ref_forward_tokens"] else {})
         if self.p.sources == ("pairs",):
             self._compute = {"ref_forward_tokens": 0}
             batch = pair_batch(self.pairs.take(self.s.batch.size), self.pad_id)
@@ -168,11 +174,11 @@ class Experience:
             self._prompt_cache[key] = encode_prompt(self.rows[key]["prompt"], self.tok)
         return self._prompt_cache[key]
 
-    def _sample(self, model, prompts: list[list[int]], n: int, generator):
+    def _sample(self, model, prompts: list[list[int]], n: int, generator, greedy: bool = False):
         faults.hit("generate")
         r = self.s.rollout
         ro = sample(model, prompts, num_samples=n, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                    top_p=r.top_p, stop_ids=self.stop_ids, pad_id=self.pad_id, generator=generator)
+                    top_p=r.top_p, stop_ids=self.stop_ids, pad_id=self.pad_id, generator=generator, greedy=greedy)
         self._compute["prefill_tokens"] += sum(len(p) for p in prompts)  # each distinct prompt is prefilled once
         self._compute["generated_tokens"] += sum(len(c) for c in ro.completion_ids)
         return ro
@@ -228,7 +234,27 @@ class Experience:
         self._score(part, owners)
         timing["t_reward"] += time.perf_counter() - t1
         part.scored = [True] * len(part.rows)
+        if self.s.advantage.kind == "remax":
+            self._greedy_baseline(model, keys, g0, part, generator, timing)
         return part
+
+    def _greedy_baseline(self, model, keys: list[int], g0: int, part: _Rows, generator, timing: dict) -> None:
+        """ReMax: each question's greedy decode, scored by the same rewards; its reward becomes the baseline of the
+        question's rows (row.meta["baseline"]). A question whose greedy reward failed leaves its rows unscored."""
+        t0 = time.perf_counter()
+        ro = self._sample(model, [self._prompt_ids(k) for k in keys], 1, generator, greedy=True)
+        greedy = _Rows()
+        for i, j in enumerate(ro.prompt_index):
+            p, c = ro.prompt_ids[i], ro.completion_ids[i]
+            greedy.rows.append(Row(p + c, [0] * len(p) + [1] * len(c), ROLLOUT, g0 + j, meta={"key": keys[j]}))
+        timing["t_rollout"] += time.perf_counter() - t0
+        self._score(greedy, [keys[j] for j in ro.prompt_index])
+        part.errors.extend(greedy.errors)
+        base = {row.group: r for row, r in zip(greedy.rows, greedy.rewards)}
+        for i, row in enumerate(part.rows):
+            row.meta["baseline"] = base[row.group]
+            if math.isnan(base[row.group]):
+                part.rewards[i] = math.nan
 
     def prefix_share(self, step: int) -> float:
         """The share of each demonstration copied as a prefix at `step`: a cosine from prefix_start to prefix_end."""
@@ -464,10 +490,34 @@ class Experience:
             batch.teacher_logp = self._logp(self.teacher, batch)
             own = batch.loss_mask * (batch.stream[:, None] == ROLLOUT)
             values["teacher_kl"] = float(((batch.old_logp - batch.teacher_logp) * own).sum() / own.sum().clamp(min=1))
-        batch.advantages, kl = token_advantages(batch, torch.tensor(part.rewards, dtype=torch.float64), s)
+        baseline = row_baselines(part.rows)
+        batch.advantages, kl = token_advantages(batch, torch.tensor(part.rewards, dtype=torch.float64), s,
+                                                baseline=baseline)
+        if s.advantage.kind == "remax":
+            values["baseline_reward"] = float(baseline.nanmean())
         if kl is not None:
             values["kl"] = kl
         return batch
+
+    @torch.no_grad()
+    def _teacher_targets(self, batch: Batch) -> None:
+        """batch.teacher_ids / teacher_probs (N, T, K): the teacher's top_k tokens and probabilities at each
+        position (aligned like log-probs: position t is the distribution token t was drawn from); the hard
+        target keeps weight 1 - coef (batch.advantages)."""
+        k = min(self.s.distill.top_k, self.teacher.get_output_embeddings().out_features)
+        N, T = batch.input_ids.shape
+        dt = torch.promote_types(next(self.teacher.parameters()).dtype, torch.float32)
+        ids, probs = torch.zeros((N, T, k), dtype=torch.long), torch.zeros((N, T, k), dtype=dt)
+        self._compute["ref_forward_tokens"] += int(batch.attention_mask.sum())
+        for rows in batch.split(self.s.batch.micro_size or N):
+            mb = batch.select(rows).to(self.device)
+            z = self.teacher(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False,
+                             position_ids=position_ids_from_mask(mb.attention_mask)).logits[:, :-1].to(dt)
+            p, i = torch.softmax(z, -1).topk(k, dim=-1)  # (n, t-1, k)
+            t = p.shape[1]
+            ids[rows, 1: t + 1], probs[rows, 1: t + 1] = i.cpu(), p.cpu()
+        batch.teacher_ids, batch.teacher_probs = ids, probs * batch.loss_mask[..., None].to(dt)
+        batch.advantages = batch.advantages * (1 - self.s.distill.coef)
 
     def reference_point(self, model, items) -> float:
         """KTO's z0 = max(0, mean_i KL estimate), sum_t (log pi - log pi_ref) of prompt i with the response of
@@ -571,7 +621,13 @@ def rows_to_batch(rows: list[Row], rewards: list[float], scored: list[bool], mix
     return batch
 
 
-def token_advantages(batch: Batch, rewards: torch.Tensor, stage) -> tuple[torch.Tensor, float | None]:
+def row_baselines(rows: list[Row]) -> torch.Tensor:
+    """(N,) each row's ReMax baseline, the reward of its prompt's greedy decode (NaN where there is none)."""
+    return torch.tensor([r.meta.get("baseline", math.nan) for r in rows], dtype=torch.float64)
+
+
+def token_advantages(batch: Batch, rewards: torch.Tensor, stage, baseline: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, float | None]:
     """(A (N, T), mean k1 or None) of a batch whose rows have `rewards` (N,) (NaN: outside the group statistics).
 
     Tokens of streams whose advantage is "group" get the stage's advantage over their row's group (with the
@@ -602,7 +658,8 @@ def token_advantages(batch: Batch, rewards: torch.Tensor, stage) -> tuple[torch.
         batch.returns = batch.returns.to(batch.loss_mask)
     else:
         A = advantages(stage.advantage.kind, rewards, batch.group, group_tokens, std_eps=stage.advantage.std_eps,
-                       threshold=stage.success_threshold, k1=k1, kl_beta=stage.kl.beta if kl_reward else 0.0)
+                       threshold=stage.success_threshold, k1=k1, kl_beta=stage.kl.beta if kl_reward else 0.0,
+                       baseline=baseline)
     A = A + (batch.loss_mask - group_tokens)
     if stage.distill.coef:
         own = batch.loss_mask * (ts == ROLLOUT)

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from ..data.batch import DEMO, PREFIX, ROLLOUT, STREAMS, Batch
-from ..logprobs import token_logprobs
+from ..logprobs import logprobs_at, token_logprobs
 from ..objective import mixers
+from ..objective.components import soft_target_loss
 from ..objective.estimator import ObjectiveTerms, StreamComponents, objective_loss, preference_loss, stream_counts
 from ..objective.preference import PREFERENCE_LOSSES, REWARD_MODEL_LOSS, PreferenceSpec, bradley_terry_terms
 from ..reward_model import sequence_scores
@@ -34,6 +35,7 @@ class ObjectiveSpec:
     srft: tuple[float, float] | None = None  # (w_sft, w_rl) when the mixer reads the forward pass's entropy
     preference: PreferenceSpec | None = None  # a preference loss: the advantage from the forward pass
     reward_model: bool = False  # Bradley-Terry on a scalar head's scores (method reward_model), not logp
+    soft_targets: float = 0.0  # KD on demonstrations: the teacher's share of each token's target (distill.coef)
 
     @classmethod
     def from_stage(cls, s, *, log_entropy: bool = False) -> "ObjectiveSpec":
@@ -47,14 +49,15 @@ class ObjectiveSpec:
             streams[ids[name]] = StreamComponents(
                 weight=st.weight, clip=st.clip_level, aggregation=st.aggregation, eps_low=s.clip.eps_low,
                 eps_high=s.clip.eps_high, eps_max=s.clip.eps_max, shaping_gamma=s.shaping_gamma, max_len=max_len,
-                kl=name == "rollout")
+                kl=name == "rollout", tv_delta=s.clip.tv_delta)
         from ..objective.presets import get_preset
 
         srft = (s.mix.w_sft, s.mix.w_rl) if get_preset(s.method).mixer == "srft" else None
         p = s.preference
         pref = PreferenceSpec(s.advantage.kind, p.beta, p.gamma, p.lam, p.desirable_weight, p.undesirable_weight) \
             if s.advantage.kind in PREFERENCE_LOSSES else None
-        return cls(streams=streams, joint=s.normaliser == "joint", preference=pref,
+        soft = (s.distill.coef or 0.0) if get_preset(s.method).data == "demonstrations" else 0.0
+        return cls(streams=streams, joint=s.normaliser == "joint", preference=pref, soft_targets=soft,
                    reward_model=s.advantage.kind == REWARD_MODEL_LOSS,
                    kl_beta_loss=s.kl.beta if s.kl.placement == "loss" else 0.0, kl_estimator=s.kl.estimator,
                    entropy_coef=s.entropy.coef, temperature=s.rollout.temperature if rl and pref is None else 1.0,
@@ -111,6 +114,11 @@ def accumulate_gradients(model, batch: Batch, spec: ObjectiveSpec, *, micro_size
             scores = sequence_scores(model, mb.input_ids, mb.attention_mask)
             pref = bradley_terry_terms(scores, mb.group, mb.pair_sign, num_pairs=counts[DEMO][1] / 2)
             logp, terms = torch.zeros_like(mb.loss_mask), ObjectiveTerms(pref.value, {}, pref)
+        elif spec.soft_targets:  # KD: the (1 - coef) hard NLL through the estimator, plus coef x soft cross-entropy
+            logp, at = logprobs_at(model, mb.input_ids, mb.attention_mask, mb.teacher_ids)
+            terms = micro_loss(logp, None, mb, spec, counts)  # (logprobs_at computes in >= fp32)
+            soft = soft_target_loss(at, mb.teacher_probs.to(at.device), tokens=counts[DEMO][0])
+            terms = ObjectiveTerms(terms.loss + spec.soft_targets * soft, terms.streams, None)
         else:
             logp, entropy = token_logprobs(model, mb.input_ids, mb.attention_mask, temperature=spec.temperature,
                                            with_entropy=spec.with_entropy)
