@@ -17,11 +17,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/posttrain demo --out runs/demo
 
+# Two workers, each single-threaded (tests/conftest.py): both cores busy, and the learning tests' thresholds were
+# measured the same way (two single-threaded runs at a time).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

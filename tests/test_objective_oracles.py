@@ -148,8 +148,8 @@ def paper_loss(p: Preset, b: TabularBatch, old_logp: Tensor, ref_logp: Tensor, v
         diff = torch.exp(logp.detach()) - torch.exp(old_logp)
         keep = ~(((A > 0) & (diff > p.tv_delta)) | ((A < 0) & (-diff > p.tv_delta)))
         return agg_tok(-(keep * r * A), m)
-    if p.name == "ppo":  # -TOK(min(r A, clip(r) A)), A = GAE(gamma 1, lambda 0.95) over k1-penalised rewards
-        A = gae_ref(REWARDS.reshape(-1), old_logp - ref_logp, values, m, beta, gamma=1.0, lam=0.95)
+    if p.name == "ppo":  # -TOK(min(r A, clip(r) A)), A = GAE(gamma 1, lambda 1) over k1-penalised rewards
+        A = gae_ref(REWARDS.reshape(-1), old_logp - ref_logp, values, m, beta, gamma=1.0, lam=1.0)
         return agg_tok(-ppo_clip_ref(r, A, el, eh), m)
     if p.name == "grpo":  # -SEQ(min(r A, clip(r) A) - beta k3)
         A = seq_to_tok(zscore_ref(REWARDS, p.std_eps), m)

@@ -81,11 +81,16 @@ def test_match_splits_steps_and_samples_across_stages():
     assert samples["stages"][0]["steps"] == 100  # demonstrations: exactly 16 rows a step
     assert samples["stages"][1]["steps"] == math.ceil(1.25 * 3200 / 64)  # rollouts: room for filtered rows
     assert rows_per_step(raw["stages"][1]) == 64 and match(raw, None) == raw
+    dpo, _ = recipe_data("builtin:sft_then_dpo")  # a DPO step of 16 pairs trains 32 rows: chosen and rejected
+    assert rows_per_step(dpo["stages"][1]) == 32 and rows_per_step({"method": "kto", "batch": {"size": 8}}) == 8
+    assert rows_per_step({"method": "online_dpo", "batch": {"size": 8}, "rollout": {"group_size": 4}}) == 16
+    assert match(dpo, Budget("samples", 3200))["stages"][1]["steps"] == 50  # exact: offline pairs
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,kind,amount", [("sft", "samples", 100), ("grpo", "samples", 100),
                                               ("luffy", "samples", 100), ("chord_mu", "samples", 100),
+                                              ("sft_then_dpo", "samples", 100), ("opd", "samples", 100),
                                               ("sft", "tokens", 500), ("grpo", "tokens", 500)])
 def test_matched_runs_spend_the_budget_within_one_batch(tmp_path, name, kind, amount):
     raw, _ = recipe_data(f"builtin:{name}")

@@ -1,5 +1,6 @@
 """`posttrain demo` (what `make demo` runs): the built-in study. The shipped base model on the built-in task,
-trained by SFT, DFT, GRPO, SFT->GRPO, LUFFY, HPT, CHORD and ReLIFT under one matched budget of training
+trained by SFT, DFT, GRPO, SFT->GRPO, LUFFY, HPT, CHORD, ReLIFT, SFT->DPO and on-policy distillation (from
+builtin:tiny-teacher) under one matched budget of training
 samples, with three seeds each, evaluated alike on held-out data (`posttrain compare`); it prints the table
 and the findings and writes the report.
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 log = logging.getLogger("posttrain")
 
-DEMO_RECIPES = ("sft", "dft", "grpo", "sft_then_grpo", "luffy", "hpt", "chord_mu", "relift")
+DEMO_RECIPES = ("sft", "dft", "grpo", "sft_then_grpo", "luffy", "hpt", "chord_mu", "relift", "sft_then_dpo", "opd")
 FULL = dict(seeds=3, budget="samples=4800", n=200, samples=4, kl_n=64, curve_every=20)
 QUICK = dict(seeds=1, budget="samples=256", n=40, samples=2, kl_n=16, curve_every=2)
 

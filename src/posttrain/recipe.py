@@ -147,7 +147,7 @@ class AdvantageConfig(Strict):
     kind: Optional[Literal[ADVANTAGES]] = None  # type: ignore[valid-type]
     std_eps: Optional[float] = Field(None, gt=0)
     gamma: float = Field(1.0, ge=0, le=1)  # gae: discount
-    lam: float = Field(0.95, ge=0, le=1)  # gae: lambda of the exponentially weighted sum of TD errors
+    lam: float = Field(1.0, ge=0, le=1)  # gae: lambda of the exponentially weighted sum of TD errors
     whiten: bool = True  # gae: advantages to mean 0, std 1 over the batch's response tokens
 
 

@@ -238,8 +238,9 @@ _P = [
     Preset("ppo", "PPO with a value model: GAE over per-token rewards (R at the end, k1 KL on each token), whitened, "
            "clipped ratio; the critic trained beside with a clipped value loss (Ouyang et al. 2022)", ("rollouts",),
            "gae", _rl("ratio", "token", "tok"), kl_beta=0.05, kl_estimator="k1", kl_placement="reward",
-           references="legacy TRL PPOConfig / OpenRLHF: eps 0.2, gamma 1, lambda 0.95, eps_v 0.2, kl 0.05 (k1 in "
-                      "the reward), advantages whitened, token mean; one sample per prompt is enough (no group)"),
+           references="legacy TRL PPOConfig: eps 0.2, eps_v 0.2, kl 0.05 (k1 in the reward), advantages whitened, "
+                      "token mean; gamma 1 and lambda 1 as verl / OpenRLHF (TRL's 0.95 learned less on arith: see "
+                      "recipes/rm_then_ppo.yaml); one sample per prompt is enough (no group)"),
     Preset("grpo", "GRPO: group z-scored rewards, clipped ratio, k3 KL in the loss (DeepSeekMath)", ("rollouts",),
            "group_zscore", _rl("ratio", "token", "seq"), kl_beta=0.04, kl_estimator="k3",
            references="DeepSeekMath: beta 0.04 [?], eps 0.2, per-sequence mean; std eps 1e-4 and Bessel as TRL"),

@@ -2,7 +2,8 @@
 
     steps=K     K optimizer steps in all (multi-stage recipes: split in proportion to their stages' steps)
     samples=K   K sequences trained on (summed over updates; an RL step trains batch x group_size rows,
-                an SFT step batch rows); each stage stops once it reaches its share (`stop.samples`)
+                an SFT step batch rows, a preference step 2 x batch: chosen and rejected; online DPO at most
+                one pair per prompt); each stage stops once it reaches its share (`stop.samples`)
     tokens=K    K loss tokens trained on; each stage stops once it reaches its share (`stop.tokens`)
 
 A stage's share of a samples or tokens budget is its share of the recipe's nominal samples (its steps x
@@ -18,6 +19,7 @@ import copy
 import math
 from dataclasses import dataclass
 
+from ..objective.preference import PAIRED_LOSSES
 from ..objective.presets import get_preset
 
 KINDS = ("steps", "samples", "tokens")
@@ -49,7 +51,9 @@ def rows_per_step(stage: dict) -> int:
     """Sequences one optimizer step of a (raw) stage trains on, at its nominal settings."""
     preset = get_preset(stage["method"])
     batch = (stage.get("batch") or {}).get("size", 8)
-    if preset.data == "demonstrations" or "verified" in preset.sources:
+    if preset.data == "preferences" or preset.advantage in PAIRED_LOSSES:  # pairs (online DPO: one per prompt)
+        return 2 * batch
+    if preset.data in ("demonstrations", "unpaired") or "verified" in preset.sources:
         return batch
     group = (stage.get("rollout") or {}).get("group_size", 8)
     return max(1, batch * group // max(1, stage.get("minibatches", 1)))
@@ -84,5 +88,6 @@ def match(recipe: dict, budget: Budget | None) -> dict:
 
 
 def rows_per_step_exact(stage: dict) -> bool:
+    """Whether every step trains on exactly `rows_per_step` rows (offline data), or may train on fewer."""
     preset = get_preset(stage["method"])
-    return preset.data == "demonstrations" or "verified" in preset.sources
+    return preset.data in ("demonstrations", "preferences", "unpaired") or "verified" in preset.sources
