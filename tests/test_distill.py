@@ -125,3 +125,42 @@ def test_kd_gradient_is_the_forward_kl_to_the_teachers_distribution_on_the_demon
         loss.backward()
         for g, p in zip(got, student.parameters()):
             torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-8)  # (the batch's masks are fp32)
+
+
+def test_sdft_teacher_is_the_policy_shown_the_demonstration_and_its_term_is_the_advantage(tokenizer):
+    """SDFT through the experience builder: each sampled token's teacher log-prob is the policy's own, computed
+    here again on the teacher prompt (the question with its demonstration) followed by the same completion; the
+    advantage is coef (log pi_T - log q) on those tokens (no reward)."""
+    from posttrain.data.encode import encode_prompt
+    from posttrain.logprobs import token_logprobs
+    from posttrain.recipe import load_recipe
+    from posttrain.tiny import tiny_model
+    from posttrain.training.experience import Experience
+    from posttrain.training.sources import PairedDemos
+
+    rows = [{"prompt": [{"role": "user", "content": f"Say {c}."}],
+             "completion": [{"role": "assistant", "content": c * 3}]} for c in "ABCD"]
+    r = load_recipe({"model": "m", "stages": [{"method": "sdft", "data": {"path": "x"}, "batch": {"size": 2},
+                                               "rollout": {"group_size": 2, "max_new_tokens": 5}}]})
+    assert r.teacher is None  # the policy is its own teacher: no `teacher:` needed
+    st = r.stages[0]
+    model = tiny_model("llama", tokenizer, seed=0)
+    stop = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    exp = Experience(st, tokenizer, pad_id=tokenizer.eos_token_id, stop_ids=stop, rows=rows,
+                     paired=PairedDemos(tokenizer))
+    data = exp.make(model, 0, torch.Generator().manual_seed(0))
+    b = data.batch
+    assert "teacher_kl" in data.values and b.size == 4
+    teacher_prompt = exp.teacher_prompt(1)
+    assert "Say B." in teacher_prompt[-1]["content"] and "BBB" in teacher_prompt[-1]["content"]
+    for i in range(b.size):
+        m = b.loss_mask[i] > 0
+        completion = b.input_ids[i][m].tolist()
+        key = next(k for k, row in enumerate(rows) if encode_prompt(row["prompt"], tokenizer) ==
+                   b.input_ids[i][: int(m.nonzero()[0])].tolist())
+        ctx = encode_prompt(exp.teacher_prompt(key), tokenizer)
+        ids = torch.tensor([ctx + completion])
+        lp, _ = token_logprobs(model, ids, torch.ones_like(ids))
+        torch.testing.assert_close(b.teacher_logp[i][m], lp[0, len(ctx):].detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b.advantages[i][m], (b.teacher_logp[i][m] - b.old_logp[i][m]), rtol=1e-5,
+                                   atol=1e-6)

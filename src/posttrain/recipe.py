@@ -133,6 +133,8 @@ class DistillConfig(Strict):
     coef: Optional[float] = Field(None, ge=0)  # lambda; 0: no teacher term. On demonstrations (kd, sft): the share
     #                                            of the teacher's distribution in the target (1: pure KD)
     top_k: int = Field(64, gt=0)  # on demonstrations: the teacher's K most likely tokens per position are the target
+    context: str = ("{prompt}\n\nA correct solution, for reference:\n{demonstration}\n\nNow answer in your own "
+                    "words.")  # sdft: the teacher's question (the last user turn), with the row's demonstration
 
 
 class EntropyConfig(Strict):
@@ -529,7 +531,7 @@ def _check_combination(s: StageConfig, p: Preset) -> None:
 def resolve(recipe: Recipe) -> Recipe:
     r = recipe.model_copy(deep=True)
     r.stages = [resolve_stage(s) for s in r.stages]
-    taught = [s.name for s in r.stages if s.distill.coef]
+    taught = [s.name for s in r.stages if s.distill.coef and not get_preset(s.method).self_teacher]
     if taught and not r.teacher:
         raise RecipeError(f"stage {taught[0]!r} distils from a teacher: set `teacher:` (builtin:tiny-teacher, a local "
                           "model directory or a hub id with the same tokenizer as the model)")

@@ -488,7 +488,7 @@ class Run:
                                   "rows": len(sd.rows.rows)}
         kw: dict[str, Any] = dict(pad_id=pad_id, stop_ids=stop_ids, device=device, seed=seed, ref_model=ref_model,
                                   total_steps=n_steps)
-        if stage.distill.coef:
+        if stage.distill.coef and not preset.self_teacher:
             kw["teacher"] = self._teacher(tok, device, next(model.parameters()).dtype)
         if stage.advantage.kind == "gae":  # PPO's value model, from the policy at the stage's start by default
             from .training.critic import Critic

@@ -95,6 +95,7 @@ class Preset:
     pref_gamma: float = 0.0  # SimPO target margin
     pref_lam: float = 0.1  # ORPO odds-ratio weight
     distill_coef: float = 0.0  # on-policy distillation: lambda of the teacher term lambda (log pi_T - log pi)
+    self_teacher: bool = False  # SDFT: the teacher is the policy itself, shown the question's demonstration
     references: str = ""
 
     @property
@@ -340,6 +341,13 @@ _P = [
            references="tinker-cookbook / prime-rl opd: A_t = log pi_T(y_t) - log pi(y_t) on sampled tokens, token "
                       "mean; with rewards and advantage.kind group_zscore it is A - lambda (log pi - log pi_T), as "
                       "slime"),
+    Preset("sdft", "Self-distillation fine-tuning: on-policy distillation whose teacher is the policy itself with the "
+           "question's demonstration in its prompt; reverse KL on the student's samples, no reward (arXiv "
+           "2601.19897)", ("rollouts", "paired"), "zero", _rl("ratio", "token", "tok"), distill_coef=1.0,
+           self_teacher=True,
+           references="paper: the teacher is the same model conditioned on the demonstration, the student its "
+                      "own samples, A_t = log pi(y_t | x, y*) - log pi(y_t | x); the context template "
+                      "(distill.context) is posttrain's"),
     Preset("online_dpo", "Online DPO: G samples per prompt from the current policy, the best and the worst by "
            "reward as a pair, DPO on them (arXiv 2402.04792); preference.refresh_every: iterative DPO",
            ("rollouts",), "dpo", {"rollout": StreamSpec("one", "none", "pair", "group")}, pref_beta=0.1,

@@ -487,7 +487,8 @@ class Experience:
         if self.critic is not None:  # V(s_t) of the old policy's states, for GAE and the clipped value loss
             batch.values = self.critic.values(batch)
         if s.distill.coef:  # the teacher's log-probs of the student's tokens, one no-grad pass
-            batch.teacher_logp = self._logp(self.teacher, batch)
+            batch.teacher_logp = self._conditioned_logp(model, part.rows, batch) if self.p.self_teacher else \
+                self._logp(self.teacher, batch)
             own = batch.loss_mask * (batch.stream[:, None] == ROLLOUT)
             values["teacher_kl"] = float(((batch.old_logp - batch.teacher_logp) * own).sum() / own.sum().clamp(min=1))
         baseline = row_baselines(part.rows)
@@ -518,6 +519,35 @@ class Experience:
             ids[rows, 1: t + 1], probs[rows, 1: t + 1] = i.cpu(), p.cpu()
         batch.teacher_ids, batch.teacher_probs = ids, probs * batch.loss_mask[..., None].to(dt)
         batch.advantages = batch.advantages * (1 - self.s.distill.coef)
+
+    def teacher_prompt(self, key: int):
+        """SDFT's teacher prompt of row `key`: its last user turn (or its string prompt) in `distill.context`,
+        with the row's demonstration."""
+        row = self.rows[key]
+        demo, template = self.paired.text(key, row), self.s.distill.context
+        prompt = row["prompt"]
+        if isinstance(prompt, str):
+            return template.format(prompt=prompt, demonstration=demo)
+        last = max(i for i, m in enumerate(prompt) if m.get("role") == "user")
+        turn = dict(prompt[last], content=template.format(prompt=prompt[last]["content"], demonstration=demo))
+        return [*prompt[:last], turn, *prompt[last + 1:]]
+
+    def _conditioned_logp(self, model, rows: list[Row], batch: Batch) -> torch.Tensor:
+        """(N, T) SDFT's teacher log-probs: the policy itself, without gradients, on each rollout's completion
+        after its question's teacher prompt, placed at the completion's positions in `batch`."""
+        out = torch.zeros_like(batch.loss_mask)
+        seqs, spans = [], []
+        for i, row in enumerate(rows):
+            if row.stream == ROLLOUT:
+                a, b = row.completion_span()
+                ctx = encode_prompt(self.teacher_prompt(row.meta["key"]), self.tok)
+                seqs.append(Row(ctx + row.input_ids[a:b], [0] * len(ctx) + [1] * (b - a), ROLLOUT, len(seqs)))
+                spans.append((i, a, b, len(ctx)))
+        if seqs:
+            lp = self._logp(model, collate(seqs, self.pad_id))
+            for j, (i, a, b, c) in enumerate(spans):
+                out[i, a:b] = lp[j, c: c + b - a]
+        return out
 
     def reference_point(self, model, items) -> float:
         """KTO's z0 = max(0, mean_i KL estimate), sum_t (log pi - log pi_ref) of prompt i with the response of

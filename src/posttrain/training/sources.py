@@ -132,6 +132,16 @@ class PairedDemos:
                 raise DataError(self.origin if self.external else "<prompts>", key + 1, e.field, str(e)) from e
         return self._cache[key]
 
+    def text(self, key: int, row: dict) -> str:
+        """The demonstration of row `key` as plain text (a message list: its assistant turns' contents)."""
+        src = self._source_row(row)
+        if src is None:
+            raise DataError("<prompts>", key + 1, "completion", "has no demonstration")
+        value = next(src[c] for c in DEMONSTRATION_COLUMNS if src.get(c) is not None)
+        if isinstance(value, list):
+            return "\n".join(str(m.get("content", "")) for m in value if m.get("role", "assistant") == "assistant")
+        return str(value)
+
 
 class Buffer:
     """ReLIFT's buffer: keys of questions whose rollouts all failed, drained `size` at a time."""
