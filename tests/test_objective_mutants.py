@@ -185,7 +185,33 @@ def entropy_sign_flipped(logits: Tensor) -> Tensor:
     return -ORIG["entropy_from_logits"](logits)
 
 
+def tv_side_flipped(logp: Tensor, old_logp: Tensor, adv: Tensor, delta: float) -> Tensor:
+    diff = torch.exp(logp) - torch.exp(old_logp)
+    out = ((adv > 0) & (-diff > delta)) | ((adv < 0) & (diff > delta))
+    return (~out).to(adv.dtype)
+
+
+def gae_lambda_ignored(token_rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float, lam: float):
+    return ORIG["gae"](token_rewards, values, mask, gamma=gamma, lam=0.0)
+
+
+def gae_values_off_by_one(token_rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float, lam: float):
+    return ORIG["gae"](token_rewards, torch.roll(values, 1, 1) * mask, mask, gamma=gamma, lam=lam)
+
+
+def terminal_reward_at_the_first_token(rewards: Tensor, mask: Tensor) -> Tensor:
+    m = mask.to(torch.float64)
+    first = m.argmax(1)
+    r = torch.zeros_like(m)
+    r[torch.arange(len(first)), first] = rewards.to(m.dtype)
+    return r * m
+
+
 MUTANTS: dict[str, tuple[str, Callable, tuple[str, ...]]] = {
+    "dppo_mask_side_flipped": ("tv_mask", tv_side_flipped, ("o1[dppo]",)),
+    "ppo_gae_lambda_ignored": ("gae", gae_lambda_ignored, ("o1[ppo]",)),
+    "ppo_values_off_by_one": ("gae", gae_values_off_by_one, ("o1[ppo]",)),
+    "ppo_reward_at_the_first_token": ("terminal_rewards", terminal_reward_at_the_first_token, ("o1[ppo]",)),
     "clip_side_flipped": ("clip_mask", clip_side_flipped, ("o6", "o1[grpo]")),
     "clip_ignored": ("clip_mask", clip_ignored, ("o6", "o1[grpo]")),
     "clip_eps_swapped": ("clip_mask", clip_eps_swapped, ("o1[dapo]", "o6")),

@@ -108,6 +108,17 @@ def test_reward_model_recipes_that_cannot_mean_anything_are_refused(stage, messa
     assert message in str(e.value)
 
 
+def test_a_reward_model_stage_must_come_before_the_stage_it_scores():
+    stages = [{"method": "grpo", "data": {"path": "p.jsonl"}, "rewards": [{"fn": "model", "path": "rm"}]},
+              {"name": "rm", "method": "reward_model", "data": {"path": "x.jsonl"}}]
+    with pytest.raises(RecipeError, match="must be a reward_model stage that runs before it"):
+        load_recipe({"model": "m", "stages": stages})
+    stages[1]["method"] = "dpo"
+    with pytest.raises(RecipeError, match="must be a reward_model stage"):
+        load_recipe({"model": "m", "stages": stages[::-1]})
+    load_recipe({"model": "m", "stages": [{**stages[1], "method": "reward_model"}, stages[0]]})
+
+
 def test_a_reward_model_path_that_does_not_load_is_a_recipe_error_before_step_0(tmp_path, model_dirs):
     (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": "Say A.", "answer": "A"}) + "\n")
     r = {"model": model_dirs["llama"], "device": "cpu", "stages": [

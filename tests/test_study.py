@@ -295,3 +295,14 @@ def test_a_run_directory_made_from_another_recipe_version_is_refused(tmp_path):
     edited = {**raw, "seed": 7}
     with pytest.raises(RecipeError, match="another version of its recipe"):
         _Job("sft-s0", tmp_path / "sft-s0", edited, "builtin:tiny").prepare(EvalSpec())
+
+
+def test_each_recipe_is_put_in_the_family_the_findings_compare():
+    """The findings compare the RL family (rewarded rollouts only) with the SFT family: distillation, which has
+    a teacher, and preference methods stay out of both."""
+    from posttrain.study.summary import family
+
+    cases = {("sft",): "sft", ("rft",): "sft", ("kd",): "distill", ("grpo",): "rl", ("ppo",): "rl", ("remax",): "rl",
+             ("opd",): "distill", ("sdft",): "distill", ("dpo",): "preference", ("online_dpo",): "preference",
+             ("kto",): "preference", ("luffy",): "hybrid", ("sft", "dpo"): "pipeline"}
+    assert {m: family(list(m)) for m in cases} == cases

@@ -187,8 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--curve-every", type=int, default=25, help="learning-curve points every N steps (default 25)")
     c.set_defaults(fn=cmd_compare)
 
-    d = sub.add_parser("demo", help="the built-in study: SFT, DFT, GRPO, SFT->GRPO, LUFFY, HPT, CHORD, ReLIFT on "
-                       "builtin:tiny under one matched budget", description="Train the shipped tiny model with eight "
+    d = sub.add_parser("demo", help="the built-in study: SFT, DFT, GRPO, SFT->GRPO, LUFFY, HPT, CHORD, ReLIFT, "
+                       "SFT->DPO and on-policy distillation on builtin:tiny under one matched budget",
+                       description="Train the shipped tiny model with ten "
                        "methods under one matched budget of training samples (three seeds each), evaluate every run "
                        "alike on held-out data and write the report (`posttrain compare` with fixed settings).")
     d.add_argument("--out", default="runs/demo", help="directory for the runs and the report (a subfolder full/ "

@@ -126,6 +126,8 @@ class Run:
         self.stop = StopRequest()
         self.resume: tuple[checkpoint.Found, dict] | None = None  # (checkpoint, its state.json) of the running stage
         self.vocab_rows: int | None = None  # the model's embedding rows: a row holding a later id is a bad row
+        self._reward_models: dict = {}  # {fn: model} rewards, loaded once per run and path
+        self._checking = False  # True while rewards are checked before step 0 (reward models not made yet are fine)
 
     def execute(self) -> dict:
         if self.progress is False:  # quiet: transformers' per-file load and save bars too
@@ -432,12 +434,12 @@ class Run:
         """The reward function of {fn: model, path: ...}: `path` may name a stage of this run (its model)."""
         from .reward_model import ModelReward
 
-        cache = self.__dict__.setdefault("_reward_models", {})
+        cache = self._reward_models
         where = self.out / "stages" / path / "model" if path in [s.name for s in self.cfg.stages] else path
         key = (str(where), tuple(sorted(options.items())))
         if key not in cache:
             if not Path(where).exists() and path in [s.name for s in self.cfg.stages]:
-                if self.__dict__.get("_checking"):  # checked before step 0: the stage makes it later
+                if self._checking:  # checked before step 0: the stage makes it later
                     return _pending_reward
                 raise RecipeError(f"reward model {path!r} is a stage of this run that has not finished; put the "
                                   "reward_model stage before the stages that use it")

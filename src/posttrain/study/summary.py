@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 
 from ..jsonio import dumps, strict
+from ..objective.preference import PAIRED_LOSSES
 from ..objective.presets import get_preset
 
 SUM_KEYS = ("samples", "trained_tokens", "forward_tokens", "generated_tokens", "prefill_tokens", "ref_forward_tokens")
@@ -39,10 +40,15 @@ def _mean(xs) -> float | None:
 
 
 def family(methods: list[str]) -> str:
-    """sft (demonstrations only), rl (rollouts only), hybrid (one stage of both), or pipeline (several stages)."""
+    """sft (demonstrations only), rl (rollouts only, rewarded), distill (a teacher's signal), preference (pairs or
+    labelled responses), hybrid (one stage of both), or pipeline (several stages)."""
     if len(methods) > 1:
         return "pipeline"
     p = get_preset(methods[0])
+    if p.distill_coef:
+        return "distill"
+    if p.data in ("preferences", "unpaired") or p.advantage in PAIRED_LOSSES:
+        return "preference"
     if p.data == "demonstrations" or "verified" in p.sources:
         return "sft"
     return "rl" if p.sources == ("rollouts",) else "hybrid"

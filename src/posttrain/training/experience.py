@@ -25,7 +25,7 @@ from ..data.encode import completion_text, encode_prompt
 from ..logprobs import position_ids_from_mask, token_logprobs
 from ..objective import mixers
 from ..objective import advantages as adv_fns
-from ..objective.advantages import advantages, gae, global_normalize, group_success, mixed_outcome, terminal_rewards
+from ..objective.advantages import advantages, group_success, mixed_outcome
 from ..objective.components import overlong_penalty
 from ..objective.preference import PAIRED_LOSSES
 from ..objective.presets import get_preset
@@ -680,11 +680,11 @@ def token_advantages(batch: Batch, rewards: torch.Tensor, stage, baseline: torch
         kl = float(k1.sum() / own.sum().clamp(min=1))
     if stage.advantage.kind == "gae":  # PPO: per-token rewards (R at the end, -beta k1 each token) and the critic
         adv = stage.advantage
-        r = terminal_rewards(torch.nan_to_num(rewards, nan=0.0), group_tokens)
+        r = adv_fns.terminal_rewards(torch.nan_to_num(rewards, nan=0.0), group_tokens)
         if kl_reward:
             r = r - stage.kl.beta * k1.to(r)
-        A, batch.returns = gae(r, batch.values, group_tokens, gamma=adv.gamma, lam=adv.lam)
-        A = global_normalize(A, group_tokens).to(batch.loss_mask) if adv.whiten else A.to(batch.loss_mask)
+        A, batch.returns = adv_fns.gae(r, batch.values, group_tokens, gamma=adv.gamma, lam=adv.lam)
+        A = adv_fns.global_normalize(A, group_tokens).to(batch.loss_mask) if adv.whiten else A.to(batch.loss_mask)
         batch.returns = batch.returns.to(batch.loss_mask)
     else:
         A = advantages(stage.advantage.kind, rewards, batch.group, group_tokens, std_eps=stage.advantage.std_eps,
