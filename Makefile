@@ -20,10 +20,10 @@ demo: $(STAMP)
 # Two workers, each single-threaded (tests/conftest.py): both cores busy, and the learning tests' thresholds were
 # measured the same way (two single-threaded runs at a time).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

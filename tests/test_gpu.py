@@ -22,7 +22,7 @@ def test_cuda_defaults_to_bf16_when_supported():
 
 
 @cuda
-@pytest.mark.parametrize("method", ["grpo", "luffy", "prefix_rft", "hpt", "chord_mu"])
+@pytest.mark.parametrize("method", ["grpo", "luffy", "prefix_rft", "hpt", "chord_mu", "ppo", "remax", "dppo", "sdft"])
 def test_rl_and_hybrids_three_steps_on_cuda_bf16(tmp_path, tokenizer, method):
     """Sampling on the GPU with the training generator (a CPU generator fails in torch.multinomial there),
     demonstrations and rollouts in one bf16 step."""
@@ -35,6 +35,24 @@ def test_rl_and_hybrids_three_steps_on_cuda_bf16(tmp_path, tokenizer, method):
     summary = posttrain.train(recipe, out=tmp_path / "run", data=rows, rewards=[varied], progress=False)
     assert summary["device"].startswith("cuda") and summary["dtype"] == "bfloat16"
     assert summary["stages"][method]["steps"] == 3
+
+
+@cuda
+@pytest.mark.parametrize("method", ["kd", "reward_model"])
+def test_distillation_and_reward_models_on_cuda_bf16(tmp_path, tokenizer, method):
+    """KD's teacher targets and a reward model's scalar head, on the GPU in bf16 (scores and losses in fp32)."""
+    save_pretrained(tiny_model("llama", tokenizer), tokenizer, tmp_path / "m",
+                    stop_ids=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")])
+    rows = [{"prompt": f"Say {c}.", "completion": c, "chosen": c, "rejected": c.lower() + "x"} for c in "ABCD"]
+    if method == "reward_model":
+        rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]
+    else:
+        rows = [{k: r[k] for k in ("prompt", "completion")} for r in rows]
+    recipe = {"model": str(tmp_path / "m"), "device": "cuda", "teacher": str(tmp_path / "m"),
+              "stages": [{"method": method, "data": {}, "steps": 3, "batch": {"size": 2}}]}
+    summary = posttrain.train(recipe, out=tmp_path / "run", data=rows, progress=False)
+    assert summary["dtype"] == "bfloat16" and summary["stages"][method]["steps"] == 3
+    assert all(v == v for v in summary["stages"][method]["final"].values() if isinstance(v, float))  # no NaN
 
 
 @cuda
