@@ -4,10 +4,11 @@ Order of operations (algorithms.md §3, §4):
   prompts -> [free rollouts, prefixed rollouts, in-group demonstrations] per question (one group id each)
   -> rewards (errors masked) -> + soft overlong penalty -> dynamic-sampling filter (refill rounds)
   -> per-question gates and extra rows (HPT's switch, SRFT's and CHORD's demonstrations, ReLIFT's buffer)
-  -> Batch (+ old_logp, ref_logp) -> [k1 in the reward] -> advantages (by group id) and mix.
-Demonstration-only stages (SFT, DFT) draw a batch of demonstrations; preference stages (DPO, ...) a batch
-of pairs with their reference log-probs (the advantage comes later, from the update's forward pass);
-rejection sampling (RFT) refills
+  -> Batch (+ old_logp, ref_logp, a critic's values, a teacher's log-probs) -> [k1 in the reward]
+  -> advantages (by group id; GAE for PPO, the greedy baseline for ReMax) and mix.
+Stages that read stored data only (SFT, DFT, PSFT, KD; DPO and the other pair losses; KTO) are built in
+training/offline.py (the advantage of a preference loss comes later, from the update's forward pass); the
+teachers' signals (KD's targets, SDFT's self-teacher) in training/teachers.py. Rejection sampling (RFT) refills
 its pool of verified samples once per round. The loop calls `make` and never asks which method runs.
 The sampler's ids are used as they are: text is decoded only for the reward functions.
 """
@@ -20,9 +21,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import faults
-from ..data.batch import DEMO, PREFIX, ROLLOUT, Batch, Row, collate, demo_batch, mismatched, pair_batch, unpaired_batch
+from ..data.batch import DEMO, PREFIX, ROLLOUT, Batch, Row, collate, pair_batch
 from ..data.encode import completion_text, encode_prompt
-from ..logprobs import position_ids_from_mask, token_logprobs
+from ..logprobs import token_logprobs
 from ..objective import mixers
 from ..objective import advantages as adv_fns
 from ..objective.advantages import advantages, group_success, mixed_outcome
@@ -33,6 +34,8 @@ from ..recipe import stage_streams
 from ..rewards import reward_columns
 from ..rollout.sampler import sample
 from .health import GroupSignal, RewardHealth
+from .offline import OfflineSteps
+from .teachers import TeacherSignals
 from .sources import Buffer, DataCursor, Demonstrations, PairedDemos, VerifiedPool
 
 STREAM_IDS = {"demo": DEMO, "rollout": ROLLOUT, "prefix": PREFIX}
@@ -94,7 +97,7 @@ class _Questions:
         self.first_count = {g: float(c) for g, c in zip(self.group.tolist(), self.count.tolist())}
 
 
-class Experience:
+class Experience(OfflineSteps, TeacherSignals):
     """Builds one Batch per step from a stage's sources. Holds no model: the policy is passed in."""
 
     def __init__(self, stage, tokenizer, *, pad_id: int, stop_ids=(), device="cpu", seed: int = 0, rows=None,
@@ -141,27 +144,9 @@ class Experience:
 
     def make(self, model, step: int, generator) -> StepData:
         """The experience of optimizer step `step` (0-based count of the steps already taken)."""
-        if self.p.sources == ("demonstrations",):
-            batch = demo_batch(self.demos.take(self.s.batch.size), self.pad_id)
-            self._compute = {"ref_forward_tokens": 0}
-            if self.s.ppo_epochs * self.s.minibatches > 1 and self.s.weight != "one":  # PSFT's q: the policy
-                batch.old_logp = self._logp(model, batch, temperature=1.0)              # before the batch
-            if self.s.distill.coef:  # KD: the teacher's top-k distribution is (a share of) each token's target
-                self._teacher_targets(batch)
-            return StepData(batch, dict(self._compute) if self._compute["ref_forward_tokens"] else {})
-        if self.p.sources == ("pairs",):
-            self._compute = {"ref_forward_tokens": 0}
-            batch = pair_batch(self.pairs.take(self.s.batch.size), self.pad_id)
-            if self.p.needs_reference:  # once per batch, without gradients
-                batch.ref_logp = self._logp(self.ref_model, batch, temperature=1.0)
-            return StepData(batch, dict(self._compute))
-        if self.p.sources == ("unpaired",):  # KTO: labelled responses and the batch's reference point z0
-            self._compute = {"ref_forward_tokens": 0}
-            items = self.pairs.take(self.s.batch.size)
-            batch = unpaired_batch(items, self.pad_id)
-            batch.ref_logp = self._logp(self.ref_model, batch, temperature=1.0)
-            batch.ref_point = torch.full((batch.size,), self.reference_point(model, items))
-            return StepData(batch, dict(self._compute))
+        offline = self._offline_step(model)  # demonstrations, pairs, unpaired rows (training/offline.py)
+        if offline is not None:
+            return StepData(*offline)
         self._compute = {"prefill_tokens": 0, "generated_tokens": 0, "ref_forward_tokens": 0}
         self.refresh_reference(model, step)
         data = self._verified(model, generator) if self.pool is not None else self._rollouts(model, step, generator)
@@ -499,63 +484,6 @@ class Experience:
         if kl is not None:
             values["kl"] = kl
         return batch
-
-    @torch.no_grad()
-    def _teacher_targets(self, batch: Batch) -> None:
-        """batch.teacher_ids / teacher_probs (N, T, K): the teacher's top_k tokens and probabilities at each
-        position (aligned like log-probs: position t is the distribution token t was drawn from); the hard
-        target keeps weight 1 - coef (batch.advantages)."""
-        k = min(self.s.distill.top_k, self.teacher.get_output_embeddings().out_features)
-        N, T = batch.input_ids.shape
-        dt = torch.promote_types(next(self.teacher.parameters()).dtype, torch.float32)
-        ids, probs = torch.zeros((N, T, k), dtype=torch.long), torch.zeros((N, T, k), dtype=dt)
-        self._compute["ref_forward_tokens"] += int(batch.attention_mask.sum())
-        for rows in batch.split(self.s.batch.micro_size or N):
-            mb = batch.select(rows).to(self.device)
-            z = self.teacher(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False,
-                             position_ids=position_ids_from_mask(mb.attention_mask)).logits[:, :-1].to(dt)
-            p, i = torch.softmax(z, -1).topk(k, dim=-1)  # (n, t-1, k)
-            t = p.shape[1]
-            ids[rows, 1: t + 1], probs[rows, 1: t + 1] = i.cpu(), p.cpu()
-        batch.teacher_ids, batch.teacher_probs = ids, probs * batch.loss_mask[..., None].to(dt)
-        batch.advantages = batch.advantages * (1 - self.s.distill.coef)
-
-    def teacher_prompt(self, key: int):
-        """SDFT's teacher prompt of row `key`: its last user turn (or its string prompt) in `distill.context`,
-        with the row's demonstration."""
-        row = self.rows[key]
-        demo, template = self.paired.text(key, row), self.s.distill.context
-        prompt = row["prompt"]
-        if isinstance(prompt, str):
-            return template.format(prompt=prompt, demonstration=demo)
-        last = max(i for i, m in enumerate(prompt) if m.get("role") == "user")
-        turn = dict(prompt[last], content=template.format(prompt=prompt[last]["content"], demonstration=demo))
-        return [*prompt[:last], turn, *prompt[last + 1:]]
-
-    def _conditioned_logp(self, model, rows: list[Row], batch: Batch) -> torch.Tensor:
-        """(N, T) SDFT's teacher log-probs: the policy itself, without gradients, on each rollout's completion
-        after its question's teacher prompt, placed at the completion's positions in `batch`."""
-        out = torch.zeros_like(batch.loss_mask)
-        seqs, spans = [], []
-        for i, row in enumerate(rows):
-            if row.stream == ROLLOUT:
-                a, b = row.completion_span()
-                ctx = encode_prompt(self.teacher_prompt(row.meta["key"]), self.tok)
-                seqs.append(Row(ctx + row.input_ids[a:b], [0] * len(ctx) + [1] * (b - a), ROLLOUT, len(seqs)))
-                spans.append((i, a, b, len(ctx)))
-        if seqs:
-            lp = self._logp(model, collate(seqs, self.pad_id))
-            for j, (i, a, b, c) in enumerate(spans):
-                out[i, a:b] = lp[j, c: c + b - a]
-        return out
-
-    def reference_point(self, model, items) -> float:
-        """KTO's z0 = max(0, mean_i KL estimate), sum_t (log pi - log pi_ref) of prompt i with the response of
-        item i + 1: the policy and the reference on mismatched pairs, without gradients."""
-        mis = demo_batch(mismatched(items), self.pad_id)
-        kl = ((self._logp(model, mis, temperature=1.0) - self._logp(self.ref_model, mis, temperature=1.0))
-              * mis.loss_mask).sum(1)
-        return max(0.0, float(kl.mean()))
 
     @torch.no_grad()
     def _logp(self, model, batch: Batch, temperature: float | None = None) -> torch.Tensor:
