@@ -96,9 +96,22 @@ def test_a_ppo_stage_trains_its_critic_beside_the_policy(tmp_path, model_dirs):
     assert saved["architectures"] == ["LlamaForCausalLM"]  # final/ is the policy; the critic is not published
 
 
+def test_ppo_with_lora_trains_adapters_on_the_policy_and_a_full_critic(tmp_path, model_dirs):
+    """With `lora` the policy trains its adapters only; the critic is a full copy of the model from before the
+    adapters were attached (the value head needs trained features), with its own optimizer."""
+    rows = [{"prompt": f"Say {c}.", "answer": c} for c in "ABCD"]
+    r = {"model": model_dirs["llama"], "device": "cpu", "stages": [
+        {"method": "ppo", "data": {}, "steps": 3, "batch": {"size": 2}, "lora": {"r": 4, "alpha": 8.0},
+         "rollout": {"group_size": 2, "max_new_tokens": 4}, "optim": {"lr": 1e-3},
+         "rewards": [{"fn": "reward_fns:length"}]}]}
+    posttrain.train(r, out=tmp_path / "run", data=rows, progress=False)
+    recs = metrics(tmp_path / "run")
+    assert len(recs) == 3 and all("value_loss" in x for x in recs)
+    assert (tmp_path / "run" / "final" / "adapter").is_dir()
+
+
 @pytest.mark.parametrize("stage, message", [
     ({"method": "grpo", "critic": {"lr": 1e-4}}, "`critic` configures the value model of advantage gae"),
-    ({"method": "ppo", "lora": {"r": 4}}, "PPO's value model is a full copy of the backbone"),
 ])
 def test_ppo_recipes_that_cannot_mean_anything_are_refused(stage, message):
     with pytest.raises(RecipeError, match=message):

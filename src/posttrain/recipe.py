@@ -451,9 +451,6 @@ def _check_combination(s: StageConfig, p: Preset) -> None:
     if s.critic.model_fields_set and s.advantage.kind != "gae":
         raise RecipeError(f"{where}: `critic` configures the value model of advantage gae (method ppo); method "
                           f"{s.method!r} with advantage {s.advantage.kind!r} has none")
-    if s.advantage.kind == "gae" and s.lora is not None:
-        raise RecipeError(f"{where}: PPO's value model is a full copy of the backbone; with `lora` it is not "
-                          "supported yet: remove `lora`, or use a critic-free method (grpo, rloo, reinforce_pp)")
     online = p.data == "prompts" and {p.advantage, s.advantage.kind} <= set(PAIRED_LOSSES)  # online DPO
     if s.preference.refresh_every and not (online and s.advantage.kind in NEEDS_REFERENCE):
         raise RecipeError(f"{where}: preference.refresh_every renews the reference of online DPO / IPO (method "

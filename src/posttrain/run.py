@@ -474,6 +474,11 @@ class Run:
         self._resolve_late(stage, sd, tok, getattr(model.config, "max_position_embeddings", None))
         self.bad_rows.verdict()
         seed = self.cfg.seed + 7919 * i
+        critic = None
+        if stage.advantage.kind == "gae":  # PPO's value model: a full copy, from the policy before any adapter
+            from .training.critic import Critic
+
+            critic = Critic.for_stage(stage, model, pad_id=pad_id, device=device)
         if stage.lora is not None:
             model = lora.attach(model, stage.lora, device)
         if _trains_reward_model(stage):  # the policy's backbone under a fresh scalar head
@@ -492,10 +497,8 @@ class Run:
                                   total_steps=n_steps)
         if stage.distill.coef and not preset.self_teacher:
             kw["teacher"] = self._teacher(tok, device, next(model.parameters()).dtype)
-        if stage.advantage.kind == "gae":  # PPO's value model, from the policy at the stage's start by default
-            from .training.critic import Critic
-
-            kw["critic"] = Critic.for_stage(stage, model, pad_id=pad_id, device=device)
+        if critic is not None:
+            kw["critic"] = critic
         if sd.encoded is not None and preset.data in ("preferences", "unpaired"):
             kw["pairs"] = Demonstrations(sd.encoded, seed + 1, stage.data.shuffle)
         elif sd.encoded is not None:
