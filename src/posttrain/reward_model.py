@@ -31,11 +31,15 @@ def _head(model) -> torch.nn.Module:
                      "transformers *ForSequenceClassification model with num_labels=1")
 
 
+def _hidden(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """(B, T, D) the backbone's last hidden states of right-padded rows."""
+    return model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                            position_ids=position_ids_from_mask(attention_mask)).last_hidden_state
+
+
 def sequence_scores(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """(B,) the head's scalar at the last real, non-pad token of each right-padded row; differentiable."""
-    position_ids = position_ids_from_mask(attention_mask)
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              use_cache=False).last_hidden_state  # (B, T, D)
+    hidden = _hidden(model, input_ids, attention_mask)
     # The last real token that is not the pad id: transformers' own pooling, so a model loaded with
     # AutoModelForSequenceClassification scores alike (where pad is eos, a final eos is skipped by both).
     real = attention_mask.bool()
@@ -52,10 +56,7 @@ def sequence_scores(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
 def token_values(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """(B, T) a value model's V(s_t) aligned with the tokens like `token_logprobs`: column t holds the head's
     scalar after tokens 0..t-1, the state token t is sampled from; column 0 and padding are 0. Differentiable."""
-    position_ids = position_ids_from_mask(attention_mask)
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              use_cache=False).last_hidden_state  # (B, T, D)
-    v = _head(model)(hidden[:, :-1]).squeeze(-1)  # (B, T-1)
+    v = _head(model)(_hidden(model, input_ids, attention_mask)[:, :-1]).squeeze(-1)  # (B, T-1)
     v = torch.nn.functional.pad(v.to(torch.promote_types(v.dtype, torch.float32)), (1, 0))
     return v * attention_mask.to(v.dtype)
 
@@ -110,6 +111,7 @@ class ModelReward:
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence, completions: Sequence, **kw: Any) -> list[float]:
+        from .data.batch import ROLLOUT, Row, collate
         from .data.encode import encode_response
 
         ids = [encode_response(p, c, self.tok).input_ids for p, c in zip(prompts, completions)]
@@ -117,12 +119,7 @@ class ModelReward:
             ids = [x[-self.max_len:] for x in ids]  # keep the response's end, where the score is read
         out: list[float] = []
         for i in range(0, len(ids), self.batch_size):
-            chunk = ids[i: i + self.batch_size]
-            T = max(len(x) for x in chunk)
-            input_ids = torch.full((len(chunk), T), self.tok.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), T), dtype=torch.long)
-            for j, x in enumerate(chunk):
-                input_ids[j, : len(x)] = torch.tensor(x)
-                mask[j, : len(x)] = 1
-            out += sequence_scores(self.model, input_ids.to(self.device), mask.to(self.device)).tolist()
+            b = collate([Row(x, [1] * len(x), ROLLOUT, j) for j, x in enumerate(ids[i: i + self.batch_size])],
+                        self.tok.pad_token_id).to(self.device)
+            out += sequence_scores(self.model, b.input_ids, b.attention_mask).tolist()
         return out

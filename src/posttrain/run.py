@@ -435,10 +435,11 @@ class Run:
         from .reward_model import ModelReward
 
         cache = self._reward_models
-        where = self.out / "stages" / path / "model" if path in [s.name for s in self.cfg.stages] else path
+        in_run = path in [s.name for s in self.cfg.stages]
+        where = self.out / "stages" / path / "model" if in_run else path
         key = (str(where), tuple(sorted(options.items())))
         if key not in cache:
-            if not Path(where).exists() and path in [s.name for s in self.cfg.stages]:
+            if in_run and not Path(where).exists():
                 if self._checking:  # checked before step 0: the stage makes it later
                     return _pending_reward
                 raise RecipeError(f"reward model {path!r} is a stage of this run that has not finished; put the "

@@ -40,7 +40,12 @@ def preference_accuracy(model, tok, rows: list[dict], spec: PreferenceSpec, *, r
         terms = preference_terms(spec, _logp(model, b, device), b.loss_mask, b.group, b.pair_sign, ref_logp=ref,
                                  num_pairs=n, chosen_tokens=float(b.loss_mask[0::2].sum()))
         margins.append(terms.margin)
-    m = torch.cat(margins) if margins else torch.zeros(0, dtype=torch.float64)
+    return _ranked(margins)
+
+
+def _ranked(margins: list[torch.Tensor]) -> dict:
+    """{"n", "pref_accuracy" (ties one half), "margin" (the mean)} of per-pair margins."""
+    m = torch.cat(margins).double() if margins else torch.zeros(0, dtype=torch.float64)
     won = (m > 0).double() + 0.5 * (m == 0).double()
     return {"n": len(m), "pref_accuracy": float(won.mean()) if len(m) else float("nan"),
             "margin": float(m.mean()) if len(m) else float("nan")}
@@ -62,7 +67,4 @@ def reward_model_accuracy(model, pairs: list, pad_id: int, *, batch_size: int = 
         w, lo = pair_index(b.group.cpu(), b.pair_sign.cpu())
         margins.append(r[w] - r[lo])
     model.train(was_training)
-    m = torch.cat(margins) if margins else torch.zeros(0, dtype=torch.float64)
-    won = (m > 0).double() + 0.5 * (m == 0).double()
-    return {"n": len(m), "pref_accuracy": float(won.mean()) if len(m) else float("nan"),
-            "margin": float(m.mean()) if len(m) else float("nan")}
+    return _ranked(margins)
