@@ -61,21 +61,24 @@ def test_right_padding_leaves_real_tokens_unchanged(make_model, arch):
             torch.testing.assert_close(ent[b, :n], alone_ent[0], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("chunk_size", [1, 3, 64])
-def test_chunked_equals_plain_values_and_gradients(make_model, arch, chunk_size):
+@pytest.mark.parametrize("chunk", [{"chunk_size": 1}, {"chunk_size": 3}, {"chunk_size": 64}, {"chunk_tokens": 2},
+                                   {"chunk_tokens": 7}, {}])
+def test_chunked_equals_plain_values_and_gradients(make_model, arch, chunk):
+    """Every chunking (positions, tokens split over the rows, the default; 64 positions and the default hold the
+    whole batch in one chunk, the plain path) gives the full-logits values and gradients."""
     model = make_model(arch).eval()  # gpt2 has dropout: both paths must see the same network
     ids, mask = _batch(model.config.vocab_size, [8, 5], seed=1)
     weights = torch.randn(ids.shape, generator=torch.Generator().manual_seed(2))
 
     def run(cs):
         model.zero_grad()
-        logp, ent = token_logprobs(model, ids, mask, temperature=0.9, with_entropy=True, chunk_size=cs)
+        logp, ent = token_logprobs(model, ids, mask, temperature=0.9, with_entropy=True, **cs)
         ((logp + 0.1 * ent) * weights).sum().backward()
         grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
         return logp.detach(), ent.detach(), grads
 
-    logp, ent, grads = run(None)
-    c_logp, c_ent, c_grads = run(chunk_size)
+    logp, ent, grads = run({"chunk_size": None, "chunk_tokens": None})
+    c_logp, c_ent, c_grads = run(chunk)
     torch.testing.assert_close(c_logp, logp, atol=1e-6, rtol=0)
     torch.testing.assert_close(c_ent, ent, atol=1e-6, rtol=0)
     assert len(grads) == len(c_grads) > 0
@@ -87,7 +90,7 @@ def test_single_token_rows_give_zero_logp_in_both_paths(make_model):
     model = make_model("mistral")
     ids, mask = _batch(model.config.vocab_size, [1, 1])
     for cs in (None, 2):
-        logp, ent = token_logprobs(model, ids, mask, with_entropy=True, chunk_size=cs)
+        logp, ent = token_logprobs(model, ids, mask, with_entropy=True, chunk_size=cs, chunk_tokens=None)
         assert logp.shape == (2, 1) and (logp == 0).all() and (ent == 0).all()
 
 
@@ -98,5 +101,7 @@ def test_bad_arguments_explain_themselves(make_model):
         token_logprobs(model, ids, mask, temperature=0.0)
     with pytest.raises(ValueError, match="chunk_size"):
         token_logprobs(model, ids, mask, chunk_size=0)
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        token_logprobs(model, ids, mask, chunk_tokens=0)
     with pytest.raises(ValueError, match=r"\(B, T\)"):
         token_logprobs(model, ids, mask[:, :2])

@@ -14,6 +14,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .logprobs import CHUNK_TOKENS
 from .objective.advantages import ADVANTAGES, GROUP_ADVANTAGES
 from .objective.preference import NEEDS_REFERENCE, PAIRED_LOSSES, PREFERENCE_LOSSES, REWARD_MODEL_LOSS
 from .objective.components import AGGREGATIONS, KL_ESTIMATORS, WEIGHTS
@@ -97,6 +98,10 @@ class BatchConfig(Strict):
 
     size: int = Field(8, gt=0)  # SFT: sequences per optimizer step; RL: prompts per rollout batch
     micro_size: Optional[int] = Field(None, gt=0)  # sequences per forward/backward (gradient accumulation)
+    # The LM head's outputs (rows x positions) computed at once for log-probs and entropy, so a large batch never
+    # holds its whole (B, T, V) logits; null: all at once.
+    logits_chunk: Optional[int] = Field(CHUNK_TOKENS, gt=0)  # LM-head outputs per chunk; null: the whole logits
+    pack: bool = False  # SFT / DFT: pack each step's demonstrations into rows of data.max_len tokens (less padding)
 
 
 class RolloutConfig(Strict):
@@ -471,6 +476,10 @@ def _check_combination(s: StageConfig, p: Preset) -> None:
             if (st.weight, st.clip_level, st.aggregation) != ("one", "none", want):
                 raise RecipeError(f"{where}: a preference loss fixes its stream's components (weight one, clip_level "
                                   f"none, aggregation {want}); remove the overrides of streams.{name}")
+    if s.batch.pack and not (p.sources == ("demonstrations",) and not s.distill.coef and s.ppo_epochs * s.minibatches == 1
+                             and all(st.aggregation == "tok" for st in stage_streams(s).values())):
+        raise RecipeError(f"{where}: batch.pack packs demonstrations for a token-mean loss on them alone (methods sft "
+                          f"and dft, one update per batch); method {s.method!r} here cannot use it: remove batch.pack")
     if p.data == "demonstrations" and s.distill.coef and s.distill.coef > 1:
         raise RecipeError(f"{where}: on demonstrations distill.coef is the teacher's share of the target, in [0, 1]; "
                           f"got {s.distill.coef}")

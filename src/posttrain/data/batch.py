@@ -43,6 +43,7 @@ class Batch:
     teacher_probs: Optional[Tensor] = None  # (N, T, K) ... and their probabilities under the teacher
     values: Optional[Tensor] = None  # (N, T) the critic's V(s_t) when the batch was built (PPO)
     returns: Optional[Tensor] = None  # (N, T) GAE's returns G_t = A_t + V(s_t), the critic's targets (PPO)
+    position_ids: Optional[Tensor] = None  # (N, T) long, packed rows only: 0, 1, ... restarting at each document
 
     @property
     def size(self) -> int:
@@ -189,6 +190,33 @@ def collate(rows: Sequence[Row], pad_id: int, dtype: torch.dtype = torch.float32
 def demo_batch(examples: Sequence, pad_id: int, dtype: torch.dtype = torch.float32) -> Batch:
     """Demonstrations (objects with input_ids, loss_mask) -> Batch with A = 1 on supervised tokens, one group each."""
     b = collate([Row(list(e.input_ids), list(e.loss_mask), DEMO, i) for i, e in enumerate(examples)], pad_id, dtype)
+    b.advantages = b.loss_mask.clone()
+    return b
+
+
+def packed_demo_batch(examples: Sequence, pad_id: int, pack_len: int, dtype: torch.dtype = torch.float32) -> Batch:
+    """Demonstrations packed into rows of at most `pack_len` tokens (in order, each into the first row with room;
+    a longer one alone), A = 1 on supervised tokens: the same tokens as `demo_batch` with less padding.
+
+    `position_ids` restart at 0 at each document, which is how the model keeps documents apart: transformers
+    builds a per-document causal mask from them when no attention mask is given (`logprobs.token_logprobs`). A
+    document's first token is never a loss token (its predictor would be the previous document's last token).
+    Each packed row is its own group; per-sequence statistics do not survive packing (token aggregation only).
+    """
+    bins: list[list] = []
+    for e in examples:
+        room = next((b for b in bins if sum(len(x.input_ids) for x in b) + len(e.input_ids) <= pack_len), None)
+        bins.append([e]) if room is None else room.append(e)
+    rows, positions = [], []
+    for i, docs in enumerate(bins):
+        ids = [t for d in docs for t in d.input_ids]
+        mask = [m if j else 0 for d in docs for j, m in enumerate(d.loss_mask)]
+        rows.append(Row(ids, mask, DEMO, i))
+        positions.append([j for d in docs for j in range(len(d.input_ids))])
+    b = collate(rows, pad_id, dtype)
+    width = b.input_ids.shape[1]
+    # the padding tail counts on from 0 as a document of its own, so it never attends into the last real one
+    b.position_ids = torch.tensor([p + list(range(width - len(p))) for p in positions], dtype=torch.long)
     b.advantages = b.loss_mask.clone()
     return b
 

@@ -493,7 +493,8 @@ class Experience(OfflineSteps, TeacherSignals):
         self._compute["ref_forward_tokens"] += int(batch.attention_mask.sum())
         for rows in batch.split(micro):
             mb = batch.select(rows).to(self.device)
-            lp, _ = token_logprobs(model, mb.input_ids, mb.attention_mask, temperature=temperature)
+            lp, _ = token_logprobs(model, mb.input_ids, mb.attention_mask, temperature=temperature,
+                                   chunk_tokens=self.s.batch.logits_chunk)
             out[rows, : lp.shape[1]] = lp.float().cpu()
         return out
 
