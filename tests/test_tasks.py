@@ -202,6 +202,9 @@ def test_reward_model_pairs_are_right_against_wrong_in_one_style_with_every_kind
         assert follows_format(c) == follows_format(x) == ("####" in c), r  # one style per pair
     kinds = {(r["kind"], "####" in r["chosen"][0]["content"]) for r in rows}
     assert kinds == {(k, worked) for k in RM_KINDS for worked in (True, False)} - {("mark", False)}
+    steps = lambda m: m[0]["content"].count("=")  # noqa: E731 -- one `=` per written step
+    for r in rows:  # the length gives nothing away overall: one step fewer (short) or one more (extra)
+        assert steps(r["rejected"]) - steps(r["chosen"]) == {"short": -1, "extra": 1}.get(r["kind"], 0), r
     assert all(bucket(r["prompt"][0]["content"]) in SPLIT_BUCKETS["dev"][1] for r in task.rows("rm_dev"))
     assert task.rows("pref_train", n=5) == [{k: v for k, v in r.items()} for r in task.rows("pref_train", n=5)]
 

@@ -45,7 +45,7 @@ TASKS: dict[str, Task] = {
                      "the chain step by step and end with '#### answer'. pref_train / pref_dev: the worked "
                      "solution preferred to the same working with one arithmetic slip. rm_train / rm_dev: pairs for "
                      "a reward model, the right chain against one with a slip, a miscopied operand, a missing "
-                     "last step or a wrong marked answer, in the worked or the inline style."),
+                     "last step, a step too many or a wrong marked answer, in the worked or the inline style."),
         splits=("train", "dev", "id", "ood", "ood_phrasing", "plain", "pref_train", "pref_dev", "rm_train",
                 "rm_dev"),
         rewards=dict(arith.REWARDS),

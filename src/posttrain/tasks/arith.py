@@ -145,8 +145,11 @@ def problem_row(problem: Problem, split: str, index: int, question: str | None =
 # preference split -> the split whose questions it asks (so `pref_dev` is as held out as `dev`)
 PREFERENCE_SPLITS = {"pref_train": "train", "pref_dev": "dev", "rm_train": "train", "rm_dev": "dev"}
 # How a reward-model pair's rejected response goes wrong (`rm_*` splits): one arithmetic slip; an operand
-# copied wrong; the last step left out; the steps right but the marked answer wrong.
-RM_KINDS = ("slip", "operand", "short", "mark")
+# copied wrong; the last step left out; one step too many (an operand the question does not have); the steps
+# right but the marked answer wrong. `short` and `extra` together keep the length from telling the answer: with
+# `short` alone the reward model learned "more steps is better", and PPO against it wrote a step too many on
+# every two-operand question.
+RM_KINDS = ("slip", "operand", "short", "extra", "mark")
 
 
 def chain(problem: Problem, *, slip: tuple[int, int] | None = None,
@@ -190,6 +193,9 @@ def reward_model_pair(problem: Problem, rng: random.Random) -> tuple[str, str, s
             wrong = chain(problem, slip=(k, d))
         elif kind == "operand":
             wrong = chain(problem, miscopy=(k, d))
+        elif kind == "extra":  # the chain goes on with an operand the question does not have
+            x, op = rng.randint(LO, HI), rng.choice("+-")
+            wrong = right + [(problem.answer, op, x, problem.answer + x if op == "+" else problem.answer - x)]
         else:
             wrong = right[:-1] if kind == "short" else right
         if min(min(a, x, c) for a, _, x, c in wrong) >= 0 and (kind != "mark" or problem.answer + d >= 0):
