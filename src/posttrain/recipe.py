@@ -111,6 +111,10 @@ class RolloutConfig(Strict):
     max_new_tokens: int = Field(256, gt=0)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
+    # Truncated importance weights min(q / mu, C) on the advantages, for a sampler that is not exactly the trainer
+    # (another engine or precision); token or sequence level. null: none (the built-in sampler is the policy).
+    correction: Optional[Literal["token", "sequence"]] = None  # truncated IS weights q / mu: token or sequence
+    correction_cap: float = Field(2.0, gt=0)  # C, the truncation of the importance weights
 
 
 class ClipConfig(Strict):
@@ -457,6 +461,9 @@ def _check_combination(s: StageConfig, p: Preset) -> None:
         raise RecipeError(f"{where}: `critic` configures the value model of advantage gae (method ppo); method "
                           f"{s.method!r} with advantage {s.advantage.kind!r} has none")
     online = p.data == "prompts" and {p.advantage, s.advantage.kind} <= set(PAIRED_LOSSES)  # online DPO
+    if s.rollout.correction and (online or p.data != "prompts"):
+        raise RecipeError(f"{where}: rollout.correction reweights the advantages of sampled tokens; method "
+                          f"{s.method!r} has none to reweight (remove rollout.correction)")
     if s.preference.refresh_every and not (online and s.advantage.kind in NEEDS_REFERENCE):
         raise RecipeError(f"{where}: preference.refresh_every renews the reference of online DPO / IPO (method "
                           "online_dpo); remove it")

@@ -13,6 +13,8 @@ Notation follows research/algorithms.md §0: p = pi_theta, q = pi_old, b = pi_re
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -186,6 +188,25 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     """H = -sum_v p_v log p_v over the last axis; (..., V) -> (...). dH/dz = -p (log p + H)."""
     logz = torch.log_softmax(logits, dim=-1)
     return -(logz.exp() * logz).sum(-1)
+
+
+def sampler_correction(old_logp: Tensor, sampler_logp: Tensor, mask: Tensor, *, level: str, cap: float) -> Tensor:
+    """Truncated importance weights (N, T) for a sampler that is not exactly the trainer's policy q
+    (another engine or precision: vLLM, bf16 kernels), detached, 1 off `mask`:
+
+        token:     w_t = min(q(y_t) / mu(y_t), C) = min(exp(old_logp_t - sampler_logp_t), C)
+        sequence:  w_i = min(prod_t q(y_t) / mu(y_t), C), on every token of sequence i
+
+    mu is the distribution the tokens were drawn from (the sampler's log-probs). Multiplying the advantages by w
+    makes the estimator's expectation one under q again, up to the truncation (variance bounded by C).
+    """
+    if level not in ("token", "sequence"):
+        raise ValueError(f"sampler correction level must be 'token' or 'sequence', got {level!r}")
+    log_w = ((old_logp - sampler_logp) * mask).detach()
+    if level == "sequence":
+        log_w = log_w.sum(-1, keepdim=True).expand_as(mask)
+    w = log_w.clamp(max=math.log(cap)).exp()
+    return torch.where(mask > 0, w, torch.ones_like(w))
 
 
 def overlong_penalty(lengths: Tensor, max_len: int, cache: int) -> Tensor:

@@ -27,7 +27,7 @@ from ..logprobs import token_logprobs
 from ..objective import mixers
 from ..objective import advantages as adv_fns
 from ..objective.advantages import advantages, group_success, mixed_outcome
-from ..objective.components import overlong_penalty
+from ..objective.components import overlong_penalty, sampler_correction
 from ..objective.preference import PAIRED_LOSSES
 from ..objective.presets import get_preset
 from ..recipe import stage_streams
@@ -464,7 +464,8 @@ class Experience(OfflineSteps, TeacherSignals):
         """Rows -> Batch with old / reference log-probs, advantages and mix."""
         s = self.s
         batch = rows_to_batch(part.rows, part.rewards, part.scored, mix, self.pad_id)
-        needs_old = s.ppo_epochs * s.minibatches > 1 or (s.kl.beta and s.kl.placement == "reward") or s.distill.coef
+        needs_old = s.ppo_epochs * s.minibatches > 1 or (s.kl.beta and s.kl.placement == "reward") or s.distill.coef \
+            or s.rollout.correction
         if needs_old:
             batch.old_logp = self._logp(model, batch)
         if s.kl.beta:
@@ -483,6 +484,8 @@ class Experience(OfflineSteps, TeacherSignals):
             values["baseline_reward"] = float(baseline.nanmean())
         if kl is not None:
             values["kl"] = kl
+        if s.rollout.correction and batch.sampler_logp is not None:
+            values.update(correct_for_sampler(batch, s.rollout.correction, s.rollout.correction_cap))
         return batch
 
     @torch.no_grad()
@@ -583,6 +586,17 @@ def rows_to_batch(rows: list[Row], rewards: list[float], scored: list[bool], mix
 def row_baselines(rows: list[Row]) -> torch.Tensor:
     """(N,) each row's ReMax baseline, the reward of its prompt's greedy decode (NaN where there is none)."""
     return torch.tensor([r.meta.get("baseline", math.nan) for r in rows], dtype=torch.float64)
+
+
+def correct_for_sampler(batch: Batch, level: str, cap: float) -> dict:
+    """Multiply the advantages of sampled tokens by the truncated importance weights min(q / mu, C) of the
+    trainer's policy q (`old_logp`) over the sampler's mu (`sampler_logp`); copied prefix tokens were not
+    sampled and keep theirs. Returns the mean weight and the share of sampled tokens truncated, to log."""
+    own = batch.loss_mask * (batch.token_stream() == ROLLOUT)
+    w = sampler_correction(batch.old_logp, batch.sampler_logp, own, level=level, cap=cap)
+    batch.advantages = batch.advantages * w
+    n = own.sum().clamp(min=1)
+    return {"is_weight": float((w * own).sum() / n), "is_truncated": float(((w >= cap * (1 - 1e-6)) * own).sum() / n)}
 
 
 def token_advantages(batch: Batch, rewards: torch.Tensor, stage, baseline: torch.Tensor | None = None
