@@ -61,11 +61,12 @@ def test_right_padding_leaves_real_tokens_unchanged(make_model, arch):
             torch.testing.assert_close(ent[b, :n], alone_ent[0], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("chunk", [{"chunk_size": 1}, {"chunk_size": 3}, {"chunk_size": 64}, {"chunk_tokens": 2},
-                                   {"chunk_tokens": 7}, {}])
+@pytest.mark.parametrize("chunk", [{"chunk_size": 1}, {"chunk_size": 3}, {"chunk_size": 64}, {"chunk_mb": 0.003},
+                                   {"chunk_mb": 0.01}, {}])
 def test_chunked_equals_plain_values_and_gradients(make_model, arch, chunk):
-    """Every chunking (positions, tokens split over the rows, the default; 64 positions and the default hold the
-    whole batch in one chunk, the plain path) gives the full-logits values and gradients."""
+    """Every chunking (positions; megabytes of logits: at a vocabulary of ~320, 0.003 MB is 1 position of the 2
+    rows, 0.01 MB 4; the default and 64 positions hold the whole batch in one chunk, the plain path) gives the
+    full-logits values and gradients."""
     model = make_model(arch).eval()  # gpt2 has dropout: both paths must see the same network
     ids, mask = _batch(model.config.vocab_size, [8, 5], seed=1)
     weights = torch.randn(ids.shape, generator=torch.Generator().manual_seed(2))
@@ -77,7 +78,7 @@ def test_chunked_equals_plain_values_and_gradients(make_model, arch, chunk):
         grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
         return logp.detach(), ent.detach(), grads
 
-    logp, ent, grads = run({"chunk_size": None, "chunk_tokens": None})
+    logp, ent, grads = run({"chunk_size": None, "chunk_mb": None})
     c_logp, c_ent, c_grads = run(chunk)
     torch.testing.assert_close(c_logp, logp, atol=1e-6, rtol=0)
     torch.testing.assert_close(c_ent, ent, atol=1e-6, rtol=0)
@@ -90,7 +91,7 @@ def test_single_token_rows_give_zero_logp_in_both_paths(make_model):
     model = make_model("mistral")
     ids, mask = _batch(model.config.vocab_size, [1, 1])
     for cs in (None, 2):
-        logp, ent = token_logprobs(model, ids, mask, with_entropy=True, chunk_size=cs, chunk_tokens=None)
+        logp, ent = token_logprobs(model, ids, mask, with_entropy=True, chunk_size=cs, chunk_mb=None)
         assert logp.shape == (2, 1) and (logp == 0).all() and (ent == 0).all()
 
 
@@ -101,7 +102,7 @@ def test_bad_arguments_explain_themselves(make_model):
         token_logprobs(model, ids, mask, temperature=0.0)
     with pytest.raises(ValueError, match="chunk_size"):
         token_logprobs(model, ids, mask, chunk_size=0)
-    with pytest.raises(ValueError, match="chunk_tokens"):
-        token_logprobs(model, ids, mask, chunk_tokens=0)
+    with pytest.raises(ValueError, match="chunk_mb"):
+        token_logprobs(model, ids, mask, chunk_mb=0)
     with pytest.raises(ValueError, match=r"\(B, T\)"):
         token_logprobs(model, ids, mask[:, :2])

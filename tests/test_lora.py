@@ -109,3 +109,28 @@ def test_qlora_without_bitsandbytes_or_on_an_unsupported_device_is_a_clear_error
         posttrain.train(r, out=tmp_path / "run", data=SFT_ROWS, progress=False)
     with pytest.raises(RecipeError, match=r"runs on CUDA GPUs and CPUs, not on mps"):
         lora.quantize_4bit(torch.nn.Linear(2, 2), "mps")
+
+
+def test_the_reference_reads_the_adapters_off_in_the_chunked_log_probs_too(make_model, tokenizer):
+    """Reference (adapters disabled) through token_logprobs' chunked LM head equals its plain forward, and the
+    base model before the adapters were attached; the policy with trained adapters differs."""
+    from posttrain.logprobs import token_logprobs
+    from posttrain.recipe import LoraConfig
+    from posttrain.training.lora import attach, reference
+
+    base = make_model("llama")
+    ids = torch.randint(0, base.config.vocab_size, (3, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        want, _ = token_logprobs(base, ids, mask, chunk_size=None, chunk_mb=None)
+        policy = attach(base, LoraConfig(**LORA), "cpu")
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.5)  # adapters that change the outputs
+        ref = reference(policy)
+        chunked, _ = token_logprobs(ref, ids, mask, chunk_size=2, chunk_mb=None)
+        plain, _ = token_logprobs(ref, ids, mask, chunk_size=None, chunk_mb=None)
+        adapted, _ = token_logprobs(policy, ids, mask, chunk_size=2, chunk_mb=None)
+    torch.testing.assert_close(chunked, want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(plain, want, atol=1e-6, rtol=0)
+    assert (adapted - want).abs().max() > 1e-3

@@ -7,10 +7,11 @@ Column 0 has no predicting distribution and is 0, as are padded columns (mask 0)
 aligned with `input_ids` and can be multiplied by a response mask directly.
 
 Memory: the log-softmax is never materialised as a (B, T, V) tensor; log-probs are one gather minus
-one logsumexp. The LM head itself runs on a chunk of positions at a time (`chunk_tokens` B x positions,
-4096 by default; or `chunk_size` positions), under activation checkpointing when gradients are on, so
-peak memory holds one chunk's logits instead of (B, T, V) in both the forward and the backward pass. A
-batch that fits in one chunk takes the plain path (one head call, nothing recomputed).
+one logsumexp. The LM head itself runs on a chunk of positions at a time (as many as fit in `chunk_mb` MB of
+fp32 logits, 128 by default; or `chunk_size` positions), under activation checkpointing when gradients are on,
+so peak memory holds one chunk's logits instead of (B, T, V) in both the forward and the backward pass. A
+batch whose logits fit in one chunk takes the plain path (one head call, nothing recomputed): a small
+vocabulary never pays for chunking.
 """
 from __future__ import annotations
 
@@ -18,9 +19,9 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-# LM-head outputs (rows x positions) computed at once: at a 152k vocabulary 4096 fp32 logits rows are 2.5 GB,
-# where the (32, 1024, V) logits of a whole RL batch would be 20 GB. The recipe key `batch.logits_chunk`.
-CHUNK_TOKENS = 4096
+# MB of fp32 logits computed at once (the recipe key `batch.logits_chunk_mb`): 220 positions of a 152k
+# vocabulary, 1024 of a 32k one, where the (32, 1024, V) logits of a whole RL batch at 152k would be 20 GB.
+CHUNK_MB = 128.0
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
@@ -79,7 +80,7 @@ def token_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     chunk_size: int | None = None,
-    chunk_tokens: int | None = CHUNK_TOKENS,
+    chunk_mb: float | None = CHUNK_MB,
     position_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probability of every token of `input_ids` given its prefix, and optionally the entropy.
@@ -88,8 +89,8 @@ def token_logprobs(
     Returns logp (B, T) with logp[:, 0] = 0 and logp[:, t] = log softmax(logits[:, t-1] / temperature)[input_ids[:, t]],
     and entropy (B, T) of the distribution that produced token t (or None). Both are 0 where attention_mask is 0.
     Differentiable with respect to the model's parameters. `chunk_size` runs the LM head over that many positions at a
-    time, `chunk_tokens` over max(1, chunk_tokens // B) positions (same values, less memory); both None: the full
-    (B, T, V) logits at once. `position_ids` (B, T) marks packed rows (several documents, positions restarting at
+    time, `chunk_mb` over as many as hold that many MB of fp32 logits (same values, less memory); both None: the
+    full (B, T, V) logits at once. `position_ids` (B, T) marks packed rows (several documents, positions restarting at
     0 at each): the model then gets no attention mask and keeps the documents apart by their positions.
     """
     if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
@@ -100,10 +101,11 @@ def token_logprobs(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of positions or None, got {chunk_size}")
-    if chunk_tokens is not None and chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be a positive number of tokens or None, got {chunk_tokens}")
-    if chunk_size is None and chunk_tokens is not None:
-        chunk_size = max(1, chunk_tokens // input_ids.shape[0])
+    if chunk_mb is not None and not chunk_mb > 0:
+        raise ValueError(f"chunk_mb must be a positive number of megabytes or None, got {chunk_mb}")
+    if chunk_size is None and chunk_mb is not None:
+        vocab = getattr(model.config.get_text_config(), "vocab_size", None) or 2**15  # sizing only
+        chunk_size = max(1, int(chunk_mb * 2**20 / (4 * vocab)) // input_ids.shape[0])
     if chunk_size is not None and chunk_size >= input_ids.shape[1] - 1 and input_ids.shape[1] > 1:
         chunk_size = None  # one chunk holds every position: the plain path computes the same without recompute
     mask = attention_mask.bool()

@@ -14,7 +14,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .logprobs import CHUNK_TOKENS
+from .logprobs import CHUNK_MB
 from .objective.advantages import ADVANTAGES, GROUP_ADVANTAGES
 from .objective.preference import NEEDS_REFERENCE, PAIRED_LOSSES, PREFERENCE_LOSSES, REWARD_MODEL_LOSS
 from .objective.components import AGGREGATIONS, KL_ESTIMATORS, WEIGHTS
@@ -98,9 +98,9 @@ class BatchConfig(Strict):
 
     size: int = Field(8, gt=0)  # SFT: sequences per optimizer step; RL: prompts per rollout batch
     micro_size: Optional[int] = Field(None, gt=0)  # sequences per forward/backward (gradient accumulation)
-    # The LM head's outputs (rows x positions) computed at once for log-probs and entropy, so a large batch never
-    # holds its whole (B, T, V) logits; null: all at once.
-    logits_chunk: Optional[int] = Field(CHUNK_TOKENS, gt=0)  # LM-head outputs per chunk; null: the whole logits
+    # The LM head's outputs computed at once for log-probs and entropy, so a large batch never holds its whole
+    # (B, T, V) logits; null: all at once.
+    logits_chunk_mb: Optional[float] = Field(CHUNK_MB, gt=0)  # MB of fp32 logits per chunk; null: all at once
     pack: bool = False  # SFT / DFT: pack each step's demonstrations into rows of data.max_len tokens (less padding)
 
 

@@ -497,7 +497,7 @@ class Experience(OfflineSteps, TeacherSignals):
         for rows in batch.split(micro):
             mb = batch.select(rows).to(self.device)
             lp, _ = token_logprobs(model, mb.input_ids, mb.attention_mask, temperature=temperature,
-                                   chunk_tokens=self.s.batch.logits_chunk)
+                                   chunk_mb=self.s.batch.logits_chunk_mb)
             out[rows, : lp.shape[1]] = lp.float().cpu()
         return out
 

@@ -35,20 +35,34 @@ def is_lora(model) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
 
 
-class Reference(torch.nn.Module):
-    """The wrapped model with its adapters disabled: the policy at the LoRA stage's start, sharing its weights."""
+class _AdaptersOff(torch.nn.Module):
+    """A part of the wrapped model (or all of it) called with the adapters disabled."""
 
-    def __init__(self, model):
+    def __init__(self, module, peft):
         super().__init__()
-        self.__dict__["peft"] = model  # not a submodule: no second registration of the policy's parameters
+        self.__dict__["module"], self.__dict__["peft"] = module, peft  # not submodules: no second registration
 
     def forward(self, *args, **kwargs):
         with self.peft.disable_adapter():
-            return self.peft(*args, **kwargs)
+            return self.module(*args, **kwargs)
+
+
+class Reference(_AdaptersOff):
+    """The wrapped model with its adapters disabled: the policy at the LoRA stage's start, sharing its weights.
+    Its decoder and LM head are disabled alike, so the chunked log-probs (`logprobs.token_logprobs`) read it too."""
+
+    def __init__(self, model):
+        super().__init__(model, model)
 
     @property
     def config(self):
         return self.peft.config
+
+    def get_decoder(self):
+        return _AdaptersOff(self.peft.get_decoder(), self.peft)
+
+    def get_output_embeddings(self):
+        return _AdaptersOff(self.peft.get_output_embeddings(), self.peft)
 
 
 def reference(model) -> Reference:

@@ -36,7 +36,7 @@ class ObjectiveSpec:
     preference: PreferenceSpec | None = None  # a preference loss: the advantage from the forward pass
     reward_model: bool = False  # Bradley-Terry on a scalar head's scores (method reward_model), not logp
     soft_targets: float = 0.0  # KD on demonstrations: the teacher's share of each token's target (distill.coef)
-    chunk_tokens: int | None = None  # LM-head outputs per chunk (batch.logits_chunk); None: the full logits
+    chunk_mb: float | None = None  # MB of fp32 logits per LM-head chunk (batch.logits_chunk_mb); None: all
 
     @classmethod
     def from_stage(cls, s, *, log_entropy: bool = False) -> "ObjectiveSpec":
@@ -59,7 +59,7 @@ class ObjectiveSpec:
             if s.advantage.kind in PREFERENCE_LOSSES else None
         soft = (s.distill.coef or 0.0) if get_preset(s.method).data == "demonstrations" else 0.0
         return cls(streams=streams, joint=s.normaliser == "joint", preference=pref, soft_targets=soft,
-                   reward_model=s.advantage.kind == REWARD_MODEL_LOSS, chunk_tokens=s.batch.logits_chunk,
+                   reward_model=s.advantage.kind == REWARD_MODEL_LOSS, chunk_mb=s.batch.logits_chunk_mb,
                    kl_beta_loss=s.kl.beta if s.kl.placement == "loss" else 0.0, kl_estimator=s.kl.estimator,
                    entropy_coef=s.entropy.coef, temperature=s.rollout.temperature if rl and pref is None else 1.0,
                    with_entropy=s.entropy.coef > 0 or (log_entropy and rl) or srft is not None, srft=srft)
@@ -122,7 +122,7 @@ def accumulate_gradients(model, batch: Batch, spec: ObjectiveSpec, *, micro_size
             terms = ObjectiveTerms(terms.loss + spec.soft_targets * soft, terms.streams, None)
         else:
             logp, entropy = token_logprobs(model, mb.input_ids, mb.attention_mask, temperature=spec.temperature,
-                                           with_entropy=spec.with_entropy, chunk_tokens=spec.chunk_tokens,
+                                           with_entropy=spec.with_entropy, chunk_mb=spec.chunk_mb,
                                            position_ids=mb.position_ids)
             logp = logp.float()  # the estimator's math runs in fp32 even when the model is bf16
             entropy = entropy.float() if entropy is not None else None
