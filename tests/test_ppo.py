@@ -148,3 +148,73 @@ def test_remax_baselines_each_question_with_the_reward_of_its_greedy_decode(toke
         for i in mine:
             m = batch.loss_mask[i] > 0
             torch.testing.assert_close(batch.advantages[i][m], torch.full((int(m.sum()),), part.rewards[i] - greedy))
+
+
+def test_a_shared_value_heads_gradient_is_the_policy_loss_plus_coef_times_the_clipped_value_loss(make_model):
+    """critic.shared through the trainer's path (SharedCritic, ObjectiveSpec, accumulate_gradients over two
+    micro-batches): the gradient on the backbone, the LM head and the value head equals autograd, float64, of
+    L = -(1/T) sum_t A_t r_t + coef (1/2T) sum_t max((V - G)^2, (V_old + clip(V - V_old, eps_v) - G)^2) from a
+    plain forward pass (decoder, LM head, value head by hand), T the minibatch's sampled tokens."""
+    from posttrain.data.batch import ROLLOUT, Row, collate
+    from posttrain.training.critic import SharedCritic
+    from posttrain.training.update import ObjectiveSpec, accumulate_gradients
+
+    policy = make_model("llama", dtype=torch.float64)
+    st = load_recipe({"model": "m", "stages": [{"method": "ppo", "data": {"path": "x"}, "rewards": [{"fn": "exact"}],
+                                                "critic": {"shared": True, "coef": 0.3, "clip": 0.05}}]}).stages[0]
+    g = torch.Generator().manual_seed(0)
+    V = policy.config.vocab_size
+    rows = [Row(torch.randint(0, V, (n,), generator=g).tolist(), [0, 0] + [1] * (n - 2), ROLLOUT, i // 2)
+            for i, n in enumerate([6, 4, 7, 5])]
+    b = collate(rows, 0, torch.float64)
+    m = b.loss_mask
+    b.advantages = torch.randn(m.shape, generator=g, dtype=torch.float64) * m
+    b.returns = torch.randn(m.shape, generator=g, dtype=torch.float64) * m
+    critic = SharedCritic(policy, st.critic, lr=1e-3, micro_size=2, device="cpu")
+    # V_old: the head's values now (its no-grad path), moved a little, so that the clip binds on some tokens only
+    b.values = (critic.values(b).double() + 0.08 * torch.randn(m.shape, generator=g, dtype=torch.float64)) * m
+    with torch.no_grad():  # q = p: the policy as it is
+        from posttrain.logprobs import token_logprobs
+        b.old_logp = token_logprobs(policy, b.input_ids, b.attention_mask)[0]
+    params = list(policy.parameters()) + list(critic.model.parameters())
+    for p in params:
+        p.grad = None
+    accumulate_gradients(policy, b, ObjectiveSpec.from_stage(st), micro_size=2, device="cpu", value_head=critic)
+    got = [p.grad.clone() for p in params]
+
+    for p in params:
+        p.grad = None
+    pos = (b.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    h = policy.model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=pos).last_hidden_state
+    logp = torch.log_softmax(policy.lm_head(h[:, :-1]), -1).gather(-1, b.input_ids[:, 1:, None]).squeeze(-1)
+    logp = torch.nn.functional.pad(logp, (1, 0))
+    T = m.sum()
+    pg = -(b.advantages * torch.exp(logp - b.old_logp) * m).sum() / T
+    v = torch.nn.functional.pad(critic.model.score(h[:, :-1]).squeeze(-1), (1, 0)) * b.attention_mask
+    clipped = b.values + (v - b.values).clamp(-0.05, 0.05)
+    lv = 0.5 * (torch.maximum((v - b.returns) ** 2, (clipped - b.returns) ** 2) * m).sum() / T
+    (pg + 0.3 * lv).backward()
+    outside = ((v - b.values).abs() > 0.05)[m > 0]
+    assert outside.any() and not outside.all()  # the value clip matters on some tokens and not on others
+    for a, e in zip(got, [p.grad for p in params]):  # (the estimator's own math runs in fp32)
+        torch.testing.assert_close(a, e, atol=1e-6, rtol=1e-5)
+    assert critic.model.score.weight.grad is not None  # the head's own step reads it
+    stats = critic.update(b)
+    assert stats["value_loss"] == pytest.approx(float(lv), rel=1e-9) and 0 < stats["value_clipfrac"] < 1
+
+
+def test_ppo_with_a_shared_value_head_learns_its_values_and_resumes_its_head(tmp_path, model_dirs):
+    rows = [{"prompt": f"Say {c}.", "answer": c} for c in "ABCDEFGH"]
+    r = {"model": model_dirs["llama"], "device": "cpu", "seed": 0, "stages": [
+        {"method": "ppo", "data": {}, "steps": 6, "batch": {"size": 4}, "ppo_epochs": 2, "minibatches": 2,
+         "rollout": {"group_size": 2, "max_new_tokens": 4}, "optim": {"lr": 1e-3},
+         "critic": {"shared": True, "coef": 0.5, "lr": 1e-2}, "rewards": [{"fn": "reward_fns:length"}]}]}
+    posttrain.train(r, out=tmp_path / "run", data=rows, progress=False)
+    recs = metrics(tmp_path / "run")
+    assert len(recs) == 6 and all({"value_loss", "value_mse"} <= set(x) for x in recs)
+    assert recs[-1]["value_mse"] < recs[0]["value_mse"]
+    with pytest.raises(RecipeError, match="critic.shared"):
+        load_recipe({"model": "m", "stages": [{**r["stages"][0], "data": {"path": "x"},
+                                               "lora": {"r": 4, "alpha": 8.0}}]})
+    with pytest.raises(RecipeError, match="critic.coef"):
+        load_recipe({"model": "m", "stages": [{**r["stages"][0], "data": {"path": "x"}, "critic": {"coef": 0.5}}]})

@@ -107,6 +107,7 @@ FAMILIES = {
     "grpo_lora": {**stage("grpo", 4, kl={"beta": 0.1}, lora={"r": 4, "alpha": 8.0}), "name": "grpo_lora"},
     "ppo": stage("ppo", 6, ppo_epochs=2),  # the critic's weights and optimizer must come back too
     "ppo_lora": {**stage("ppo", 4, lora={"r": 4, "alpha": 8.0}), "name": "ppo_lora"},  # adapters + a full critic
+    "ppo_shared": {**stage("ppo", 6, ppo_epochs=2, critic={"shared": True, "coef": 0.5}), "name": "ppo_shared"},
     "dpo": stage("dpo", 4),
     "kto": stage("kto", 4),
     # iterative DPO: the reference renewed before step 4, the run stopped in step 5: the checkpoint must carry it

@@ -163,9 +163,12 @@ class AdvantageConfig(Strict):
 
 
 class CriticConfig(Strict):
-    """PPO's value model (advantage gae): its own copy of a backbone under a fresh scalar head, its own AdamW."""
+    """PPO's value model (advantage gae): its own copy of a backbone under a fresh scalar head, its own AdamW; or
+    (`shared`) a value head on the policy's own backbone, its loss added to the policy's with weight `coef`."""
 
     model: Optional[str] = None  # start from this model (a directory or hub id); default: the policy at the stage's start
+    shared: bool = False  # a value head on the policy's backbone (one forward pass, L = L_pg + coef L_V)
+    coef: float = Field(0.1, gt=0)  # shared: the value loss's weight in the policy's loss
     lr: Optional[float] = Field(None, gt=0)  # default: the stage's optim.lr
     clip: Optional[float] = Field(0.2, gt=0)  # eps_v of the clipped value loss; null: the plain squared error
     max_grad_norm: float = Field(1.0, gt=0)
@@ -457,6 +460,13 @@ def _check_combination(s: StageConfig, p: Preset) -> None:
                           "reads none (evaluate a policy with `eval:`)")
     if rm and s.lora is not None:
         raise RecipeError(f"{where}: a reward_model stage trains the whole model and its new head; remove `lora`")
+    if s.critic.shared and (s.critic.model or s.lora is not None):
+        raise RecipeError(f"{where}: critic.shared puts the value head on the policy's own backbone, trained in full; "
+                          "it reads no critic.model and cannot train adapters only (remove critic.model / lora, or "
+                          "critic.shared)")
+    if "coef" in s.critic.model_fields_set and not s.critic.shared:
+        raise RecipeError(f"{where}: critic.coef weighs the value loss of a shared value head (critic.shared: true); "
+                          "a separate critic has its own optimizer")
     if s.critic.model_fields_set and s.advantage.kind != "gae":
         raise RecipeError(f"{where}: `critic` configures the value model of advantage gae (method ppo); method "
                           f"{s.method!r} with advantage {s.advantage.kind!r} has none")

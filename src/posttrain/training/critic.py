@@ -7,6 +7,11 @@ loss of a critic is a regulariser beside the estimator; the values enter the adv
 The critic starts from `critic.model` (a directory or hub id of a causal LM or a sequence-classification model)
 or, by default, from the policy at the stage's start under a fresh head. Its weights and optimizer are part of
 every checkpoint, so a resumed PPO stage continues with the critic it had.
+
+`critic.shared` puts the value head on the policy's own backbone instead (`SharedCritic`, as TRL's old
+`AutoModelForCausalLMWithValueHead`): the policy's forward pass gives both log-probs and values, and the step
+minimises L_pg + coef L_V, so the value loss shapes the shared backbone too; the head has its own AdamW and
+gradient clipping, the backbone steps with the policy's optimizer.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import torch
 
 from ..data.batch import ROLLOUT, Batch
 from ..objective.components import value_loss
+from ..logprobs import position_ids_from_mask
 from ..reward_model import from_policy, token_values
 
 log = logging.getLogger("posttrain")
@@ -27,9 +33,16 @@ class Critic:
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
 
+    shared = False  # a copy of its own, stepped by `update`
+
     @classmethod
-    def for_stage(cls, stage, policy, *, pad_id: int, device) -> "Critic":
-        """The stage's critic: from `stage.critic.model`, else the policy's backbone, under a fresh head."""
+    def for_stage(cls, stage, policy, *, pad_id: int, device) -> "Critic | SharedCritic":
+        """The stage's critic: from `stage.critic.model`, else the policy's backbone, under a fresh head; with
+        `critic.shared` a value head on the policy's backbone itself."""
+        if stage.critic.shared:
+            log.info("critic: a value head on the policy's backbone (value loss weight %g)", stage.critic.coef)
+            return SharedCritic(policy, stage.critic, lr=stage.critic.lr or stage.optim.lr,
+                                micro_size=stage.batch.micro_size, device=device)
         source = policy
         if stage.critic.model:
             from ..models import load_model
@@ -74,5 +87,90 @@ class Critic:
         self.optimizer.zero_grad(set_to_none=True)
         loss, clipped, v_sum, sq = acc.tolist()
         n = max(tokens, 1.0)
+        return {"value_loss": loss, "value_clipfrac": clipped / n, "value_mean": v_sum / n, "value_mse": sq / n,
+                "value_grad_norm": float(grad_norm)}
+
+
+class ValueHead(torch.nn.Module):
+    """A scalar head read off a backbone's last hidden state: the shared critic's only weights of its own."""
+
+    def __init__(self, hidden_size: int, *, std: float, dtype, device):
+        super().__init__()
+        self.score = torch.nn.Linear(hidden_size, 1, bias=False, dtype=dtype, device=device)
+        torch.nn.init.normal_(self.score.weight, std=std)  # as transformers initialises a classification head
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """hidden (B, T, D) -> (B, T) V(s_t) aligned with the tokens like `reward_model.token_values`: column t
+        reads the state after tokens 0..t-1; column 0 and padding are 0."""
+        v = self.score(hidden[:, :-1]).squeeze(-1)
+        v = torch.nn.functional.pad(v.to(torch.promote_types(v.dtype, torch.float32)), (1, 0))
+        return v * attention_mask.to(v.dtype)
+
+
+class SharedCritic:
+    """PPO's values from a head on the policy's own backbone (`critic.shared`).
+
+        when the batch is built:  V_old(s_t) = head(h_t) of the policy's no-grad pass
+        each policy minibatch:    L = L_pg + coef L_V in the policy's one forward / backward (the hidden states
+                                  are kept by a hook on the decoder while `capture` is on), then the head's step
+    """
+
+    shared = True
+
+    def __init__(self, policy: torch.nn.Module, cfg, *, lr: float, micro_size: int | None, device):
+        self.policy, self.cfg, self.micro_size, self.device = policy, cfg, micro_size, device
+        text = policy.config.get_text_config()
+        param = next(policy.parameters())
+        self.model = ValueHead(text.hidden_size, std=getattr(text, "initializer_range", 0.02), dtype=param.dtype,
+                               device=param.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+        self.capture, self._hidden = False, None
+        self._stats = torch.zeros(4, dtype=torch.float64)
+        policy.get_decoder().register_forward_hook(self._keep)
+
+    def _keep(self, module, args, output) -> None:
+        if self.capture:
+            self._hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+    @torch.no_grad()
+    def values(self, batch: Batch) -> torch.Tensor:
+        """(N, T) V(s_t) of every row from the policy's backbone, float32 on the CPU."""
+        was = self.policy.training
+        self.policy.eval()
+        out = torch.zeros_like(batch.loss_mask, dtype=torch.float32)
+        for rows in batch.split(self.micro_size or batch.size):
+            mb = batch.select(rows).to(self.device)
+            h = self.policy.get_decoder()(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False,
+                                          position_ids=position_ids_from_mask(mb.attention_mask)).last_hidden_state
+            v = self.model(h, mb.attention_mask)
+            out[rows, : v.shape[1]] = v.float().cpu()
+        self.policy.train(was)
+        return out
+
+    def loss(self, mb: Batch, tokens: float) -> torch.Tensor:
+        """coef L_V of a micro-batch from the hidden states of the policy's forward pass just run (differentiable
+        through the head and the backbone); `tokens` the minibatch's sampled tokens, L_V's normaliser."""
+        if self._hidden is None:
+            raise RuntimeError("the shared value head saw no forward pass of the policy (capture was off)")
+        h, self._hidden = self._hidden, None
+        m = (mb.loss_mask * (mb.stream[:, None] == ROLLOUT)).float()
+        v = self.model(h, mb.attention_mask)
+        loss, clipped = value_loss(v, mb.values.to(v), mb.returns.to(v), m, clip=self.cfg.clip, tokens=tokens)
+        with torch.no_grad():
+            self._stats += torch.stack([loss.detach().double().cpu(), clipped.double().cpu(),
+                                        (v.detach() * m).sum().double().cpu(),
+                                        ((v.detach() - mb.returns.to(v)) ** 2 * m).sum().double().cpu()])
+        return self.cfg.coef * loss
+
+    def update(self, batch: Batch) -> dict[str, float]:
+        """The head's optimizer step on the gradient the policy's step left on it; returns the value metrics."""
+        params = list(self.model.parameters())
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        if torch.isfinite(grad_norm) and torch.isfinite(self._stats[0]):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, clipped, v_sum, sq = self._stats.tolist()
+        self._stats.zero_()
+        n = max(float((batch.loss_mask * (batch.stream[:, None] == ROLLOUT)).sum()), 1.0)
         return {"value_loss": loss, "value_clipfrac": clipped / n, "value_mean": v_sum / n, "value_mse": sq / n,
                 "value_grad_norm": float(grad_norm)}

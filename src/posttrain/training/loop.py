@@ -153,6 +153,8 @@ def _updates(state: TrainState, stage, spec: ObjectiveSpec, batch: Batch | None,
         yield {"step": state.step, "skipped": 1, "lr": state.optimizer.param_groups[0]["lr"]}
         return
     micro = stage.batch.micro_size or batch.size
+    critic = state.experience.critic
+    shared = critic if critic is not None and critic.shared else None  # its loss rides on the policy's pass
     for epoch in range(stage.ppo_epochs):
         # Minibatch order from a generator seeded by (seed, step, epoch): reproducible, and nothing to save.
         g = torch.Generator().manual_seed(state.seed * 1_000_003 + state.step * 101 + epoch)
@@ -161,10 +163,10 @@ def _updates(state: TrainState, stage, spec: ObjectiveSpec, batch: Batch | None,
             if state.step >= total:
                 return
             mb = batch.select(rows)
-            record = optimizer_step(state.model, state.optimizer, state.scheduler, mb, spec,
-                                    micro_size=micro, max_grad_norm=stage.optim.max_grad_norm, device=device)
-            if state.experience.critic is not None:  # PPO's value model learns on the same rows
-                record.update(state.experience.critic.update(mb))
+            record = optimizer_step(state.model, state.optimizer, state.scheduler, mb, spec, micro_size=micro,
+                                    max_grad_norm=stage.optim.max_grad_norm, device=device, value_head=shared)
+            if critic is not None:  # PPO's value model learns on the same rows
+                record.update(critic.update(mb))
             state.step += 1
             record["step"] = state.step
             yield record

@@ -100,10 +100,14 @@ def batch_counts(batch: Batch, spec: ObjectiveSpec) -> dict:
     return counts
 
 
-def accumulate_gradients(model, batch: Batch, spec: ObjectiveSpec, *, micro_size: int, device) -> torch.Tensor:
+def accumulate_gradients(model, batch: Batch, spec: ObjectiveSpec, *, micro_size: int, device,
+                         value_head=None) -> torch.Tensor:
     """Backpropagate the estimator over micro-batches (whole groups) of `batch` into `.grad`; returns summed
-    diagnostics (a tensor ordered as STAT_KEYS + STREAM_KEYS, still on the device: no sync here)."""
+    diagnostics (a tensor ordered as STAT_KEYS + STREAM_KEYS, still on the device: no sync here). `value_head`
+    (PPO's `SharedCritic`) adds its weighted value loss, read off the same forward pass, to each micro-batch's."""
     counts = batch_counts(batch, spec)
+    if value_head is not None:
+        value_tokens = float((batch.loss_mask * (batch.stream[:, None] == ROLLOUT)).sum())
     acc = torch.zeros(len(STAT_KEYS) + len(STREAM_KEYS), dtype=torch.float64, device=device)
     zero = torch.zeros((), device=device)
     main = ROLLOUT if ROLLOUT in spec.streams else DEMO  # the stream whose entropy is logged
@@ -121,12 +125,17 @@ def accumulate_gradients(model, batch: Batch, spec: ObjectiveSpec, *, micro_size
             soft = soft_target_loss(at, mb.teacher_probs.to(at.device), tokens=counts[DEMO][0])
             terms = ObjectiveTerms(terms.loss + spec.soft_targets * soft, terms.streams, None)
         else:
+            if value_head is not None:
+                value_head.capture = True
             logp, entropy = token_logprobs(model, mb.input_ids, mb.attention_mask, temperature=spec.temperature,
                                            with_entropy=spec.with_entropy, chunk_mb=spec.chunk_mb,
                                            position_ids=mb.position_ids)
             logp = logp.float()  # the estimator's math runs in fp32 even when the model is bf16
             entropy = entropy.float() if entropy is not None else None
             terms = micro_loss(logp, entropy, mb, spec, counts)
+            if value_head is not None:
+                value_head.capture = False
+                terms = ObjectiveTerms(terms.loss + value_head.loss(mb, value_tokens), terms.streams, None)
         terms.loss.backward()
         # -------------------------------------------------------------------------------------------
         with torch.no_grad():
@@ -161,9 +170,9 @@ def accumulate_gradients(model, batch: Batch, spec: ObjectiveSpec, *, micro_size
 
 
 def optimizer_step(model, optimizer, scheduler, batch: Batch, spec: ObjectiveSpec, *, micro_size: int,
-                   max_grad_norm: float | None, device) -> dict[str, float]:
+                   max_grad_norm: float | None, device, value_head=None) -> dict[str, float]:
     """Accumulate the estimator's gradient over micro-batches of `batch`, then take one optimizer step."""
-    acc = accumulate_gradients(model, batch, spec, micro_size=micro_size, device=device)
+    acc = accumulate_gradients(model, batch, spec, micro_size=micro_size, device=device, value_head=value_head)
     params = [p for p in model.parameters() if p.requires_grad]
     if max_grad_norm is not None:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
