@@ -1,0 +1,169 @@
+"""Shared plumbing of the benchmarks: threads, peak memory, parameter counts, the matmul peak, and the
+child-process protocol.
+
+Every measurement runs in its own Python process (`run_child`), so its peak RSS is its own: the child
+reports `ru_maxrss` of itself, and the peak of its descendants' memory (posttrain's reward worker) sampled from
+/proc by `ChildMemory`, on one line starting with `BENCH_RESULT `, which the parent parses. (`ru_maxrss` of the
+children is no use for the worker: a child started by fork + exec is charged the parent's pages at the fork.)
+Nothing here measures anything by itself.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+THREADS = 2  # the benchmark machine has 2 cores; every child uses both, and only one child runs at a time
+MARKER = "BENCH_RESULT "
+ROOT = Path(__file__).resolve().parent.parent  # the repository: children run with it as their working directory
+
+# What every child sees: the same thread count for OpenMP / MKL and torch, no hub access, no trackers.
+CHILD_ENV = {
+    "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS), "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+    "WANDB_DISABLED": "true", "WANDB_MODE": "disabled", "DISABLE_MLFLOW_INTEGRATION": "TRUE",
+    "PYTHONWARNINGS": "ignore", "TRANSFORMERS_VERBOSITY": "error", "DATASETS_VERBOSITY": "error",
+}
+
+
+def setup_threads() -> None:
+    """Call first in every child: torch on THREADS threads (the env vars are set by `run_child` too), and the
+    watch on its descendants' memory."""
+    global _WATCH
+    for key, value in CHILD_ENV.items():
+        os.environ.setdefault(key, value)
+    _WATCH = ChildMemory()
+    _WATCH.start()
+    import torch
+
+    torch.set_num_threads(THREADS)
+    torch.set_num_interop_threads(1)
+
+
+def _status_mb(pid: str | int, field: str) -> float:
+    """A memory line of /proc/PID/status (VmRSS, VmHWM) in MB; 0 when the process is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0.0
+
+
+def rss_now_mb() -> float:
+    """Current resident set size of this process (VmRSS)."""
+    return _status_mb("self", "VmRSS")
+
+
+class ChildMemory(threading.Thread):
+    """Samples, every `every` seconds, the summed peak RSS (VmHWM, counted from each process's exec) of this
+    process's descendants; `peak_mb` is the largest sum seen. A daemon thread: it never keeps a child alive."""
+
+    def __init__(self, every: float = 0.2):
+        super().__init__(daemon=True)
+        self.every, self.peak_mb = every, 0.0
+
+    @staticmethod
+    def descendants(pid: int) -> list[str]:
+        out, todo = [], [str(pid)]
+        while todo:
+            p = todo.pop()
+            for task in Path(f"/proc/{p}/task").glob("*/children") if Path(f"/proc/{p}").exists() else []:
+                try:
+                    kids = task.read_text().split()
+                except (FileNotFoundError, ProcessLookupError):
+                    continue
+                out += kids
+                todo += kids
+        return out
+
+    def run(self) -> None:
+        me = os.getpid()
+        while True:
+            self.peak_mb = max(self.peak_mb, sum(_status_mb(p, "VmHWM") for p in self.descendants(me)))
+            time.sleep(self.every)
+
+
+_WATCH: ChildMemory | None = None
+
+
+def peak_rss_mb() -> dict:
+    """Peak resident set size of this process, and of its descendants when `setup_threads` started the watch."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return {"rss_mb": round(own, 1), "rss_children_mb": round(_WATCH.peak_mb, 1) if _WATCH else None}
+
+
+def matmul_params(model) -> int:
+    """Parameters that take part in a matmul per token: every parameter (tied embeddings counted once, as the LM
+    head) minus an untied input embedding, which is a lookup. 2N of these is the forward cost of one token
+    (attention's T^2 term left out), 6N forward + backward."""
+    n = sum(p.numel() for p in model.parameters())
+    inp, out = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    return n if inp is out else n - inp.numel()
+
+
+def posttrain_defaults() -> dict:
+    """The posttrain recipe keys under test that are recent (absent from older versions): `batch.pack` (SFT
+    sequence packing) and the chunked LM head's `batch.logits_chunk*` key, with its default (left as it is)."""
+    from posttrain.recipe import BatchConfig
+
+    fields = BatchConfig.model_fields
+    return {"has_pack": "pack" in fields,
+            "logits_chunk": {n: f.default for n, f in fields.items() if n.startswith("logits_chunk")} or None}
+
+
+def trl_checkpointing(trainer) -> bool:
+    """Whether TRL's model runs with activation (gradient) checkpointing: off on both sides in these benchmarks."""
+    model = trainer.model
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
+
+
+def emit(result: dict) -> None:
+    """Print the child's result as the one line the parent reads, with its peak memory added."""
+    result.update(peak_rss_mb())
+    print(MARKER + json.dumps(result), flush=True)
+
+
+def run_child(module: str, *args, timeout: float = 900) -> dict:
+    """Run `python -m module args` in a fresh process and return the dict it `emit`ted (raises with its stderr)."""
+    env = dict(os.environ, **CHILD_ENV)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", module, *map(str, args)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith(MARKER)]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    result = json.loads(lines[-1][len(MARKER):])
+    result["process_s"] = round(time.perf_counter() - t0, 2)
+    return result
+
+
+def matmul_peak_gflops(n: int = 2048, seconds: float = 3.0) -> float:
+    """The fp32 matmul peak on THREADS threads: the best of repeated (n x n) @ (n x n) products, in GFLOP/s."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b  # warm-up: thread pool, page faults
+    best, end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def step_intervals(ends: list[float], warmup: int) -> list[float]:
+    """Seconds of each step after the first `warmup` ones, from the clock at each step's end; step i's interval
+    runs from step i-1's end, so it includes whatever the trainer does between steps (data, logging)."""
+    return [b - a for a, b in zip(ends[warmup - 1 : -1], ends[warmup:])] if warmup >= 1 else []
