@@ -115,3 +115,50 @@ def test_qlora_grpo_on_cuda_bf16_trains_the_adapters_and_merges(tmp_path, tokeni
     assert recs[0]["kl"] == pytest.approx(0.0, abs=1e-3)
     assert (tmp_path / "run" / "final" / "adapter" / "adapter_model.safetensors").exists()
     AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
+
+
+@cuda
+def test_packed_logprobs_and_chunked_head_on_cuda_equal_the_padded_full_ones(tokenizer):
+    """On the GPU (SDPA, fp32): packed rows keep documents apart through their positions, and the chunked LM
+    head gives the full logits' log-probs and entropies."""
+    from posttrain.data.batch import demo_batch, packed_demo_batch
+    from posttrain.data.encode import encode_sft
+    from posttrain.logprobs import token_logprobs
+
+    model = tiny_model("llama", tokenizer).cuda().eval()
+    docs = [encode_sft({"prompt": f"Say {c}.", "completion": c * (i + 1)}, "prompt_completion", tokenizer)
+            for i, c in enumerate("ABCDE")]
+    packed = packed_demo_batch(docs, tokenizer.eos_token_id, pack_len=40).to("cuda")
+    padded = demo_batch(docs, tokenizer.eos_token_id).to("cuda")
+    with torch.no_grad():
+        lp, _ = token_logprobs(model, packed.input_ids, packed.attention_mask, position_ids=packed.position_ids)
+        ref, ref_ent = token_logprobs(model, padded.input_ids, padded.attention_mask, with_entropy=True,
+                                      chunk_mb=None)
+        ch, ch_ent = token_logprobs(model, padded.input_ids, padded.attention_mask, with_entropy=True, chunk_size=2)
+    got, want = lp[packed.loss_mask > 0].sort().values, ref[padded.loss_mask > 0].sort().values
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    torch.testing.assert_close(ch, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ch_ent, ref_ent, atol=1e-5, rtol=0)
+
+
+@cuda
+def test_ppo_with_a_shared_value_head_and_grpo_with_the_sampler_correction_on_cuda_bf16(tmp_path, tokenizer):
+    """critic.shared (the value head on the policy's bf16 backbone) and rollout.correction (the bf16 sampler's
+    log-probs against the trainer's): three steps each, finite, the weights logged."""
+    import json
+
+    save_pretrained(tiny_model("llama", tokenizer), tokenizer, tmp_path / "m",
+                    stop_ids=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")])
+    rows = [{"prompt": "Say A.", "answer": "A"}] * 4
+    for method, extra in [("ppo", {"critic": {"shared": True}}), ("grpo", {"rollout": {"group_size": 4,
+                                                                                        "max_new_tokens": 6,
+                                                                                        "correction": "token"}})]:
+        stage = {"method": method, "data": {}, "steps": 3, "batch": {"size": 2},
+                 "rollout": {"group_size": 4, "max_new_tokens": 6}, **extra}
+        out = tmp_path / method
+        summary = posttrain.train({"model": str(tmp_path / "m"), "device": "cuda", "stages": [stage]}, out=out,
+                                  data=rows, rewards=[varied], progress=False)
+        assert summary["dtype"] == "bfloat16" and summary["stages"][method]["steps"] == 3
+        recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        key = "value_loss" if method == "ppo" else "is_weight"
+        assert all(key in r and r[key] == r[key] for r in recs), recs
