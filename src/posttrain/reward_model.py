@@ -56,7 +56,13 @@ def sequence_scores(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
 def token_values(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """(B, T) a value model's V(s_t) aligned with the tokens like `token_logprobs`: column t holds the head's
     scalar after tokens 0..t-1, the state token t is sampled from; column 0 and padding are 0. Differentiable."""
-    v = _head(model)(_hidden(model, input_ids, attention_mask)[:, :-1]).squeeze(-1)  # (B, T-1)
+    return values_at_tokens(_head(model), _hidden(model, input_ids, attention_mask), attention_mask)
+
+
+def values_at_tokens(head: torch.nn.Module, hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """(B, T) a scalar head's outputs on hidden states (B, T, D), aligned with the tokens: column t reads the
+    state after tokens 0..t-1; column 0 and padding are 0; at >= fp32."""
+    v = head(hidden[:, :-1]).squeeze(-1)  # (B, T-1)
     v = torch.nn.functional.pad(v.to(torch.promote_types(v.dtype, torch.float32)), (1, 0))
     return v * attention_mask.to(v.dtype)
 

@@ -20,11 +20,34 @@ import logging
 import torch
 
 from ..data.batch import ROLLOUT, Batch
-from ..objective.components import value_loss
 from ..logprobs import position_ids_from_mask
-from ..reward_model import from_policy, token_values
+from ..objective.components import value_loss
+from ..reward_model import from_policy, token_values, values_at_tokens
 
 log = logging.getLogger("posttrain")
+
+
+def _value_loss_stats(v: torch.Tensor, mb: Batch, mask: torch.Tensor, *, clip, tokens: float):
+    """(L_V, its diagnostics: loss, clipped tokens, sum V, sum (V - G)^2, as a float64 CPU tensor) of a
+    micro-batch's values `v` on the sampled tokens `mask`."""
+    loss, clipped = value_loss(v, mb.values.to(v), mb.returns.to(v), mask, clip=clip, tokens=tokens)
+    with torch.no_grad():
+        stats = torch.stack([loss.detach().double().cpu(), clipped.double().cpu(),
+                             (v.detach() * mask).sum().double().cpu(),
+                             ((v.detach() - mb.returns.to(v)) ** 2 * mask).sum().double().cpu()])
+    return loss, stats
+
+
+def _value_record(stats: torch.Tensor, tokens: float, grad_norm) -> dict[str, float]:
+    loss, clipped, v_sum, sq = stats.tolist()
+    n = max(tokens, 1.0)
+    return {"value_loss": loss, "value_clipfrac": clipped / n, "value_mean": v_sum / n, "value_mse": sq / n,
+            "value_grad_norm": float(grad_norm)}
+
+
+def _sampled(batch: Batch) -> torch.Tensor:
+    """(N, T) 1 on the sampled (rollout) tokens that take the loss: where values are learned."""
+    return (batch.loss_mask * (batch.stream[:, None] == ROLLOUT)).float()
 
 
 class Critic:
@@ -67,28 +90,20 @@ class Critic:
     def update(self, batch: Batch) -> dict[str, float]:
         """One optimizer step of the value loss on `batch` (a policy minibatch); returns its metrics."""
         self.model.train()
-        own = batch.loss_mask * (batch.stream[:, None] == ROLLOUT)
-        tokens = float(own.sum())
+        tokens = float(_sampled(batch).sum())
         acc = torch.zeros(4, dtype=torch.float64)
         for rows in batch.split(self.micro_size or batch.size):
             mb = batch.select(rows).to(self.device)
-            m = (mb.loss_mask * (mb.stream[:, None] == ROLLOUT)).float()
             v = token_values(self.model, mb.input_ids, mb.attention_mask)
-            loss, clipped = value_loss(v, mb.values.to(v), mb.returns.to(v), m, clip=self.cfg.clip, tokens=tokens)
+            loss, stats = _value_loss_stats(v, mb, _sampled(mb), clip=self.cfg.clip, tokens=tokens)
             loss.backward()
-            with torch.no_grad():
-                acc += torch.stack([loss.detach().double().cpu(), clipped.double().cpu(),
-                                    (v.detach() * m).sum().double().cpu(),
-                                    ((v.detach() - mb.returns.to(v)) ** 2 * m).sum().double().cpu()])
+            acc += stats
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
         if torch.isfinite(grad_norm) and torch.isfinite(acc[0]):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss, clipped, v_sum, sq = acc.tolist()
-        n = max(tokens, 1.0)
-        return {"value_loss": loss, "value_clipfrac": clipped / n, "value_mean": v_sum / n, "value_mse": sq / n,
-                "value_grad_norm": float(grad_norm)}
+        return _value_record(acc, tokens, grad_norm)
 
 
 class ValueHead(torch.nn.Module):
@@ -100,11 +115,8 @@ class ValueHead(torch.nn.Module):
         torch.nn.init.normal_(self.score.weight, std=std)  # as transformers initialises a classification head
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """hidden (B, T, D) -> (B, T) V(s_t) aligned with the tokens like `reward_model.token_values`: column t
-        reads the state after tokens 0..t-1; column 0 and padding are 0."""
-        v = self.score(hidden[:, :-1]).squeeze(-1)
-        v = torch.nn.functional.pad(v.to(torch.promote_types(v.dtype, torch.float32)), (1, 0))
-        return v * attention_mask.to(v.dtype)
+        """hidden (B, T, D) -> (B, T) V(s_t) aligned with the tokens like `reward_model.token_values`."""
+        return values_at_tokens(self.score, hidden, attention_mask)
 
 
 class SharedCritic:
@@ -153,13 +165,9 @@ class SharedCritic:
         if self._hidden is None:
             raise RuntimeError("the shared value head saw no forward pass of the policy (capture was off)")
         h, self._hidden = self._hidden, None
-        m = (mb.loss_mask * (mb.stream[:, None] == ROLLOUT)).float()
-        v = self.model(h, mb.attention_mask)
-        loss, clipped = value_loss(v, mb.values.to(v), mb.returns.to(v), m, clip=self.cfg.clip, tokens=tokens)
-        with torch.no_grad():
-            self._stats += torch.stack([loss.detach().double().cpu(), clipped.double().cpu(),
-                                        (v.detach() * m).sum().double().cpu(),
-                                        ((v.detach() - mb.returns.to(v)) ** 2 * m).sum().double().cpu()])
+        loss, stats = _value_loss_stats(self.model(h, mb.attention_mask), mb, _sampled(mb), clip=self.cfg.clip,
+                                        tokens=tokens)
+        self._stats += stats
         return self.cfg.coef * loss
 
     def update(self, batch: Batch) -> dict[str, float]:
@@ -169,8 +177,6 @@ class SharedCritic:
         if torch.isfinite(grad_norm) and torch.isfinite(self._stats[0]):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss, clipped, v_sum, sq = self._stats.tolist()
+        record = _value_record(self._stats, float(_sampled(batch).sum()), grad_norm)
         self._stats.zero_()
-        n = max(float((batch.loss_mask * (batch.stream[:, None] == ROLLOUT)).sum()), 1.0)
-        return {"value_loss": loss, "value_clipfrac": clipped / n, "value_mean": v_sum / n, "value_mse": sq / n,
-                "value_grad_norm": float(grad_norm)}
+        return record

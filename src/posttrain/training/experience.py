@@ -21,25 +21,23 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import faults
-from ..data.batch import DEMO, PREFIX, ROLLOUT, Batch, Row, collate, pair_batch
+from ..data.batch import DEMO, ROLLOUT, Batch, Row, collate, pair_batch
 from ..data.encode import completion_text, encode_prompt
 from ..logprobs import token_logprobs
 from ..objective import mixers
 from ..objective import advantages as adv_fns
-from ..objective.advantages import advantages, group_success, mixed_outcome
-from ..objective.components import overlong_penalty, sampler_correction
+from ..objective.advantages import group_success, mixed_outcome
+from ..objective.components import overlong_penalty
 from ..objective.preference import PAIRED_LOSSES
 from ..objective.presets import get_preset
 from ..recipe import stage_streams
 from ..rewards import reward_columns
 from ..rollout.sampler import sample
+from .assembly import STREAM_IDS, correct_for_sampler, row_baselines, rows_to_batch, token_advantages
 from .health import GroupSignal, RewardHealth
 from .offline import OfflineSteps
 from .teachers import TeacherSignals
 from .sources import Buffer, DataCursor, Demonstrations, PairedDemos, VerifiedPool
-
-STREAM_IDS = {"demo": DEMO, "rollout": ROLLOUT, "prefix": PREFIX}
-
 
 @dataclass
 class StepData:
@@ -570,71 +568,3 @@ def verified(rows: list[Row], rewards: list[float], threshold: float, seen: set)
             seen.add(ident)
             out.append((row, r))
     return out
-
-
-def rows_to_batch(rows: list[Row], rewards: list[float], scored: list[bool], mix: torch.Tensor, pad_id: int,
-                  dtype: torch.dtype = torch.float32) -> Batch:
-    """Collate rows; a scored row whose reward failed (or was masked) stays in the batch with no loss token."""
-    for row, r, sc in zip(rows, rewards, scored):
-        if sc and math.isnan(r):
-            row.valid = False
-    batch = collate(rows, pad_id, dtype)
-    batch.mix = mix.to(dtype)
-    return batch
-
-
-def row_baselines(rows: list[Row]) -> torch.Tensor:
-    """(N,) each row's ReMax baseline, the reward of its prompt's greedy decode (NaN where there is none)."""
-    return torch.tensor([r.meta.get("baseline", math.nan) for r in rows], dtype=torch.float64)
-
-
-def correct_for_sampler(batch: Batch, level: str, cap: float) -> dict:
-    """Multiply the advantages of sampled tokens by the truncated importance weights min(q / mu, C) of the
-    trainer's policy q (`old_logp`) over the sampler's mu (`sampler_logp`); copied prefix tokens were not
-    sampled and keep theirs. Returns the mean weight and the share of sampled tokens truncated, to log."""
-    own = batch.loss_mask * (batch.token_stream() == ROLLOUT)
-    w = sampler_correction(batch.old_logp, batch.sampler_logp, own, level=level, cap=cap)
-    batch.advantages = batch.advantages * w
-    n = own.sum().clamp(min=1)
-    return {"is_weight": float((w * own).sum() / n), "is_truncated": float(((w >= cap * (1 - 1e-6)) * own).sum() / n)}
-
-
-def token_advantages(batch: Batch, rewards: torch.Tensor, stage, baseline: torch.Tensor | None = None
-                     ) -> tuple[torch.Tensor, float | None]:
-    """(A (N, T), mean k1 or None) of a batch whose rows have `rewards` (N,) (NaN: outside the group statistics).
-
-    Tokens of streams whose advantage is "group" get the stage's advantage over their row's group (with the
-    k1 penalty in the reward when the stage puts its KL there, k1 = old_logp - ref_logp on rollout tokens);
-    tokens of "one" streams (a demonstration's SFT term) get A = 1. The trainer and the oracles call this.
-    GAE (PPO) reads the critic's `batch.values` and sets `batch.returns`, the critic's targets.
-    On-policy distillation adds coef * (log pi_T - log q) on every sampled token (q = old_logp, the policy
-    that sampled them): minimising -A log pi then follows the reverse KL to the teacher, KL(pi || pi_T).
-    """
-    ts = batch.token_stream()
-    group_tokens = torch.zeros_like(batch.loss_mask)
-    for name, c in stage_streams(stage).items():
-        if c.advantage == "group":
-            group_tokens += batch.loss_mask * (ts == STREAM_IDS[name])
-    k1, kl = None, None
-    kl_reward = bool(stage.kl.beta) and stage.kl.placement == "reward"
-    if kl_reward:
-        own = batch.loss_mask * (ts == ROLLOUT)
-        k1 = (batch.old_logp - batch.ref_logp) * own  # (N, T) detached, q in place of p
-        kl = float(k1.sum() / own.sum().clamp(min=1))
-    if stage.advantage.kind == "gae":  # PPO: per-token rewards (R at the end, -beta k1 each token) and the critic
-        adv = stage.advantage
-        r = adv_fns.terminal_rewards(torch.nan_to_num(rewards, nan=0.0), group_tokens)
-        if kl_reward:
-            r = r - stage.kl.beta * k1.to(r)
-        A, batch.returns = adv_fns.gae(r, batch.values, group_tokens, gamma=adv.gamma, lam=adv.lam)
-        A = adv_fns.global_normalize(A, group_tokens).to(batch.loss_mask) if adv.whiten else A.to(batch.loss_mask)
-        batch.returns = batch.returns.to(batch.loss_mask)
-    else:
-        A = advantages(stage.advantage.kind, rewards, batch.group, group_tokens, std_eps=stage.advantage.std_eps,
-                       threshold=stage.success_threshold, k1=k1, kl_beta=stage.kl.beta if kl_reward else 0.0,
-                       baseline=baseline)
-    A = A + (batch.loss_mask - group_tokens)
-    if stage.distill.coef:
-        own = batch.loss_mask * (ts == ROLLOUT)
-        A = A + stage.distill.coef * (batch.teacher_logp - batch.old_logp).to(A) * own
-    return A, kl
