@@ -4,14 +4,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 log = logging.getLogger("posttrain")
 
 
 def _setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(message)s",
-                        stream=sys.stderr)
+    level, fmt = logging.DEBUG if verbose else logging.INFO, "%(levelname)s %(message)s"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: rank 0 talks, the others only warn
+        rank = int(os.environ.get("RANK", "0"))
+        fmt = f"[rank {rank}] {fmt}"
+        if rank:
+            level = max(level, logging.WARNING)
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from transformers.utils import logging as hf_logging
@@ -226,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as e:
         print(f"posttrain: {e}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        from .training.world import close_world
+
+        close_world()
 
 
 if __name__ == "__main__":

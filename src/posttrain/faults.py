@@ -8,8 +8,9 @@ Points the code marks with `hit(point)`:
   final     before the final model is written
 Actions, taken on the n-th hit of the point in this process:
   kill (SIGKILL to this process), term (SIGTERM), int (SIGINT), raise (an OSError, as a full disk would).
-E.g. `POSTTRAIN_FAULTS="save@3=kill"` kills the run at the third file operation of its first save. The
-tests inject faults only through this hook, never by editing the code under test.
+E.g. `POSTTRAIN_FAULTS="save@3=kill"` kills the run at the third file operation of its first save. Under
+torchrun, `POSTTRAIN_FAULTS_RANK=r` limits the faults to rank r. The tests inject faults only through this
+hook, never by editing the code under test.
 """
 from __future__ import annotations
 
@@ -38,6 +39,9 @@ def _plan(spec: str) -> dict[tuple[str, int], str]:
 def hit(point: str) -> None:
     spec = os.environ.get("POSTTRAIN_FAULTS")
     if not spec:
+        return
+    rank = os.environ.get("POSTTRAIN_FAULTS_RANK")
+    if rank is not None and os.environ.get("RANK", "0") != rank:
         return
     _counts[point] += 1
     action = _plan(spec).get((point, _counts[point]))

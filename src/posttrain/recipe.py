@@ -115,6 +115,10 @@ class RolloutConfig(Strict):
     # (another engine or precision); token or sequence level. null: none (the built-in sampler is the policy).
     correction: Optional[Literal["token", "sequence"]] = None  # truncated IS weights q / mu: token or sequence
     correction_cap: float = Field(2.0, gt=0)  # C, the truncation of the importance weights
+    # Sampling noise: `batch` draws every row from one generator (what one process has always done); `row` keys
+    # each row's noise by (seed, step, the row's place in the step), so samples do not depend on how rows are
+    # split across ranks or batches and a run on N ranks equals the run on one; `auto`: row under torchrun.
+    seeding: Literal["auto", "batch", "row"] = "auto"
 
 
 class ClipConfig(Strict):
@@ -364,6 +368,14 @@ class CheckpointConfig(Strict):
     keep: int = Field(2, gt=0)  # the newest `keep` checkpoints are kept, older ones deleted
 
 
+class DistributedConfig(Strict):
+    """Several processes under torchrun (training/world.py); ignored in one process."""
+
+    # ddp: every rank holds the model and optimizer; work is split by whole groups and gradients are summed
+    strategy: Literal["ddp"] = "ddp"
+    timeout_s: float = Field(1800, gt=0)  # a collective waiting longer (a rank died or hangs) fails the run
+
+
 class Recipe(Strict):
     model: str  # builtin:tiny, a local model directory, or a hub id
     tokenizer: Optional[str] = None  # another tokenizer for the model (a directory or hub id); default: the model's
@@ -377,6 +389,7 @@ class Recipe(Strict):
     stages: list[StageConfig] = Field(min_length=1)  # run in order; each starts from the previous one's policy
     eval: Optional[EvalConfig] = None  # evaluation before and after each stage (a task, or your data)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)  # checkpoint cadence and retention
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)  # torchrun: strategy, timeout
 # ------------------------------------------------------------------------------------------------
 # Resolution: one place where preset defaults meet user overrides.
 # ------------------------------------------------------------------------------------------------

@@ -46,7 +46,8 @@ from .run_hooks import CurveHook, EvalHooks
 from .rundir import BadRows, Checkpointer, RunLock, StageProgress, StopRequest, changes, move_aside, refuse_changes, stage_config
 from .training import checkpoint, lora
 from .training.loop import new_state, run_stage
-from .training.metrics import JsonlSink, Progress, Sinks, TensorBoardSink
+from .training.metrics import JsonlSink, NullSink, Progress, Sinks, TensorBoardSink
+from .training.world import SINGLE, check_distributed, init_world, rank_device
 
 log = logging.getLogger("posttrain")
 
@@ -128,12 +129,20 @@ class Run:
         self.vocab_rows: int | None = None  # the model's embedding rows: a row holding a later id is a bad row
         self._reward_models: dict = {}  # {fn: model} rewards, loaded once per run and path
         self._checking = False  # True while rewards are checked before step 0 (reward models not made yet are fine)
+        self.world = SINGLE  # torchrun's ranks (world.py): rank 0 alone writes the run directory
 
     def execute(self) -> dict:
         if self.progress is False:  # quiet: transformers' per-file load and save bars too
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()
+        self.world = init_world(pick_device(self.cfg.device), self.cfg.distributed.timeout_s)
+        if self.world.size > 1:
+            check_distributed(self.cfg)
+        if not self.world.is_main:  # the other ranks read the run directory once rank 0 has locked and set it up
+            with self.stop:
+                self.world.barrier()
+                return self._execute()
         created = not self.out.exists()
         self.out.mkdir(parents=True, exist_ok=True)
         try:
@@ -151,6 +160,7 @@ class Run:
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
             log.addHandler(handler)
             try:
+                self.world.barrier()
                 return self._execute()
             finally:
                 log.removeHandler(handler)
@@ -181,20 +191,22 @@ class Run:
 
     def _execute(self) -> dict:
         cfg = self.cfg
-        progress = StageProgress(self.out, cfg, self.max_steps, self.allow)
+        main = self.world.is_main
+        progress = StageProgress(self.out, cfg, self.max_steps, self.allow, write=main)
         if progress.finished:
             log.info("%s holds this run, finished already: nothing to do (its model is in %s; --fresh starts over)",
                      self.out, self.out / "final")
             return json.loads((self.out / "summary.json").read_text())
-        if progress.record.pop("finished", None):  # more stages than the run that finished: its summary is stale
+        if progress.record.pop("finished", None) and main:  # more stages than the run that finished: stale summary
             (self.out / "summary.json").unlink(missing_ok=True)
         self._find_checkpoint(progress)
-        write_atomic(self.out / "config.yaml", dump_recipe(cfg))
+        if main:
+            write_atomic(self.out / "config.yaml", dump_recipe(cfg))
         torch.manual_seed(cfg.seed)
-        device = pick_device(cfg.device)
+        device = rank_device(pick_device(cfg.device), self.world)
         # Everything that can be checked without the model is checked before it loads; every row of every
         # stage still to run is checked before step 0 (lengths need the tokenizer and the model's context).
-        self.bad_rows = BadRows(self.out)
+        self.bad_rows = BadRows(self.out, write=main)
         stage_data = [StageData(None, None, None, None) if s.name in progress.done else self._load_stage_data(s)
                       for s in cfg.stages]
         for stage, sd in zip(cfg.stages, stage_data):
@@ -227,11 +239,14 @@ class Run:
             log.info("resuming %s: stages %s finished, skipped", self.out, ", ".join(progress.done))
         keep = self._keep_record(progress)
         done_steps = sum(r["steps"] for r in progress.done.values()) + (self.resume[0].step if self.resume else 0)
-        self.samples = JsonlSink(self.out / "samples.jsonl", keep=keep)
-        sinks = Sinks(JsonlSink(self.out / "metrics.jsonl", keep=keep),
-                      TensorBoardSink(self.out / "tb", purge_step=done_steps + 1 if done_steps else None))
+        if main:
+            self.samples = JsonlSink(self.out / "samples.jsonl", keep=keep)
+            sinks = Sinks(JsonlSink(self.out / "metrics.jsonl", keep=keep),
+                          TensorBoardSink(self.out / "tb", purge_step=done_steps + 1 if done_steps else None))
+        else:
+            self.samples, sinks = NullSink(), Sinks()
         t_run = time.perf_counter()
-        hooks = EvalHooks(cfg, tok, stop_ids, pad_id, device)
+        hooks = EvalHooks(cfg, tok, stop_ids, pad_id, device, active=main)  # rank 0 evaluates, the others go on
         curve = CurveHook(hooks, self.out / "curve.jsonl", keep=keep)
         try:
             if hooks.active:
@@ -270,16 +285,19 @@ class Run:
                         result["eval"] = hooks.evaluate(model)
                 summary["stages"][stage.name] = result
                 progress.finish_stage(stage.name, result, trained, tok, stop_ids)
+                self.world.barrier()  # what the stage wrote (its model, verified.jsonl) is there for the next one
             if hooks.active:
                 summary["eval"]["after"] = summary["stages"][cfg.stages[-1].name]["eval"]
             faults.hit("final")
-            if _trains_reward_model(cfg.stages[-1]):  # the run's last product is the reward model
+            if not main:
+                pass
+            elif _trains_reward_model(cfg.stages[-1]):  # the run's last product is the reward model
                 shutil.copytree(self.out / "stages" / cfg.stages[-1].name / "model", self.out / "final",
                                 dirs_exist_ok=True)
             else:
                 save_pretrained(model, tok, self.out / "final", stop_ids=stop_ids)
             last_stage = cfg.stages[-1]
-            if last_stage.lora is not None:  # the last stage's adapter beside the merged weights (peft loads it)
+            if last_stage.lora is not None and main:  # the last stage's adapter beside the merged weights (peft loads it)
                 shutil.copytree(self.out / "stages" / last_stage.name / "adapter", self.out / "final" / "adapter",
                                 dirs_exist_ok=True)
         finally:
@@ -287,8 +305,10 @@ class Run:
             curve.close()
             self.samples.close()
         summary["wall_s"] = round(time.perf_counter() - t_run, 3)
-        write_atomic(self.out / "summary.json", dumps(summary))
+        if main:
+            write_atomic(self.out / "summary.json", dumps(summary))
         progress.finish_run()
+        self.world.barrier()  # the other ranks return once the run directory is complete
         log.info("run finished in %.1fs: %s", summary["wall_s"], self.out)
         return summary
 
@@ -484,18 +504,22 @@ class Run:
             model = lora.attach(model, stage.lora, device)
         if _trains_reward_model(stage):  # the policy's backbone under a fresh scalar head
             model = reward_model.from_policy(model, pad_id)
+        for m in (model, getattr(critic, "model", None)):  # every replica starts from rank 0's weights
+            if m is not None:
+                self.world.broadcast_(m)
         ref_model = None
         if stage.kl.beta or preset.needs_reference:  # the policy at this stage's start (LoRA: adapters disabled)
             ref_model = lora.reference(model) if stage.lora is not None else \
                 copy.deepcopy(model).eval().requires_grad_(False)
         n_steps = min(stage.steps, self.max_steps) if self.max_steps else stage.steps
         explain_stage(stage, preset, sd, n_steps)
-        progress = Progress(n_steps, stage.name, stage.log_every, tty=self.progress)
+        progress = Progress(n_steps, stage.name, stage.log_every, tty=self.progress) if self.world.is_main \
+            else NullSink()
         sink = _StageSink(Sinks(sinks, progress), global_step)
         result: dict[str, Any] = {"name": stage.name, "method": stage.method, "format": sd.fmt,
                                   "rows": len(sd.rows.rows)}
         kw: dict[str, Any] = dict(pad_id=pad_id, stop_ids=stop_ids, device=device, seed=seed, ref_model=ref_model,
-                                  total_steps=n_steps)
+                                  total_steps=n_steps, world=self.world)
         if stage.distill.coef and not preset.self_teacher:
             kw["teacher"] = self._teacher(tok, device, next(model.parameters()).dtype)
         if critic is not None:
@@ -509,7 +533,7 @@ class Run:
         resume = self.resume if self.resume is not None and self.resume[0].stage_index == i else None
         kw["on_samples"] = lambda step, recs: [self.samples.write({"stage": stage.name, "step": step, **r})
                                                for r in recs]
-        if "verified" in preset.sources:
+        if "verified" in preset.sources and self.world.is_main:
             kw["on_data"] = self._data_writer(stage, resume[1]["experience"]["pool"]["round"] if resume else 0)
         saver = Checkpointer(self, i, stage, sink, t0, start=resume[0].step if resume else 0)
         try:
@@ -535,7 +559,7 @@ class Run:
         result.update(steps=state.step, samples=state.samples, tokens=state.tokens)
         result["final"] = {k: v for k, v in last.items() if k not in ("stage", "step", "global_step")}
         if stage.lora is not None:  # the adapter is kept beside the stage; the weights continue merged
-            model = lora.finish(model, self.out / "stages" / stage.name / "adapter")
+            model = lora.finish(model, self.out / "stages" / stage.name / "adapter" if self.world.is_main else None)
         return result, model
 
     def _start(self, model, stage, seed: int, experience, resume, sink):

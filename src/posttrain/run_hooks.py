@@ -12,9 +12,9 @@ from .training.metrics import JsonlSink
 class EvalHooks:
     """Evaluation before the first stage and after each stage, when the recipe has an `eval` section."""
 
-    def __init__(self, cfg: Recipe, tok, stop_ids, pad_id, device):
+    def __init__(self, cfg: Recipe, tok, stop_ids, pad_id, device, active: bool = True):
         self.cfg, self.tok, self.stop_ids, self.pad_id, self.device = cfg.eval, tok, stop_ids, pad_id, device
-        self.active = cfg.eval is not None
+        self.active = cfg.eval is not None and active  # (off on the ranks other than 0)
         self.rows = None
         if self.active and self.cfg.data is not None:  # the user's rows, checked once (before any training)
             from .eval.task_eval import load_eval_rows

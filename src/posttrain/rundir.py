@@ -78,8 +78,9 @@ class StageProgress:
     run continues from the last one's policy; a change to them (or to the model, seed, dtype, eval or
     --max-steps) is refused with its diff unless allowed."""
 
-    def __init__(self, out: Path, cfg: Recipe, max_steps: int | None, allow: tuple[str, ...] = ()):
-        self.out = out
+    def __init__(self, out: Path, cfg: Recipe, max_steps: int | None, allow: tuple[str, ...] = (), *,
+                 write: bool = True):
+        self.out, self.write = out, write  # write: False on the ranks other than 0, which only read
         self.path = out / "progress.json"
         run = {"model": cfg.model, "seed": cfg.seed, "dtype": cfg.dtype, "max_steps": max_steps,
                "eval": cfg.eval.model_dump(mode="json") if cfg.eval else None}
@@ -117,7 +118,8 @@ class StageProgress:
         self._write()
 
     def finish_stage(self, name: str, result: dict, model, tok, stop_ids) -> None:
-        save_pretrained(model, tok, self.out / "stages" / name / "model", stop_ids=stop_ids)
+        if self.write:
+            save_pretrained(model, tok, self.out / "stages" / name / "model", stop_ids=stop_ids)
         self.record["stages"][name] = {"config": self.configs[name], "result": result}
         self.done[name] = result
         self._write()
@@ -127,7 +129,8 @@ class StageProgress:
         self._write()
 
     def _write(self) -> None:
-        write_atomic(self.path, dumps(self.record))
+        if self.write:
+            write_atomic(self.path, dumps(self.record))
 
 
 def stage_config(stage) -> str:
@@ -237,9 +240,10 @@ class BadRows:
 
     SHOWN = 10
 
-    def __init__(self, out: Path):
-        self.path = out / "bad_rows.jsonl"
-        self.path.unlink(missing_ok=True)  # an earlier attempt's list describes data this one may not read
+    def __init__(self, out: Path, *, write: bool = True):
+        self.path, self.write = out / "bad_rows.jsonl", write
+        if write:
+            self.path.unlink(missing_ok=True)  # an earlier attempt's list describes data this one may not read
         self.seen: dict[tuple[str, str], dict] = {}  # (stage, origin) -> rows read, bad rows, allowed share
         self.judged = 0  # bad rows already judged by `verdict`
 
@@ -252,6 +256,7 @@ class BadRows:
         entry["left"] = len(rest.rows)
         if bad:
             entry["bad"].extend(bad)
+        if bad and self.write:
             with open(self.path, "a", encoding="utf-8") as f:
                 for b in bad:
                     f.write(dumps({"stage": stage.name, **b.to_dict()}, indent=None) + "\n")
@@ -296,9 +301,12 @@ class Checkpointer:
         stop = self.run.stop
         due = self.every and state.step // self.every > self.prev // self.every
         self.prev = state.step
-        if due or stop.requested:
+        stopping = self.run.world.agree(stop.requested)  # every rank stops at the same step
+        if stopping and not stop.requested:  # another rank received the signal
+            stop.signum = signal.SIGTERM
+        if due or stopping:
             self.save(state)
-        if stop.requested:
+        if stopping:
             raise Interrupted(f"stopped by {stop.name()} at step {state.step} of stage {self.stage.name!r}; checkpoint "
                               f"saved in {self.root}: rerun the same command to resume", stop.signum)
         if self.snapshot is not None:
@@ -320,6 +328,8 @@ class Checkpointer:
             self.save(state)
 
     def save(self, state) -> None:
+        if not self.run.world.is_main:  # one copy of the replicated state: rank 0's
+            return
         extra = {"config": stage_config(self.stage), "reward_errors": self.sink.reward_errors,
                  "stage_wall_s": time.perf_counter() - self.t0}
         path = checkpoint.save(self.root, self.index, self.stage.name, state, extra)

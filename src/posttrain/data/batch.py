@@ -77,6 +77,14 @@ class Batch:
         rows.sort(key=lambda r: int(r[0]))
         return [rows[i] for i in order] if order is not None else rows
 
+    def share(self, rank: int, size: int) -> Tensor:
+        """Rank `rank`'s rows of `size` ranks: consecutive whole groups, a group going to the rank where its first
+        row falls when the rows are cut into `size` equal spans (a rank may get none)."""
+        if size == 1:
+            return torch.arange(self.size)
+        mine = [g for g in self._groups() if min(size - 1, int(g[0]) * size // max(self.size, 1)) == rank]
+        return torch.cat(mine) if mine else torch.zeros(0, dtype=torch.long)
+
     def split(self, max_rows: int) -> list[Tensor]:
         """Micro-batches: consecutive whole groups packed up to `max_rows` rows (a larger group goes alone)."""
         chunks, cur, n = [], [], 0

@@ -50,12 +50,45 @@ def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 
-def _choose(z: Tensor, *, greedy: bool, top_p: float, generator: torch.Generator | None) -> Tensor:
-    """z (B, V) temperature-scaled logits -> next ids (B,)."""
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser: a bijection of 64-bit integers whose output bits look independent."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def row_key(*parts: int) -> int:
+    """One 64-bit key from integers (a seed, a step, a row's index...), for `sample(keys=...)`."""
+    key = 0
+    for part in parts:
+        key = _mix64(key ^ (part & _MASK64))
+    return key
+
+
+def keyed_uniform(key: int, step: int) -> float:
+    """A uniform number in [0, 1) from (key, step) alone (53 bits). Keyed noise makes a row's sample independent
+    of which other rows share its batch, chunk or rank."""
+    return (_mix64(key ^ _mix64(step)) >> 11) / float(1 << 53)
+
+
+def _choose(z: Tensor, *, greedy: bool, top_p: float, generator: torch.Generator | None,
+            keys: list[int] | None = None, step: int = 0) -> Tensor:
+    """z (B, V) temperature-scaled logits -> next ids (B,). With `keys` (one per row), row b's id is the inverse
+    CDF of its distribution at keyed_uniform(keys[b], step) instead of a draw from `generator`."""
     if greedy:
         return z.argmax(-1)
     probs = top_p_filter(z, top_p).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if keys is None:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    cdf = probs.double().cumsum(-1)  # (B, V)
+    u = torch.tensor([keyed_uniform(k, step) for k in keys], dtype=torch.float64, device=z.device)
+    # the first id whose cumulative mass exceeds u * total: never an id of zero probability
+    ids = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+    return ids.clamp(max=z.shape[-1] - 1)
 
 
 def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -81,6 +114,7 @@ def _generate_batch(
     pad_id: int,
     generator: torch.Generator | None,
     greedy: bool,
+    keys: list[int] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Decode `num_samples` continuations of each prompt.
 
@@ -108,7 +142,7 @@ def _generate_batch(
     steps = 0
     for step in range(max_new_tokens):
         z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # (A, V)
-        next_ids = _choose(z, greedy=greedy, top_p=top_p, generator=generator)  # (A,)
+        next_ids = _choose(z, greedy=greedy, top_p=top_p, generator=generator, keys=keys, step=step)  # (A,)
         tokens[active, step] = next_ids
         logp[active, step] = z.log_softmax(-1).gather(-1, next_ids.unsqueeze(-1)).squeeze(-1)
         steps = step + 1
@@ -119,6 +153,8 @@ def _generate_batch(
             if n_done == active.numel():
                 break
             keep = (~done).nonzero().squeeze(-1)  # (A',)
+            if keys is not None:
+                keys = [keys[i] for i in keep.tolist()]
             active, next_ids, next_pos, attention_mask = active[keep], next_ids[keep], next_pos[keep], attention_mask[keep]
             cache.batch_select_indices(keep)
         if step + 1 == max_new_tokens:
@@ -166,6 +202,7 @@ def sample(
     generator: torch.Generator | None = None,
     greedy: bool = False,
     batch_size: int | None = None,
+    keys: Sequence[int] | None = None,
 ) -> Rollout:
     """Sample `num_samples` completions of every prompt (token ids) with a KV cache.
 
@@ -173,9 +210,15 @@ def sample(
     (then `truncated`). `greedy` takes the argmax; otherwise ids are drawn from softmax(logits / temperature)
     restricted to the top-p nucleus, using `generator` (same seed, same arguments -> same samples).
     `batch_size` bounds the rows decoded together (whole prompt groups; at least one prompt per batch).
+    `keys` (one int per output row, prompt-major) replaces `generator` with keyed noise: row i's tokens depend on
+    its prompt, the model and keys[i] only, not on the rows beside it (`row_key` makes keys).
     The model is put in eval mode while sampling and its previous mode restored afterwards.
     """
     _check_args(model, prompts, num_samples, max_new_tokens, temperature, top_p, stop_ids, pad_id, batch_size)
+    if keys is not None and len(keys) != len(prompts) * num_samples:
+        raise ValueError(f"keys: {len(keys)} given, one per row needed ({len(prompts)} x {num_samples})")
+    if not prompts:
+        return Rollout([], [], [], [], [])
     device = next(model.parameters()).device
     stop = torch.as_tensor(list(stop_ids), dtype=torch.long, device=device)
     prompts_per_batch = len(prompts) if batch_size is None else max(1, batch_size // num_samples)
@@ -189,6 +232,7 @@ def sample(
             tokens, logp, lengths = _generate_batch(
                 model, chunk, num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
                 top_p=top_p, stop=stop, pad_id=pad_id, generator=generator, greedy=greedy,
+                keys=None if keys is None else list(keys[start * num_samples: (start + len(chunk)) * num_samples]),
             )
             tokens, logp, lengths = tokens.cpu(), logp.cpu(), lengths.tolist()
             for r, n in enumerate(lengths):

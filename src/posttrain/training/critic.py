@@ -20,6 +20,7 @@ import logging
 import torch
 
 from ..data.batch import ROLLOUT, Batch
+from .world import SINGLE, World
 from ..logprobs import position_ids_from_mask
 from ..objective.components import value_loss
 from ..reward_model import from_policy, token_values, values_at_tokens
@@ -87,18 +88,22 @@ class Critic:
             out[rows, : v.shape[1]] = v.float().cpu()
         return out
 
-    def update(self, batch: Batch) -> dict[str, float]:
-        """One optimizer step of the value loss on `batch` (a policy minibatch); returns its metrics."""
+    def update(self, batch: Batch, world: World = SINGLE) -> dict[str, float]:
+        """One optimizer step of the value loss on `batch` (a policy minibatch); returns its metrics. Under several
+        ranks each takes its share of the rows and the gradients and sums are summed over ranks."""
         self.model.train()
         tokens = float(_sampled(batch).sum())
         acc = torch.zeros(4, dtype=torch.float64)
-        for rows in batch.split(self.micro_size or batch.size):
-            mb = batch.select(rows).to(self.device)
+        mine = batch if world.size == 1 else batch.select(batch.share(world.rank, world.size))
+        for rows in mine.split(self.micro_size or max(mine.size, 1)):
+            mb = mine.select(rows).to(self.device)
             v = token_values(self.model, mb.input_ids, mb.attention_mask)
             loss, stats = _value_loss_stats(v, mb, _sampled(mb), clip=self.cfg.clip, tokens=tokens)
             loss.backward()
             acc += stats
         params = [p for p in self.model.parameters() if p.requires_grad]
+        world.sum_grads(params)
+        world.sum_(acc)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
         if torch.isfinite(grad_norm) and torch.isfinite(acc[0]):
             self.optimizer.step()
@@ -170,9 +175,12 @@ class SharedCritic:
         self._stats += stats
         return self.cfg.coef * loss
 
-    def update(self, batch: Batch) -> dict[str, float]:
-        """The head's optimizer step on the gradient the policy's step left on it; returns the value metrics."""
+    def update(self, batch: Batch, world: World = SINGLE) -> dict[str, float]:
+        """The head's optimizer step on the gradient the policy's step left on it (summed over ranks); returns the
+        value metrics."""
         params = list(self.model.parameters())
+        world.sum_grads(params)
+        world.sum_(self._stats)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
         if torch.isfinite(grad_norm) and torch.isfinite(self._stats[0]):
             self.optimizer.step()

@@ -32,7 +32,8 @@ from ..objective.preference import PAIRED_LOSSES
 from ..objective.presets import get_preset
 from ..recipe import stage_streams
 from ..rewards import reward_columns
-from ..rollout.sampler import sample
+from .world import SINGLE, World
+from ..rollout.sampler import Rollout, row_key, sample
 from .assembly import STREAM_IDS, correct_for_sampler, row_baselines, rows_to_batch, token_advantages
 from .health import GroupSignal, RewardHealth
 from .offline import OfflineSteps
@@ -101,8 +102,12 @@ class Experience(OfflineSteps, TeacherSignals):
     def __init__(self, stage, tokenizer, *, pad_id: int, stop_ids=(), device="cpu", seed: int = 0, rows=None,
                  demos: Demonstrations | None = None, paired: PairedDemos | None = None, scorer=None,
                  ref_model=None, total_steps: int = 1, on_data=None, on_samples=None,
-                 pairs: Demonstrations | None = None, teacher=None, critic=None):
+                 pairs: Demonstrations | None = None, teacher=None, critic=None, world: World = SINGLE):
         self.s, self.p = stage, get_preset(stage.method)
+        self.world, self.seed = world, seed
+        # keyed sampling noise (rollout.seeding): samples that do not depend on how rows are split across ranks
+        self.keyed = stage.rollout.seeding == "row" or (stage.rollout.seeding == "auto" and world.size > 1)
+        self._step, self._calls = 0, 0
         self.tok, self.pad_id, self.stop_ids, self.device = tokenizer, pad_id, list(stop_ids), device
         self.rows = rows or []
         self.columns = reward_columns(self.rows)
@@ -146,6 +151,7 @@ class Experience(OfflineSteps, TeacherSignals):
         if offline is not None:
             return StepData(*offline)
         self._compute = {"prefill_tokens": 0, "generated_tokens": 0, "ref_forward_tokens": 0}
+        self._step, self._calls = step, 0
         self.refresh_reference(model, step)
         data = self._verified(model, generator) if self.pool is not None else self._rollouts(model, step, generator)
         self.health.end_step(step)  # may stop the run: before this step's update, so the state is the last step's
@@ -158,10 +164,22 @@ class Experience(OfflineSteps, TeacherSignals):
         return self._prompt_cache[key]
 
     def _sample(self, model, prompts: list[list[int]], n: int, generator, greedy: bool = False):
+        """`n` samples of each prompt. Under several ranks each samples its contiguous share of the prompts and
+        every rank gets all of them back, in prompt order."""
         faults.hit("generate")
         r = self.s.rollout
-        ro = sample(model, prompts, num_samples=n, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                    top_p=r.top_p, stop_ids=self.stop_ids, pad_id=self.pad_id, generator=generator, greedy=greedy)
+        keys = None
+        if self.keyed:  # (seed, step, the step's sampling call, prompt, sample): the same on any number of ranks
+            keys = [row_key(self.seed, self._step, self._calls, j, k) for j in range(len(prompts)) for k in range(n)]
+        self._calls += 1
+        a, b = self.world.span(len(prompts))
+        ro = sample(model, prompts[a:b], num_samples=n, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                    top_p=r.top_p, stop_ids=self.stop_ids, pad_id=self.pad_id, generator=generator, greedy=greedy,
+                    keys=None if keys is None else keys[a * n:b * n])
+        if self.world.size > 1:
+            ro.prompt_index = [a + i for i in ro.prompt_index]
+            ro = Rollout(*(sum((getattr(part, f) for part in self.world.gather(ro)), [])
+                           for f in ("prompt_index", "prompt_ids", "completion_ids", "sampler_logp", "truncated")))
         self._compute["prefill_tokens"] += sum(len(p) for p in prompts)  # each distinct prompt is prefilled once
         self._compute["generated_tokens"] += sum(len(c) for c in ro.completion_ids)
         return ro
@@ -175,20 +193,28 @@ class Experience(OfflineSteps, TeacherSignals):
         if self.scorer is None:  # no reward functions (on-policy distillation alone): every reward 0
             part.rewards, part.per_fn, part.errors = [0.0] * len(part.rows), {}, []
             return
+        a, b = self.world.span(len(part.rows))  # each rank scores its share; every rank gets every reward
+        shares = self.world.gather(self._score_rows(part.rows[a:b], keys[a:b]) if b > a else None)
+        shares = [x for x in shares if x is not None]
+        part.rewards = [v for total, _, _ in shares for v in total]
+        part.per_fn = {name: [v for _, per_fn, _ in shares for v in per_fn[name]] for name in shares[0][1]} \
+            if shares else {}
+        part.errors = [e for _, _, errors in shares for e in errors]
+        self.health.add(part.rewards, part.errors)
+
+    def _score_rows(self, part_rows: list[Row], keys: list[int]) -> tuple[list[float], dict, list]:
+        """(total rewards, {reward fn: rewards}, errors) of rows answering the prompts of `keys`."""
         rows = [self.rows[k] for k in keys]
         prompts = [r["prompt"] for r in rows]
         comp_ids = []
-        for row in part.rows:
+        for row in part_rows:
             a, b = row.completion_span()
             comp_ids.append(row.input_ids[a:b])
         completions = [completion_text(p, c, self.tok) for p, c in zip(prompts, comp_ids)]
         columns = {k: [r.get(k) for r in rows] for k in self.columns}
         row_ids = [r.get("id", k) for r, k in zip(rows, keys)]
         scored = self.scorer(prompts, completions, columns=columns, completion_ids=comp_ids, row_ids=row_ids)
-        part.rewards = scored.total.tolist()
-        part.per_fn = {name: v.tolist() for name, v in scored.per_fn.items()}
-        part.errors = list(scored.errors)
-        self.health.add(part.rewards, part.errors)
+        return scored.total.tolist(), {name: v.tolist() for name, v in scored.per_fn.items()}, list(scored.errors)
 
     def _question_rows(self, model, keys: list[int], g0: int, step: int, generator, timing: dict) -> _Rows:
         """Every scored row of the questions `keys` (group ids g0, g0 + 1, ...): free rollouts, prefixed
@@ -488,16 +514,20 @@ class Experience(OfflineSteps, TeacherSignals):
 
     @torch.no_grad()
     def _logp(self, model, batch: Batch, temperature: float | None = None) -> torch.Tensor:
+        """(N, T) log-probs of `batch` under `model`, no gradient; under several ranks each computes its share of
+        the rows and the shares are summed (zeros elsewhere), so every rank holds all of them."""
         out = torch.zeros_like(batch.loss_mask)
         temperature = self.s.rollout.temperature if temperature is None else temperature
         micro = self.s.batch.micro_size or batch.size
         self._compute["ref_forward_tokens"] += int(batch.attention_mask.sum())
-        for rows in batch.split(micro):
+        mine = batch.share(self.world.rank, self.world.size)  # (whole groups)
+        for rows in (batch.select(mine).split(micro) if len(mine) else []):
+            rows = mine[rows]
             mb = batch.select(rows).to(self.device)
             lp, _ = token_logprobs(model, mb.input_ids, mb.attention_mask, temperature=temperature,
                                    chunk_mb=self.s.batch.logits_chunk_mb)
             out[rows, : lp.shape[1]] = lp.float().cpu()
-        return out
+        return self.world.sum_(out)
 
     # ---- rejection sampling -------------------------------------------------------------------------
 

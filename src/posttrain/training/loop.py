@@ -19,6 +19,7 @@ import torch
 
 from .. import faults
 from ..data.batch import Batch
+from .world import SINGLE, World
 from ..errors import NonFiniteError
 from .experience import Experience
 from .metrics import NullSink
@@ -43,6 +44,7 @@ class TrainState:
     nonfinite: int = 0  # steps skipped for a NaN/inf loss or gradient, in all
     nonfinite_streak: int = 0  # ... and in a row, up to now
     wall_s: float = 0.0  # seconds spent in this stage's loop, over every process that ran it
+    world: World = SINGLE  # the ranks sharing each step's work (world.py)
 
 
 def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
@@ -71,7 +73,8 @@ def new_state(model, stage, seed: int, experience: Experience) -> TrainState:
     device = next(model.parameters()).device
     # torch.multinomial needs a generator on the probabilities' device (a CPU one fails on CUDA).
     generator = torch.Generator(device=device).manual_seed(seed)
-    return TrainState(model, opt, make_scheduler(opt, stage.schedule, stage.steps), experience, generator, seed)
+    return TrainState(model, opt, make_scheduler(opt, stage.schedule, stage.steps), experience, generator, seed,
+                      world=experience.world)
 
 
 def run_stage(state: TrainState, stage, *, device, sink=NullSink(), max_steps: int | None = None,
@@ -164,9 +167,10 @@ def _updates(state: TrainState, stage, spec: ObjectiveSpec, batch: Batch | None,
                 return
             mb = batch.select(rows)
             record = optimizer_step(state.model, state.optimizer, state.scheduler, mb, spec, micro_size=micro,
-                                    max_grad_norm=stage.optim.max_grad_norm, device=device, value_head=shared)
+                                    max_grad_norm=stage.optim.max_grad_norm, device=device, value_head=shared,
+                                    world=state.world)
             if critic is not None:  # PPO's value model learns on the same rows
-                record.update(critic.update(mb))
+                record.update(critic.update(mb, state.world))
             state.step += 1
             record["step"] = state.step
             yield record

@@ -75,8 +75,10 @@ def trainable(model) -> dict[str, torch.Tensor]:
 
 
 def finish(model, adapter_dir):
-    """Save the adapter to `adapter_dir` (loadable by peft), then merge it: returns the plain merged model."""
-    model.save_pretrained(str(adapter_dir))
+    """Save the adapter to `adapter_dir` (loadable by peft; None: not saved), then merge it: returns the plain
+    merged model."""
+    if adapter_dir is not None:
+        model.save_pretrained(str(adapter_dir))
     merged = _merge_dequantized(model) if _quantized_layers(model) else model.merge_and_unload()
     for p in merged.parameters():
         p.requires_grad_(True)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data.batch import DEMO, PREFIX, ROLLOUT, STREAMS, Batch
+from .world import SINGLE, World
 from ..logprobs import logprobs_at, token_logprobs
 from ..objective import mixers
 from ..objective.components import soft_target_loss
@@ -100,14 +101,20 @@ def batch_counts(batch: Batch, spec: ObjectiveSpec) -> dict:
     return counts
 
 
+def sampled_tokens(batch: Batch) -> float:
+    """The loss tokens of sampled (rollout) rows: the value loss's normaliser."""
+    return float((batch.loss_mask * (batch.stream[:, None] == ROLLOUT)).sum())
+
+
 def accumulate_gradients(model, batch: Batch, spec: ObjectiveSpec, *, micro_size: int, device,
-                         value_head=None) -> torch.Tensor:
+                         value_head=None, whole: Batch | None = None) -> torch.Tensor:
     """Backpropagate the estimator over micro-batches (whole groups) of `batch` into `.grad`; returns summed
     diagnostics (a tensor ordered as STAT_KEYS + STREAM_KEYS, still on the device: no sync here). `value_head`
-    (PPO's `SharedCritic`) adds its weighted value loss, read off the same forward pass, to each micro-batch's."""
-    counts = batch_counts(batch, spec)
+    (PPO's `SharedCritic`) adds its weighted value loss, read off the same forward pass, to each micro-batch's.
+    `whole`: the minibatch `batch` is this rank's share of (default: itself), whose counts normalise the loss."""
+    counts = batch_counts(whole or batch, spec)
     if value_head is not None:
-        value_tokens = float((batch.loss_mask * (batch.stream[:, None] == ROLLOUT)).sum())
+        value_tokens = sampled_tokens(whole or batch)
     acc = torch.zeros(len(STAT_KEYS) + len(STREAM_KEYS), dtype=torch.float64, device=device)
     zero = torch.zeros((), device=device)
     main = ROLLOUT if ROLLOUT in spec.streams else DEMO  # the stream whose entropy is logged
@@ -170,10 +177,16 @@ def accumulate_gradients(model, batch: Batch, spec: ObjectiveSpec, *, micro_size
 
 
 def optimizer_step(model, optimizer, scheduler, batch: Batch, spec: ObjectiveSpec, *, micro_size: int,
-                   max_grad_norm: float | None, device, value_head=None) -> dict[str, float]:
-    """Accumulate the estimator's gradient over micro-batches of `batch`, then take one optimizer step."""
-    acc = accumulate_gradients(model, batch, spec, micro_size=micro_size, device=device, value_head=value_head)
+                   max_grad_norm: float | None, device, value_head=None, world: World = SINGLE) -> dict[str, float]:
+    """Accumulate the estimator's gradient over micro-batches of `batch`, then take one optimizer step. Under
+    several ranks each backpropagates its share of `batch` (whole groups) normalised by the counts of all of it,
+    and the gradients and diagnostics are summed over ranks before the step: the one-process step."""
+    mine = batch if world.size == 1 else batch.select(batch.share(world.rank, world.size))
+    acc = accumulate_gradients(model, mine, spec, micro_size=micro_size, device=device, value_head=value_head,
+                               whole=batch)
     params = [p for p in model.parameters() if p.requires_grad]
+    world.sum_grads(params)
+    world.sum_(acc)
     if max_grad_norm is not None:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     else:

@@ -1,0 +1,177 @@
+"""Data parallelism on `torch.distributed` (launched by `torchrun`): the `World` every rank holds.
+
+    torchrun --nproc-per-node 2 -m posttrain train RECIPE.yaml --out runs/x
+
+Scheme (replicated state, sharded work), the same for every method:
+  - every rank holds the whole model and optimizer state, and builds every step's experience from the same
+    seeded sources, so all decisions that read the whole batch (group advantages, dynamic sampling, the
+    hybrids' gates, the "nothing to learn: skip" decision) are taken on identical data by every rank;
+  - the expensive parts are split: each rank samples the completions of its contiguous share of the step's
+    prompts (whole groups, keyed noise: `rollout.seeding`), scores them, and runs the no-grad log-prob passes
+    of its share of rows; the results are gathered so every rank holds the step's full batch;
+  - the update: each rank forwards and backpropagates its share of each minibatch (whole groups), with the
+    aggregation normalisers (token and sequence counts) of the whole minibatch, so the summed gradient over
+    ranks is the one-process gradient; gradients and diagnostics are summed in one all-reduce each;
+  - rank 0 writes the run directory (metrics, samples, checkpoints, models); the checkpoint holds no
+    per-rank state, so it resumes on any number of ranks.
+
+A single process is the same code with `SINGLE`, whose collectives do nothing.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+log = logging.getLogger("posttrain")
+
+BUCKET_ELEMENTS = 1 << 24  # gradients all-reduced in flat buckets of this many elements (64 MB in fp32)
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the ranks; `SINGLE` for one process."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def span(self, n: int, rank: int | None = None) -> tuple[int, int]:
+        """[start, stop) of `rank`'s contiguous share of n items (shares differ by at most one)."""
+        r = self.rank if rank is None else rank
+        return r * n // self.size, (r + 1) * n // self.size
+
+    def gather(self, obj: Any) -> list:
+        """Every rank's `obj`, in rank order (pickled; for lists of rows, rewards, tensors on the CPU)."""
+        if self.size == 1:
+            return [obj]
+        out: list = [None] * self.size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        """All-reduce `t` in place (sum over ranks); returns it."""
+        if self.size > 1:
+            device = _collective_device()
+            if t.device != device:  # NCCL reduces CUDA tensors only
+                x = t.to(device)
+                torch.distributed.all_reduce(x)
+                t.copy_(x)
+            else:
+                torch.distributed.all_reduce(t)
+        return t
+
+    def sum_grads(self, params: Sequence[torch.nn.Parameter]) -> None:
+        """Sum `.grad` over ranks in flat buckets; a parameter without a gradient on this rank counts as zeros."""
+        if self.size == 1:
+            return
+        params = [p for p in params if p.requires_grad]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        start = 0
+        while start < len(params):
+            stop, n = start, 0
+            while stop < len(params) and (n == 0 or n + params[stop].numel() <= BUCKET_ELEMENTS) \
+                    and params[stop].grad.dtype == params[start].grad.dtype:
+                n += params[stop].numel()
+                stop += 1
+            grads = [p.grad for p in params[start:stop]]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            torch.distributed.all_reduce(flat)
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset: offset + g.numel()].view_as(g))
+                offset += g.numel()
+            start = stop
+
+    def broadcast_(self, module: torch.nn.Module) -> None:
+        """Every rank's `module` parameters and buffers become rank 0's."""
+        if self.size == 1:
+            return
+        with torch.no_grad():
+            for t in list(module.parameters()) + list(module.buffers()):
+                self.broadcast_tensor_(t)
+
+    def broadcast_tensor_(self, t: torch.Tensor) -> torch.Tensor:
+        device = _collective_device()
+        x = t.data if t.device == device else t.data.to(device)
+        torch.distributed.broadcast(x, src=0)
+        if x is not t.data:
+            t.data.copy_(x)
+        return t
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            torch.distributed.barrier()
+
+    def agree(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on any rank (a stop signal one rank received, say)."""
+        if self.size == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
+        torch.distributed.all_reduce(t)
+        return bool(t.item() > 0)
+
+
+SINGLE = World()
+
+
+def _collective_device() -> torch.device:
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def launched() -> bool:
+    """True when this process was started by torchrun (or another launcher) as one of several ranks."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_world(device: str, timeout_s: float) -> World:
+    """The world of a process started by torchrun (`SINGLE` otherwise): the process group (NCCL when the run is
+    on CUDA, gloo otherwise) and, on CUDA, this rank's GPU. A rank that dies makes the others fail their next
+    collective within `timeout_s` instead of waiting forever."""
+    if not launched():
+        return SINGLE
+    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        torch.distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    world = World(rank, size, local_rank)
+    log.info("rank %d of %d (local rank %d, backend %s)", rank, size, local_rank, torch.distributed.get_backend())
+    return world
+
+
+def check_distributed(cfg) -> None:
+    """Refuse, before anything loads, what cannot be split across ranks."""
+    from .recipe import RecipeError
+
+    for i, stage in enumerate(cfg.stages):
+        if stage.rollout.seeding == "batch":
+            raise RecipeError(f"stages.{i}.rollout.seeding: 'batch' draws every sample from one generator and cannot "
+                              "be split across ranks; use 'row' or 'auto' (row under torchrun)")
+
+
+def rank_device(device: str, world: World) -> str:
+    """Each rank's device: `cuda` becomes `cuda:LOCAL_RANK` under several ranks."""
+    if world.size > 1 and device == "cuda":
+        return f"cuda:{world.local_rank}"
+    return device
+
+
+def close_world() -> None:
+    """End this process's part in the process group, if it has one (at the end of the CLI command)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,156 @@
+"""torchrun with 2 processes on gloo (training/world.py): a 2-rank run is the 1-rank run with the same global
+batch, step for step, for SFT, GRPO, a hybrid (HPT: demonstration rows appended to their questions' groups) and
+DPO after SFT; a killed rank fails the run instead of hanging it; a 2-rank checkpoint resumes on 1 rank.
+
+The runs go through the CLI that users launch (`torchrun -m posttrain train`), so every part of the trainer is
+the one under test. Samples use keyed noise (`rollout.seeding: row`, what `auto` means under torchrun), which
+makes the 1-rank run's samples the same as the 2-rank run's.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from posttrain.data.batch import Batch
+from posttrain.rollout.sampler import _choose, row_key, sample
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+
+QUIET = ["eval=null", "checkpoint.every=0"]
+# (recipe, overrides, steps): small batches keep each pair of runs under half a minute on 2 cores
+CASES = {
+    "sft": ("builtin:sft", [], 3),
+    "grpo": ("builtin:grpo", ["stages.0.batch.size=4"], 3),
+    "hpt": ("builtin:hpt", ["stages.0.batch.size=4", "stages.0.rollout.group_size=4"], 3),
+    "sft_then_dpo": ("builtin:sft_then_dpo", [], 2),
+}
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POSTTRAIN_FAULTS")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **extra)
+    return env
+
+
+def _train(out, recipe, overrides, steps, *, ranks: int, env=None, timeout=240) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] \
+        if ranks > 1 else [sys.executable]
+    cmd = launcher + ["-m", "posttrain", "train", recipe, "--out", str(out), "--max-steps", str(steps), *QUIET,
+                      *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env or _env(), timeout=timeout)
+
+
+def _records(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(out) -> dict:
+    return load_file(str(out / "final" / "model.safetensors"))
+
+
+def _assert_same_run(one, two, rel=1e-5):
+    a, b = _records(one), _records(two)
+    assert [(r["stage"], r["step"]) for r in a] == [(r["stage"], r["step"]) for r in b]
+    for r, s in zip(a, b):
+        for key in ("loss", "grad_norm", "samples", "trained_tokens", "reward_mean", "response_len"):
+            if key in r:
+                assert math.isclose(r[key], s[key], rel_tol=rel, abs_tol=1e-7), (r["step"], key, r[key], s[key])
+    wa, wb = _weights(one), _weights(two)
+    assert wa.keys() == wb.keys()
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
+
+
+# ---- the pieces, in one process ----------------------------------------------------------------------------
+
+
+def test_shares_cover_every_row_once_in_whole_groups():
+    group = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3, 3, 3, 0, 2])  # demonstration rows of groups 0 and 2 at the end
+    n = len(group)
+    batch = Batch(input_ids=torch.zeros(n, 3, dtype=torch.long), attention_mask=torch.ones(n, 3, dtype=torch.long),
+                  loss_mask=torch.ones(n, 3), advantages=torch.zeros(n, 3), group=group,
+                  stream=torch.zeros(n, dtype=torch.long), mix=torch.ones(n, dtype=torch.float64))
+    for size in (1, 2, 3, 5):
+        shares = [batch.share(r, size).tolist() for r in range(size)]
+        assert sorted(i for s in shares for i in s) == list(range(n))
+        for s in shares:  # a group lies on one rank
+            for g in set(group[s].tolist()):
+                assert set((group == g).nonzero().flatten().tolist()) <= set(s)
+    assert batch.share(0, 2).tolist() == [0, 1, 2, 10, 3, 4, 5, 11]  # first rows 0, 3, 5 fall in the first half
+    assert batch.share(1, 2).tolist() == [6, 7, 8, 9]
+
+
+def test_keyed_samples_do_not_depend_on_the_rows_beside_them(make_model, tokenizer):
+    model = make_model("llama", seed=3)
+    prompts = [tokenizer.encode(t) for t in ("what is 12 + 7?", "A B C", "the lazy dog")]
+    keys = [row_key(5, j, k) for j in range(3) for k in range(2)]
+    kw = dict(num_samples=2, max_new_tokens=12, stop_ids=[tokenizer.eos_token_id], pad_id=0)
+    together = sample(model, prompts, keys=keys, **kw)
+    apart = [sample(model, prompts[:1], keys=keys[:2], **kw), sample(model, prompts[1:], keys=keys[2:], **kw)]
+    assert together.completion_ids == apart[0].completion_ids + apart[1].completion_ids
+    chunked = sample(model, prompts, keys=keys, batch_size=2, **kw)  # one prompt per decoding batch
+    assert chunked.completion_ids == together.completion_ids
+    other = sample(model, prompts, keys=[row_key(6, i) for i in range(6)], **kw)
+    assert other.completion_ids != together.completion_ids  # the keys are the noise
+
+
+def test_keyed_draws_follow_the_distribution():
+    """The inverse-CDF draw at keyed uniforms: frequencies within 4 standard errors of the probabilities over 40000
+    draws (a zero-probability token, cut by top-p, is never drawn)."""
+    probs = torch.tensor([0.05, 0.0, 0.5, 0.3, 0.15])
+    z = probs.clamp(min=1e-30).log().expand(40_000, 5).clone()
+    z[:, 1] = float("-inf")
+    ids = _choose(z, greedy=False, top_p=1.0, generator=None, keys=[row_key(9, i) for i in range(40_000)], step=4)
+    freq = torch.bincount(ids, minlength=5).double() / len(ids)
+    se = (probs.double() * (1 - probs.double()) / len(ids)).sqrt()
+    assert freq[1] == 0
+    assert bool(((freq - probs.double()).abs() <= 4 * se + 1e-12).all()), freq
+
+
+# ---- two processes -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_ranks_train_as_one(tmp_path, case):
+    """Loss, gradient norm, samples and rewards of every step, and the final weights: 2 ranks = 1 rank."""
+    recipe, overrides, steps = CASES[case]
+    overrides = overrides + [f"stages.{i}.rollout.seeding=row" for i in range(2 if "then" in recipe else 1)]
+    one = _train(tmp_path / "one", recipe, overrides, steps, ranks=1)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _train(tmp_path / "two", recipe, overrides, steps, ranks=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    _assert_same_run(tmp_path / "one", tmp_path / "two")
+    assert len(_records(tmp_path / "two")) == len(_records(tmp_path / "one"))  # rank 0 alone wrote the metrics
+
+
+@pytest.mark.slow
+def test_a_killed_rank_fails_the_run_instead_of_hanging_it(tmp_path):
+    t0 = time.time()
+    p = _train(tmp_path / "run", "builtin:grpo", ["stages.0.batch.size=4", "distributed.timeout_s=60"], 6, ranks=2,
+               env=_env(POSTTRAIN_FAULTS="step@3=kill", POSTTRAIN_FAULTS_RANK="1"), timeout=200)
+    assert p.returncode != 0
+    assert time.time() - t0 < 120
+    assert "SIGKILL" in p.stderr or "Signal 9" in p.stderr or "exitcode  : -9" in p.stderr, p.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_two_rank_checkpoint_resumes_on_one_rank(tmp_path):
+    args = ("builtin:grpo", ["stages.0.batch.size=4", "stages.0.rollout.seeding=row"], 4)
+    ref = _train(tmp_path / "ref", *args, ranks=1)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    every = ["checkpoint.every=2"]
+    # both ranks fail as step 3 starts: the checkpoint of step 2 is the last thing saved
+    stopped = _train(tmp_path / "run", args[0], args[1] + every, args[2], ranks=2,
+                     env=_env(POSTTRAIN_FAULTS="step@3=raise"))
+    assert stopped.returncode != 0 and "injected fault" in stopped.stderr
+    assert [r["step"] for r in _records(tmp_path / "run")] == [1, 2]
+    resumed = _train(tmp_path / "run", args[0], args[1] + every, args[2], ranks=1)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming at step 2" in resumed.stderr
+    _assert_same_run(tmp_path / "ref", tmp_path / "run")
