@@ -115,18 +115,40 @@ def test_keyed_draws_follow_the_distribution():
 # ---- two processes -----------------------------------------------------------------------------------------
 
 
+def _overrides(case: str) -> list[str]:
+    recipe, overrides, _ = CASES[case]
+    return overrides + [f"stages.{i}.rollout.seeding=row" for i in range(2 if "then" in recipe else 1)]
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory):
+    """The 1-rank run of each case, made once for both strategies."""
+    done = {}
+
+    def get(case: str):
+        if case not in done:
+            out = tmp_path_factory.mktemp(f"one-{case}")
+            p = _train(out, CASES[case][0], _overrides(case), CASES[case][2], ranks=1)
+            assert p.returncode == 0, p.stderr[-3000:]
+            done[case] = out
+        return done[case]
+
+    return get
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("case", list(CASES))
-def test_two_ranks_train_as_one(tmp_path, case):
-    """Loss, gradient norm, samples and rewards of every step, and the final weights: 2 ranks = 1 rank."""
-    recipe, overrides, steps = CASES[case]
-    overrides = overrides + [f"stages.{i}.rollout.seeding=row" for i in range(2 if "then" in recipe else 1)]
-    one = _train(tmp_path / "one", recipe, overrides, steps, ranks=1)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = _train(tmp_path / "two", recipe, overrides, steps, ranks=2)
+@pytest.mark.parametrize("case,strategy", [("sft", "ddp"), ("grpo", "ddp"), ("hpt", "ddp"), ("sft_then_dpo", "ddp"),
+                                           ("sft", "fsdp"), ("grpo", "fsdp"), ("sft_then_dpo", "fsdp"),
+                                           ("sft_then_dpo", "fsdp-shard")])
+def test_two_ranks_train_as_one(tmp_path, one_rank, case, strategy):
+    """Loss, gradient norm, samples and rewards of every step, and the final weights: 2 ranks = 1 rank, with the
+    model replicated (ddp) or sharded (fsdp: FSDP2 over gloo; fsdp-shard: DPO's reference model sharded too)."""
+    recipe, _, steps = CASES[case]
+    extra = ["distributed.strategy=fsdp", "distributed.reference=shard"] if strategy == "fsdp-shard" else \
+        [f"distributed.strategy={strategy}"]
+    two = _train(tmp_path / "two", recipe, _overrides(case) + extra, steps, ranks=2)
     assert two.returncode == 0, two.stderr[-3000:]
-    _assert_same_run(tmp_path / "one", tmp_path / "two")
-    assert len(_records(tmp_path / "two")) == len(_records(tmp_path / "one"))  # rank 0 alone wrote the metrics
+    _assert_same_run(one_rank(case), tmp_path / "two")
 
 
 @pytest.mark.slow
@@ -140,17 +162,29 @@ def test_a_killed_rank_fails_the_run_instead_of_hanging_it(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_two_rank_checkpoint_resumes_on_one_rank(tmp_path):
-    args = ("builtin:grpo", ["stages.0.batch.size=4", "stages.0.rollout.seeding=row"], 4)
-    ref = _train(tmp_path / "ref", *args, ranks=1)
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    every = ["checkpoint.every=2"]
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_two_rank_checkpoint_resumes_on_one_rank(tmp_path, one_rank, strategy):
+    """Stopped after step 2 of 3 on 2 ranks, resumed on 1: the run equals the 1-rank run (a sharded run's
+    checkpoint holds whole tensors, like any other)."""
+    recipe, _, steps = CASES["grpo"]
+    every = ["checkpoint.every=2", f"distributed.strategy={strategy}"]
     # both ranks fail as step 3 starts: the checkpoint of step 2 is the last thing saved
-    stopped = _train(tmp_path / "run", args[0], args[1] + every, args[2], ranks=2,
+    stopped = _train(tmp_path / "run", recipe, _overrides("grpo") + every, steps, ranks=2,
                      env=_env(POSTTRAIN_FAULTS="step@3=raise"))
     assert stopped.returncode != 0 and "injected fault" in stopped.stderr
     assert [r["step"] for r in _records(tmp_path / "run")] == [1, 2]
-    resumed = _train(tmp_path / "run", args[0], args[1] + every, args[2], ranks=1)
+    resumed = _train(tmp_path / "run", recipe, _overrides("grpo") + every, steps, ranks=1)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming at step 2" in resumed.stderr
-    _assert_same_run(tmp_path / "ref", tmp_path / "run")
+    _assert_same_run(one_rank("grpo"), tmp_path / "run")
+
+
+def test_what_cannot_be_split_is_refused_before_anything_loads():
+    from posttrain.recipe import RecipeError, load_recipe
+    from posttrain.training.world import check_distributed
+
+    with pytest.raises(RecipeError, match=r"stages.0.rollout.seeding: 'batch'"):
+        check_distributed(load_recipe("builtin:grpo", overrides=["stages.0.rollout.seeding=batch"]))
+    with pytest.raises(RecipeError, match=r"stages.0: lora does not run under distributed.strategy: fsdp"):
+        check_distributed(load_recipe("builtin:grpo_lora", overrides=["distributed.strategy=fsdp"]))
+    check_distributed(load_recipe("builtin:grpo_lora"))  # LoRA under ddp is fine

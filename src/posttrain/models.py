@@ -271,12 +271,12 @@ def load_teacher(name_or_path: str, tokenizer, *, dtype, device) -> torch.nn.Mod
 
 def check_finite_weights(model: Any, target: str | os.PathLike) -> None:
     """Raise NonFiniteError naming the first parameter or buffer holding NaN or inf: such weights are never
-    written (a diverged run must not publish a model that looks finished)."""
+    written (a diverged run must not publish a model that looks finished). `model`: a module or a state dict."""
     import torch
 
     from .errors import NonFiniteError
 
-    for name, t in model.state_dict().items():
+    for name, t in (model if isinstance(model, dict) else model.state_dict()).items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise NonFiniteError(f"not saving {target}: weight {name} holds NaN or inf (the run diverged; lower "
                                  "the learning rate or check the rewards)")

@@ -371,8 +371,11 @@ class CheckpointConfig(Strict):
 class DistributedConfig(Strict):
     """Several processes under torchrun (training/world.py); ignored in one process."""
 
-    # ddp: every rank holds the model and optimizer; work is split by whole groups and gradients are summed
-    strategy: Literal["ddp"] = "ddp"
+    # ddp: every rank holds the model and optimizer; work is split by whole groups and gradients are summed.
+    # fsdp: FSDP2 shards the policy's parameters, gradients and optimizer state over the ranks (each decoder
+    # layer a unit), gathering them whole for the no-grad passes (sampling, old log-probs, evaluation)
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    reference: Literal["replicate", "shard"] = "replicate"  # fsdp: the reference model whole on every rank, or sharded
     timeout_s: float = Field(1800, gt=0)  # a collective waiting longer (a rank died or hangs) fails the run
 
 

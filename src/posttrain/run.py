@@ -47,7 +47,8 @@ from .rundir import BadRows, Checkpointer, RunLock, StageProgress, StopRequest, 
 from .training import checkpoint, lora
 from .training.loop import new_state, run_stage
 from .training.metrics import JsonlSink, NullSink, Progress, Sinks, TensorBoardSink
-from .training.world import SINGLE, check_distributed, init_world, rank_device
+from .training.world import SINGLE, check_distributed, gathered, init_world, is_sharded, rank_device, shard, \
+    unshard
 
 log = logging.getLogger("posttrain")
 
@@ -136,7 +137,8 @@ class Run:
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()
-        self.world = init_world(pick_device(self.cfg.device), self.cfg.distributed.timeout_s)
+        self.world = init_world(pick_device(self.cfg.device), self.cfg.distributed.timeout_s,
+                                self.cfg.distributed.strategy)
         if self.world.size > 1:
             check_distributed(self.cfg)
         if not self.world.is_main:  # the other ranks read the run directory once rank 0 has locked and set it up
@@ -511,6 +513,11 @@ class Run:
         if stage.kl.beta or preset.needs_reference:  # the policy at this stage's start (LoRA: adapters disabled)
             ref_model = lora.reference(model) if stage.lora is not None else \
                 copy.deepcopy(model).eval().requires_grad_(False)
+        if self.world.sharded:  # FSDP2, after the reference and the critic were copied from the whole policy
+            shard(model, self.world)
+            if ref_model is not None and self.cfg.distributed.reference == "shard":
+                shard(ref_model, self.world)
+            on_step = gathered_at_curve_points(on_step, self.cfg.eval, model)
         n_steps = min(stage.steps, self.max_steps) if self.max_steps else stage.steps
         explain_stage(stage, preset, sd, n_steps)
         progress = Progress(n_steps, stage.name, stage.log_every, tty=self.progress) if self.world.is_main \
@@ -558,6 +565,8 @@ class Run:
             progress.close()
         result.update(steps=state.step, samples=state.samples, tokens=state.tokens)
         result["final"] = {k: v for k, v in last.items() if k not in ("stage", "step", "global_step")}
+        if is_sharded(model):  # the next stage, the saved model and evaluation take it whole
+            model = unshard(model)
         if stage.lora is not None:  # the adapter is kept beside the stage; the weights continue merged
             model = lora.finish(model, self.out / "stages" / stage.name / "adapter" if self.world.is_main else None)
         return result, model
@@ -590,6 +599,22 @@ class Run:
             log.info("stage %s round %d: %d verified samples -> %s", stage.name, round_, len(rows), path)
 
         return write
+
+
+def gathered_at_curve_points(on_step, eval_cfg, model):
+    """A sharded policy is gathered whole on every rank at the learning curve's steps, for rank 0's evaluation
+    (`on_step`, None on the other ranks)."""
+    every = eval_cfg.every if eval_cfg is not None else 0
+    if not every:
+        return on_step
+
+    def hook(state, record) -> bool:
+        if state.step % every:
+            return False
+        with gathered(model):
+            return bool(on_step(state, record)) if on_step is not None else False
+
+    return hook
 
 
 def _round_of(line: str) -> float:

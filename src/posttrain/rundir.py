@@ -328,10 +328,16 @@ class Checkpointer:
             self.save(state)
 
     def save(self, state) -> None:
+        from .training.world import full_optimizer_state, full_state_dict, is_sharded
+
+        whole = {}
+        if is_sharded(state.model):  # every rank takes part in gathering the shards
+            whole = {"weights": full_state_dict(state.model),
+                     "optimizer_state": full_optimizer_state(state.model, state.optimizer)}
         if not self.run.world.is_main:  # one copy of the replicated state: rank 0's
             return
         extra = {"config": stage_config(self.stage), "reward_errors": self.sink.reward_errors,
                  "stage_wall_s": time.perf_counter() - self.t0}
-        path = checkpoint.save(self.root, self.index, self.stage.name, state, extra)
+        path = checkpoint.save(self.root, self.index, self.stage.name, state, extra, **whole)
         checkpoint.prune(self.root, self.keep, protect=path)
         log.info("checkpoint: %s", path)

@@ -34,6 +34,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from .. import faults
 from ..jsonio import dumps, fsync
 from ..models import check_finite_weights
+from .world import is_sharded, load_full_state
 
 log = logging.getLogger("posttrain")
 
@@ -61,15 +62,18 @@ def name_of(stage_index: int, stage: str, step: int) -> str:
 # ---- save ------------------------------------------------------------------------------------------
 
 
-def save(root: Path, stage_index: int, stage: str, state, extra: dict) -> Path:
-    """Write `state` (a TrainState) and `extra` (JSON-able) as a committed checkpoint under `root`."""
-    check_finite_weights(state.model, root)  # never a checkpoint of a diverged model
+def save(root: Path, stage_index: int, stage: str, state, extra: dict, *, weights: dict | None = None,
+         optimizer_state: dict | None = None) -> Path:
+    """Write `state` (a TrainState) and `extra` (JSON-able) as a committed checkpoint under `root`. `weights` and
+    `optimizer_state`: the policy's and its optimizer's whole state dicts when the module holds shards only
+    (training/world.py gathers them); the files are the same either way."""
+    check_finite_weights(weights if weights is not None else state.model, root)  # never a diverged model
     root.mkdir(parents=True, exist_ok=True)
     name = name_of(stage_index, stage, state.step)
     final, tmp = root / name, root / f".tmp-{name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    opt_tensors, opt_rest = _flatten_optimizer(state.optimizer.state_dict())
+    opt_tensors, opt_rest = _flatten_optimizer(optimizer_state or state.optimizer.state_dict())
     rng = {"torch": torch.get_rng_state(), "sampler": state.generator.get_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -80,8 +84,12 @@ def save(root: Path, stage_index: int, stage: str, state, extra: dict) -> Path:
             "scheduler": _scheduler_state(state.scheduler), "optimizer": opt_rest, "rng": _host_rng(), **extra}
     from . import lora
 
-    save_weights = (lambda p: save_file(lora.trainable(state.model), str(p))) if lora.is_lora(state.model) else \
-        (lambda p: save_model(state.model, str(p)))  # a LoRA stage saves its adapters only
+    if weights is not None:
+        save_weights = lambda p: save_model(_Holder(weights), str(p))  # noqa: E731
+    elif lora.is_lora(state.model):  # a LoRA stage saves its adapters only
+        save_weights = lambda p: save_file(lora.trainable(state.model), str(p))  # noqa: E731
+    else:
+        save_weights = lambda p: save_model(state.model, str(p))  # noqa: E731
     writers = {"model.safetensors": save_weights,
                "optimizer.safetensors": lambda p: save_file(opt_tensors, str(p)),
                "rng.safetensors": lambda p: save_file(rng, str(p)),
@@ -185,7 +193,11 @@ def load(path: Path, state) -> dict:
     from . import lora
 
     body = read_state(path)
-    if lora.is_lora(state.model):  # the adapters only: every trainable parameter, nothing else
+    if is_sharded(state.model):  # whole tensors in, each rank keeps its shard
+        load_full_state(state.model, state.optimizer, load_file(str(path / "model.safetensors")),
+                        _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), body["optimizer"]))
+        missing = unexpected = ()
+    elif lora.is_lora(state.model):  # the adapters only: every trainable parameter, nothing else
         weights = load_file(str(path / "model.safetensors"))
         want = {n for n, p in state.model.named_parameters() if p.requires_grad}
         missing, unexpected = sorted(want - set(weights)), sorted(set(weights) - want)
@@ -196,8 +208,9 @@ def load(path: Path, state) -> dict:
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not fit the model: missing {sorted(missing)[:5]}, unexpected "
                          f"{sorted(unexpected)[:5]}")
-    state.optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")),
-                                                         body["optimizer"]))
+    if not is_sharded(state.model):
+        state.optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")),
+                                                             body["optimizer"]))
     state.scheduler.load_state_dict(body["scheduler"])
     rng = load_file(str(path / "rng.safetensors"))
     torch.set_rng_state(rng["torch"])
@@ -222,6 +235,17 @@ def load(path: Path, state) -> dict:
 
 
 # ---- pieces ----------------------------------------------------------------------------------------
+
+
+class _Holder(torch.nn.Module):
+    """A state dict dressed as a module, for safetensors' `save_model` (which writes tied weights once)."""
+
+    def __init__(self, weights: dict):
+        super().__init__()
+        self._weights = weights
+
+    def state_dict(self, *args, **kwargs):
+        return self._weights
 
 
 def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:

@@ -32,7 +32,7 @@ from ..objective.preference import PAIRED_LOSSES
 from ..objective.presets import get_preset
 from ..recipe import stage_streams
 from ..rewards import reward_columns
-from .world import SINGLE, World
+from .world import SINGLE, World, gathered
 from ..rollout.sampler import Rollout, row_key, sample
 from .assembly import STREAM_IDS, correct_for_sampler, row_baselines, rows_to_batch, token_advantages
 from .health import GroupSignal, RewardHealth
@@ -173,9 +173,10 @@ class Experience(OfflineSteps, TeacherSignals):
             keys = [row_key(self.seed, self._step, self._calls, j, k) for j in range(len(prompts)) for k in range(n)]
         self._calls += 1
         a, b = self.world.span(len(prompts))
-        ro = sample(model, prompts[a:b], num_samples=n, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                    top_p=r.top_p, stop_ids=self.stop_ids, pad_id=self.pad_id, generator=generator, greedy=greedy,
-                    keys=None if keys is None else keys[a * n:b * n])
+        with gathered(model):  # (a sharded policy's whole weights: each rank decodes as long as its rows need)
+            ro = sample(model, prompts[a:b], num_samples=n, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                        top_p=r.top_p, stop_ids=self.stop_ids, pad_id=self.pad_id, generator=generator, greedy=greedy,
+                        keys=None if keys is None else keys[a * n:b * n])
         if self.world.size > 1:
             ro.prompt_index = [a + i for i in ro.prompt_index]
             ro = Rollout(*(sum((getattr(part, f) for part in self.world.gather(ro)), [])
@@ -521,12 +522,13 @@ class Experience(OfflineSteps, TeacherSignals):
         micro = self.s.batch.micro_size or batch.size
         self._compute["ref_forward_tokens"] += int(batch.attention_mask.sum())
         mine = batch.share(self.world.rank, self.world.size)  # (whole groups)
-        for rows in (batch.select(mine).split(micro) if len(mine) else []):
-            rows = mine[rows]
-            mb = batch.select(rows).to(self.device)
-            lp, _ = token_logprobs(model, mb.input_ids, mb.attention_mask, temperature=temperature,
-                                   chunk_mb=self.s.batch.logits_chunk_mb)
-            out[rows, : lp.shape[1]] = lp.float().cpu()
+        with gathered(model):
+            for rows in (batch.select(mine).split(micro) if len(mine) else []):
+                rows = mine[rows]
+                mb = batch.select(rows).to(self.device)
+                lp, _ = token_logprobs(model, mb.input_ids, mb.attention_mask, temperature=temperature,
+                                       chunk_mb=self.s.batch.logits_chunk_mb)
+                out[rows, : lp.shape[1]] = lp.float().cpu()
         return self.world.sum_(out)
 
     # ---- rejection sampling -------------------------------------------------------------------------

@@ -107,11 +107,13 @@ def sampled_tokens(batch: Batch) -> float:
 
 
 def accumulate_gradients(model, batch: Batch, spec: ObjectiveSpec, *, micro_size: int, device,
-                         value_head=None, whole: Batch | None = None) -> torch.Tensor:
+                         value_head=None, whole: Batch | None = None, passes: int = 0) -> torch.Tensor:
     """Backpropagate the estimator over micro-batches (whole groups) of `batch` into `.grad`; returns summed
     diagnostics (a tensor ordered as STAT_KEYS + STREAM_KEYS, still on the device: no sync here). `value_head`
     (PPO's `SharedCritic`) adds its weighted value loss, read off the same forward pass, to each micro-batch's.
-    `whole`: the minibatch `batch` is this rank's share of (default: itself), whose counts normalise the loss."""
+    `whole`: the minibatch `batch` is this rank's share of (default: itself), whose counts normalise the loss.
+    `passes`: forward / backward passes to run at least (a sharded model's ranks must run as many as each other:
+    the missing ones are passes of weight zero on one row of `whole`)."""
     counts = batch_counts(whole or batch, spec)
     if value_head is not None:
         value_tokens = sampled_tokens(whole or batch)
@@ -119,7 +121,8 @@ def accumulate_gradients(model, batch: Batch, spec: ObjectiveSpec, *, micro_size
     zero = torch.zeros((), device=device)
     main = ROLLOUT if ROLLOUT in spec.streams else DEMO  # the stream whose entropy is logged
     model.train()
-    for rows in batch.split(micro_size):
+    chunks = batch.split(micro_size)
+    for rows in chunks:
         mb = batch.select(rows).to(device)
         # ---- forward / backward -------------------------------------------------------------------
         if spec.reward_model:  # a scalar per row: Bradley-Terry over the pairs, no token log-probs
@@ -173,6 +176,13 @@ def accumulate_gradients(model, batch: Batch, spec: ObjectiveSpec, *, micro_size
             for k in range(len(STREAMS)):
                 parts += [t[k].pg_value if k in t else zero, (mb.loss_mask * (ts == k)).sum()]
             acc += torch.stack([torch.as_tensor(p, device=device).reshape(()) for p in parts]).to(acc)
+    for _ in range(passes - len(chunks)):  # zero-weight passes: the gradient is unchanged
+        mb = (whole or batch).select([0]).to(device)
+        if spec.reward_model:
+            zero_loss = sequence_scores(model, mb.input_ids, mb.attention_mask).sum() * 0.0
+        else:
+            zero_loss = token_logprobs(model, mb.input_ids, mb.attention_mask, chunk_mb=spec.chunk_mb)[0].sum() * 0.0
+        zero_loss.backward()
     return acc
 
 
@@ -182,13 +192,17 @@ def optimizer_step(model, optimizer, scheduler, batch: Batch, spec: ObjectiveSpe
     several ranks each backpropagates its share of `batch` (whole groups) normalised by the counts of all of it,
     and the gradients and diagnostics are summed over ranks before the step: the one-process step."""
     mine = batch if world.size == 1 else batch.select(batch.share(world.rank, world.size))
+    # every rank of a sharded model runs as many passes as the busiest (FSDP's gathers and reductions pair up)
+    passes = world.max_(len(mine.split(micro_size))) if world.sharded else 0
     acc = accumulate_gradients(model, mine, spec, micro_size=micro_size, device=device, value_head=value_head,
-                               whole=batch)
+                               whole=batch, passes=passes)
     params = [p for p in model.parameters() if p.requires_grad]
-    world.sum_grads(params)
+    if not world.sharded:  # (FSDP summed the gradients in its backward)
+        world.sum_grads(params)
     world.sum_(acc)
-    if max_grad_norm is not None:
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if max_grad_norm is not None or world.sharded:  # (the norm of sharded gradients is a collective)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm is not None else math.inf)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     else:
         grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
     lr = optimizer.param_groups[0]["lr"]

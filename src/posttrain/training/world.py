@@ -19,6 +19,7 @@ A single process is the same code with `SINGLE`, whose collectives do nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -39,6 +40,11 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    strategy: str = "ddp"  # fsdp: the policy's parameters, gradients and optimizer state are sharded (FSDP2)
+
+    @property
+    def sharded(self) -> bool:
+        return self.size > 1 and self.strategy == "fsdp"
 
     @property
     def is_main(self) -> bool:
@@ -113,6 +119,14 @@ class World:
         if self.size > 1:
             torch.distributed.barrier()
 
+    def max_(self, n: int) -> int:
+        """The largest of every rank's `n`."""
+        if self.size == 1:
+            return n
+        t = torch.tensor([n], dtype=torch.long, device=_collective_device())
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return int(t.item())
+
     def agree(self, flag: bool) -> bool:
         """True on every rank when `flag` is true on any rank (a stop signal one rank received, say)."""
         if self.size == 1:
@@ -136,7 +150,7 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init_world(device: str, timeout_s: float) -> World:
+def init_world(device: str, timeout_s: float, strategy: str = "ddp") -> World:
     """The world of a process started by torchrun (`SINGLE` otherwise): the process group (NCCL when the run is
     on CUDA, gloo otherwise) and, on CUDA, this rank's GPU. A rank that dies makes the others fail their next
     collective within `timeout_s` instead of waiting forever."""
@@ -149,19 +163,27 @@ def init_world(device: str, timeout_s: float) -> World:
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
         torch.distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-    world = World(rank, size, local_rank)
+    world = World(rank, size, local_rank, strategy)
     log.info("rank %d of %d (local rank %d, backend %s)", rank, size, local_rank, torch.distributed.get_backend())
     return world
 
 
 def check_distributed(cfg) -> None:
     """Refuse, before anything loads, what cannot be split across ranks."""
-    from .recipe import RecipeError
+    from ..recipe import RecipeError
 
+    fsdp = cfg.distributed.strategy == "fsdp"
     for i, stage in enumerate(cfg.stages):
         if stage.rollout.seeding == "batch":
             raise RecipeError(f"stages.{i}.rollout.seeding: 'batch' draws every sample from one generator and cannot "
                               "be split across ranks; use 'row' or 'auto' (row under torchrun)")
+        refused = {"lora": stage.lora is not None, "critic.shared": stage.critic.shared,
+                   "method reward_model": stage.method == "reward_model",
+                   "preference.refresh_every": bool(stage.preference.refresh_every)}
+        for what, present in refused.items():
+            if fsdp and present:
+                raise RecipeError(f"stages.{i}: {what} does not run under distributed.strategy: fsdp yet; use "
+                                  "distributed.strategy: ddp (the model whole on every rank)")
 
 
 def rank_device(device: str, world: World) -> str:
@@ -175,3 +197,123 @@ def close_world() -> None:
     """End this process's part in the process group, if it has one (at the end of the CLI command)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+# ---- FSDP2 (strategy: fsdp) ---------------------------------------------------------------------------------
+
+
+def _fsdp_modules(model: torch.nn.Module) -> list:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return bool(_fsdp_modules(model))
+
+
+def shard(model: torch.nn.Module, world: World) -> torch.nn.Module:
+    """FSDP2 in place: each decoder layer is one unit, the rest (embeddings, final norm, head) the root's. Gradients
+    are summed over ranks, not averaged: each rank's loss is already its part of the whole batch's (normalised by
+    the whole batch's counts), like the replicated strategy's all-reduce."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    device = next(model.parameters()).device
+    mesh = init_device_mesh(device.type, (world.size,))
+    for layer in model.get_decoder().layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    for m in _fsdp_modules(model):
+        m.set_gradient_divide_factor(1.0)
+        m.set_force_sum_reduction_for_comms(True)  # a plain sum (gloo has no pre-multiplied one)
+    return model
+
+
+@contextlib.contextmanager
+def gathered(model: torch.nn.Module):
+    """A sharded model's full parameters on every rank for the duration (no-grad passes: sampling, old and
+    reference log-probs, evaluation), so ranks may run different numbers of forward passes; entered by every
+    rank together (gathering is collective). Nothing for a model that is not sharded."""
+    mods = _fsdp_modules(model)
+    for m in mods:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's whole state dict on every rank (collective when sharded; the module's own otherwise)."""
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    tied: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(p), []).append(name)
+    for names in tied.values():  # tied weights stay one tensor, as in a plain module's state dict
+        first = next((n for n in names if n in weights), None)
+        for n in names:
+            if first is not None:
+                weights[n] = weights[first]
+    return weights
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state dict in the plain layout (parameters numbered in `model.parameters()` order, whole
+    tensors), whatever the strategy: a checkpoint of a sharded run resumes on any number of ranks."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    sd = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
+    index = {name: i for i, name in enumerate(n for n, p in model.named_parameters() if p.requires_grad)}
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in sd["param_groups"]]
+    return {"state": {index[n]: st for n, st in sd["state"].items()}, "param_groups": groups}
+
+
+def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, weights: dict,
+                    optimizer_state: dict | None) -> None:
+    """Load whole tensors (the plain layout) into a sharded model and its optimizer: each rank keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, \
+        set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, weights, options=options)
+    if optimizer is not None and optimizer_state is not None:
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        sd = {"state": {names[int(i)]: st for i, st in optimizer_state["state"].items()},
+              "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]}
+                               for g in optimizer_state["param_groups"]]}
+        set_optimizer_state_dict(model, optimizer, sd, options=options)
+
+
+def unshard(model: torch.nn.Module) -> torch.nn.Module:
+    """A plain module with a sharded model's whole weights (collective): what a finished stage hands on (its saved
+    model, the next stage's policy and reference)."""
+    weights = full_state_dict(model)
+    cls = next(c for c in type(model).__mro__ if not _is_fsdp_class(c))
+    device = next(iter(weights.values())).device
+    with torch.device("meta"):
+        plain = cls(model.config)
+    plain.load_state_dict(weights, assign=True, strict=False)
+    for name, buf in model.named_buffers():  # buffers are not sharded (rotary frequencies...)
+        owner, _, leaf = name.rpartition(".")
+        plain.get_submodule(owner)._buffers[leaf] = buf.detach().clone()
+    if getattr(model.config, "tie_word_embeddings", False):
+        plain.tie_weights()
+    plain.generation_config = model.generation_config
+    plain.train(model.training)
+    return plain.to(device)
+
+
+def _is_fsdp_class(cls) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return issubclass(cls, FSDPModule)
