@@ -79,3 +79,31 @@ def test_pack_is_refused_where_per_sequence_statistics_matter():
         st = {"method": method, "data": {"path": "x"}, "batch": {"pack": True}, **extra}
         with pytest.raises(RecipeError, match="batch.pack"):
             load_recipe({"model": "m", "teacher": "t", "stages": [st]})
+
+
+@pytest.mark.parametrize("arch_name", ["llama", "qwen2"])
+def test_activation_checkpointing_keeps_the_loss_and_gradient(make_model, tokenizer, arch_name):
+    """`batch.activation_checkpointing` recomputes the layers in backward: the trainer's step gives the same loss and
+    gradient, and the switch turns off again (the model as the next stage and evaluation see it)."""
+    from posttrain.models import set_activation_checkpointing
+    from posttrain.training.experience import Experience
+    from posttrain.training.sources import Demonstrations
+    from posttrain.training.update import ObjectiveSpec, accumulate_gradients
+
+    model = make_model(arch_name, dtype=torch.float64)
+    docs = [encode_sft(r, "prompt_completion", tokenizer) for r in ROWS]
+    st = _stage("sft", micro_size=3, activation_checkpointing=True)
+    batch = Experience(st, tokenizer, pad_id=tokenizer.eos_token_id, demos=Demonstrations(docs, 0, False)) \
+        .make(model, 0, None).batch
+    out = {}
+    for on in (False, True):
+        set_activation_checkpointing(model, on)
+        assert model.is_activation_checkpointing == on
+        model.zero_grad()
+        stats = accumulate_gradients(model, batch, ObjectiveSpec.from_stage(st), micro_size=3, device="cpu")
+        out[on] = (float(stats[0]), [p.grad.clone() for p in model.parameters()])
+    set_activation_checkpointing(model, False)
+    assert not model.is_activation_checkpointing
+    assert out[True][0] == out[False][0]
+    for g, h in zip(out[True][1], out[False][1]):
+        torch.testing.assert_close(g, h, atol=1e-12, rtol=1e-10)

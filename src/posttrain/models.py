@@ -269,6 +269,15 @@ def load_teacher(name_or_path: str, tokenizer, *, dtype, device) -> torch.nn.Mod
     return teacher
 
 
+def set_activation_checkpointing(model: Any, on: bool) -> None:
+    """Turn transformers' gradient checkpointing of the decoder layers on or off (non-reentrant: the inputs need not
+    require gradients, so it works with frozen embeddings and LoRA)."""
+    if on:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    elif getattr(model, "is_activation_checkpointing", False):
+        model.activation_checkpointing_disable()
+
+
 def check_finite_weights(model: Any, target: str | os.PathLike) -> None:
     """Raise NonFiniteError naming the first parameter or buffer holding NaN or inf: such weights are never
     written (a diverged run must not publish a model that looks finished). `model`: a module or a state dict."""

@@ -36,7 +36,7 @@ from .data.loading import RowSet
 from .errors import Interrupted, RewardFailure
 from .jsonio import dumps, write_atomic
 from .models import choose_dtype, load_policy, load_tokenizer, model_context, model_rows, pick_device, \
-    resolve_model, save_pretrained, stop_token_ids
+    resolve_model, save_pretrained, set_activation_checkpointing, stop_token_ids
 from .eval.preference import reward_model_accuracy
 from .objective.preference import REWARD_MODEL_LOSS
 from .objective.presets import PRESETS, get_preset
@@ -513,6 +513,8 @@ class Run:
         if stage.kl.beta or preset.needs_reference:  # the policy at this stage's start (LoRA: adapters disabled)
             ref_model = lora.reference(model) if stage.lora is not None else \
                 copy.deepcopy(model).eval().requires_grad_(False)
+        if stage.batch.activation_checkpointing:  # (after the reference was copied: it never trains)
+            set_activation_checkpointing(model, True)
         if self.world.sharded:  # FSDP2, after the reference and the critic were copied from the whole policy
             shard(model, self.world)
             if ref_model is not None and self.cfg.distributed.reference == "shard":
@@ -567,6 +569,7 @@ class Run:
         result["final"] = {k: v for k, v in last.items() if k not in ("stage", "step", "global_step")}
         if is_sharded(model):  # the next stage, the saved model and evaluation take it whole
             model = unshard(model)
+        set_activation_checkpointing(model, False)
         if stage.lora is not None:  # the adapter is kept beside the stage; the weights continue merged
             model = lora.finish(model, self.out / "stages" / stage.name / "adapter" if self.world.is_main else None)
         return result, model
