@@ -162,3 +162,17 @@ def test_ppo_with_a_shared_value_head_and_grpo_with_the_sampler_correction_on_cu
         recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         key = "value_loss" if method == "ppo" else "is_weight"
         assert all(key in r and r[key] == r[key] for r in recs), recs
+
+
+@cuda
+def test_bf16_mixed_with_activation_checkpointing_and_keyed_sampling_on_cuda(tmp_path, tokenizer):
+    """fp32 master weights under bf16 autocast, layers recomputed in backward, keyed sampling noise on the GPU."""
+    save_pretrained(tiny_model("llama", tokenizer), tokenizer, tmp_path / "m",
+                    stop_ids=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")])
+    recipe = {"model": str(tmp_path / "m"), "device": "cuda", "dtype": "bf16-mixed", "stages": [{
+        "method": "grpo", "data": {}, "steps": 3, "batch": {"size": 2, "activation_checkpointing": True},
+        "rollout": {"group_size": 4, "max_new_tokens": 6, "seeding": "row"}}]}
+    rows = [{"prompt": "Say A.", "answer": "A"}] * 4
+    summary = posttrain.train(recipe, out=tmp_path / "run", data=rows, rewards=[varied], progress=False)
+    assert summary["dtype"] == "float32" and summary["stages"]["grpo"]["steps"] == 3
+    assert all(v == v for v in summary["stages"]["grpo"]["final"].values() if isinstance(v, float))

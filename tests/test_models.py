@@ -181,6 +181,34 @@ def test_dtype_and_device_choices():
         pick_device("tpu")
 
 
+def test_bf16_mixed_keeps_fp32_weights_and_computes_the_step_in_bf16(make_model, tokenizer):
+    """dtype bf16-mixed: weights fp32, the trainer's forward autocast (the LM head's output bf16), log-probs and
+    gradients fp32, and the loss within bf16's error of the fp32 loss, not equal to it."""
+    from posttrain.data.batch import demo_batch
+    from posttrain.data.encode import encode_sft
+    from posttrain.models import compute_context
+    from posttrain.recipe import load_recipe
+    from posttrain.training.update import ObjectiveSpec, accumulate_gradients
+
+    assert choose_dtype("bf16-mixed", "cpu") == torch.float32
+    model = make_model("llama")
+    rows = [{"prompt": f"Say {c} {i} times.", "completion": c * (i + 1)} for i, c in enumerate("ABCDE")]
+    batch = demo_batch([encode_sft(r, "prompt_completion", tokenizer) for r in rows], tokenizer.eos_token_id)
+    st = load_recipe({"model": "m", "stages": [{"method": "sft", "data": {"path": "x"}}]}).stages[0]
+    seen = []
+    model.get_output_embeddings().register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+    losses = {}
+    for dtype in ("float32", "bf16-mixed"):
+        model.zero_grad()
+        with compute_context(dtype, "cpu"):
+            losses[dtype] = float(accumulate_gradients(model, batch, ObjectiveSpec.from_stage(st), micro_size=8,
+                                                       device="cpu")[0])
+        assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
+    assert seen == [torch.float32, torch.bfloat16]
+    assert losses["bf16-mixed"] != losses["float32"]
+    assert losses["bf16-mixed"] == pytest.approx(losses["float32"], rel=0.01)
+
+
 def test_load_model_in_requested_dtype(make_model, tok, tmp_path):
     model = make_model("qwen2")
     save_pretrained(model, tok, tmp_path / "m", stop_ids=[0, 2])

@@ -8,6 +8,7 @@ stop ids in `generation_config.json`, and never leaves a half-written directory 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -29,6 +30,7 @@ BUILTIN_MODELS: dict[str, str] = {"builtin:tiny": str(ASSETS / "tiny"),
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MIXED = {"bf16-mixed": torch.bfloat16}  # fp32 weights and optimizer, matmuls under autocast in this dtype
 
 
 # ---------------------------------------------------------------- where the model is
@@ -95,10 +97,20 @@ def pick_device(requested: str = "auto") -> str:
     return requested
 
 
+def compute_context(requested: str, device: str):
+    """The context a run computes in: autocast to bf16 for "bf16-mixed" (fp32 weights, bf16 matmuls; softmax,
+    log-softmax and the losses stay fp32), nothing otherwise."""
+    if requested in MIXED:
+        return torch.autocast(device_type=torch.device(device).type, dtype=MIXED[requested])
+    return contextlib.nullcontext()
+
+
 def choose_dtype(requested: str | torch.dtype = "auto", device: str = "cpu") -> torch.dtype:
     """"auto": float32 on CPU (bf16 matmuls are slow there), bfloat16 on CUDA when supported, else float32."""
     if isinstance(requested, torch.dtype):
         return requested
+    if requested in MIXED:  # the weights (the master copy the optimizer steps) stay fp32
+        return torch.float32
     if requested == "auto":
         if str(device).startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
             return torch.bfloat16

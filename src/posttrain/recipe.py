@@ -391,7 +391,8 @@ class Recipe(Strict):
     #                                (same tokenizer as the model)
     seed: int = 0  # seeds every stage (stage i uses seed + 7919 i)
     device: str = "auto"  # auto (cuda if present), cpu or cuda[:N]
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on a GPU with it
+    # auto: bf16 on a GPU with it; bf16-mixed: fp32 weights and optimizer state, matmuls autocast to bf16
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "bf16-mixed"] = "auto"
     stages: list[StageConfig] = Field(min_length=1)  # run in order; each starts from the previous one's policy
     eval: Optional[EvalConfig] = None  # evaluation before and after each stage (a task, or your data)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)  # checkpoint cadence and retention

@@ -36,7 +36,7 @@ from .data.loading import RowSet
 from .errors import Interrupted, RewardFailure
 from .jsonio import dumps, write_atomic
 from .models import choose_dtype, load_policy, load_tokenizer, model_context, model_rows, pick_device, \
-    resolve_model, save_pretrained, set_activation_checkpointing, stop_token_ids
+    compute_context, resolve_model, save_pretrained, set_activation_checkpointing, stop_token_ids
 from .eval.preference import reward_model_accuracy
 from .objective.preference import REWARD_MODEL_LOSS
 from .objective.presets import PRESETS, get_preset
@@ -192,6 +192,10 @@ class Run:
             found is not None and r.get("stage") == found.stage and int(r.get("step", 0)) <= found.step)
 
     def _execute(self) -> dict:
+        with compute_context(self.cfg.dtype, rank_device(pick_device(self.cfg.device), self.world)):
+            return self._run_all()
+
+    def _run_all(self) -> dict:
         cfg = self.cfg
         main = self.world.is_main
         progress = StageProgress(self.out, cfg, self.max_steps, self.allow, write=main)
