@@ -176,3 +176,17 @@ def test_bf16_mixed_with_activation_checkpointing_and_keyed_sampling_on_cuda(tmp
     summary = posttrain.train(recipe, out=tmp_path / "run", data=rows, rewards=[varied], progress=False)
     assert summary["dtype"] == "float32" and summary["stages"]["grpo"]["steps"] == 3
     assert all(v == v for v in summary["stages"]["grpo"]["final"].values() if isinstance(v, float))
+
+
+@cuda
+def test_grpo_with_the_vllm_engine(tmp_path):
+    """rollout.engine: vllm on the built-in model and task: weights synced each step, samples scored and corrected."""
+    pytest.importorskip("vllm")
+    recipe = {"model": "builtin:tiny", "device": "cuda", "stages": [{
+        "method": "grpo", "data": {"task": "arith", "split": "train"}, "steps": 3, "batch": {"size": 4},
+        "rewards": [{"fn": "correct"}],
+        "rollout": {"group_size": 4, "max_new_tokens": 32, "engine": "vllm", "vllm_memory": 0.2}}]}
+    summary = posttrain.train(recipe, out=tmp_path / "run", progress=False)
+    final = summary["stages"]["grpo"]["final"]
+    assert summary["stages"]["grpo"]["steps"] == 3
+    assert 0.5 < final["is_weight"] < 1.5 and final["sampler_mismatch"] < 0.5

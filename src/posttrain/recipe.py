@@ -122,6 +122,12 @@ class RolloutConfig(Strict):
     # each row's noise by (seed, step, the row's place in the step), so samples do not depend on how rows are
     # split across ranks or batches and a run on N ranks equals the run on one; `auto`: row under torchrun.
     seeding: Literal["auto", "batch", "row"] = "auto"
+    # builtin: posttrain's KV-cached sampler on the policy itself; vllm: a colocated vLLM instance (the `vllm`
+    # extra, GPU only) given the policy's weights before each step, its samples reweighted by `correction`
+    # (token level unless set)
+    engine: Literal["builtin", "vllm"] = "builtin"
+    vllm_memory: float = Field(0.3, gt=0, lt=1)  # vllm: the share of the GPU's memory vLLM may take
+    vllm_max_len: Optional[int] = Field(None, gt=0)  # vllm: its context (prompt + completion); null: the model's
 
 
 class ClipConfig(Strict):
@@ -428,6 +434,8 @@ def resolve_stage(stage: StageConfig) -> StageConfig:
     _fill(s.dynamic_sampling, enabled=p.dynamic_sampling)
     _fill(s.overlong, mask_truncated=p.mask_truncated, soft_penalty=p.overlong_penalty,
           cache=max(1, s.rollout.max_new_tokens // 5))
+    if s.rollout.engine == "vllm" and s.rollout.correction is None:  # vLLM's numbers are not the trainer's
+        s.rollout.correction = "token"
     _check_combination(s, p)
     return s
 

@@ -137,6 +137,7 @@ class Run:
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()
+        check_engines(self.cfg, pick_device(self.cfg.device))
         self.world = init_world(pick_device(self.cfg.device), self.cfg.distributed.timeout_s,
                                 self.cfg.distributed.strategy)
         if self.world.size > 1:
@@ -219,6 +220,7 @@ class Run:
             self._check_rewards(stage, sd)
         last_policy = progress.last_model()
         resume_from = str(last_policy or cfg.model)
+        self._policy_source = resume_from  # where a rollout engine of its own (vLLM) loads the architecture from
         # A finished stage saved the tokenizer (and template) it trained with; the first stage may pair others.
         tok_from, template = (resume_from, None) if last_policy else (cfg.tokenizer or cfg.model, cfg.chat_template)
         try:
@@ -537,6 +539,8 @@ class Run:
             kw["teacher"] = self._teacher(tok, device, next(model.parameters()).dtype)
         if critic is not None:
             kw["critic"] = critic
+        if stage.rollout.engine == "vllm" and preset.data == "prompts":
+            kw["engine"] = self._vllm(stage, tok, model)
         if sd.encoded is not None and preset.data in ("preferences", "unpaired"):
             kw["pairs"] = Demonstrations(sd.encoded, seed + 1, stage.data.shuffle)
         elif sd.encoded is not None:
@@ -578,6 +582,18 @@ class Run:
             model = lora.finish(model, self.out / "stages" / stage.name / "adapter" if self.world.is_main else None)
         return result, model
 
+    def _vllm(self, stage, tok, model):
+        """The run's vLLM engine, made once and shared by its stages (its weights are the policy's at each step)."""
+        if getattr(self, "_vllm_engine", None) is None:
+            from .models import MIXED
+            from .rollout.vllm_engine import VLLMEngine
+
+            dtype = MIXED.get(self.cfg.dtype, next(model.parameters()).dtype)
+            self._vllm_engine = VLLMEngine(resolve_model(self._policy_source), dtype=dtype, seed=self.cfg.seed,
+                                           gpu_memory_utilization=stage.rollout.vllm_memory,
+                                           max_model_len=stage.rollout.vllm_max_len, distributed=self.world.size > 1)
+        return self._vllm_engine
+
     def _start(self, model, stage, seed: int, experience, resume, sink):
         """A stage's TrainState: new, or restored from its checkpoint (after the reference model was copied from
         the policy at the stage's start)."""
@@ -606,6 +622,17 @@ class Run:
             log.info("stage %s round %d: %d verified samples -> %s", stage.name, round_, len(rows), path)
 
         return write
+
+
+def check_engines(cfg, device: str) -> None:
+    """A stage asking for vLLM: the extra installed and a GPU to run it on, checked before anything loads."""
+    if any(s.rollout.engine == "vllm" for s in cfg.stages):
+        from .rollout.vllm_engine import import_vllm
+
+        if not device.startswith("cuda"):
+            raise RecipeError(f"rollout.engine: vllm runs on a CUDA GPU; this run is on {device} (use "
+                              "rollout.engine: builtin)")
+        import_vllm()
 
 
 def gathered_at_curve_points(on_step, eval_cfg, model):

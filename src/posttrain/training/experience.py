@@ -102,9 +102,11 @@ class Experience(OfflineSteps, TeacherSignals):
     def __init__(self, stage, tokenizer, *, pad_id: int, stop_ids=(), device="cpu", seed: int = 0, rows=None,
                  demos: Demonstrations | None = None, paired: PairedDemos | None = None, scorer=None,
                  ref_model=None, total_steps: int = 1, on_data=None, on_samples=None,
-                 pairs: Demonstrations | None = None, teacher=None, critic=None, world: World = SINGLE):
+                 pairs: Demonstrations | None = None, teacher=None, critic=None, world: World = SINGLE,
+                 engine=None):
         self.s, self.p = stage, get_preset(stage.method)
         self.world, self.seed = world, seed
+        self.engine = engine  # another rollout engine (vLLM: rollout/vllm_engine.py); None: the built-in sampler
         # keyed sampling noise (rollout.seeding): samples that do not depend on how rows are split across ranks
         self.keyed = stage.rollout.seeding == "row" or (stage.rollout.seeding == "auto" and world.size > 1)
         self._step, self._calls = 0, 0
@@ -153,6 +155,8 @@ class Experience(OfflineSteps, TeacherSignals):
         self._compute = {"prefill_tokens": 0, "generated_tokens": 0, "ref_forward_tokens": 0}
         self._step, self._calls = step, 0
         self.refresh_reference(model, step)
+        if self.engine is not None:  # the engine samples from the policy as it is now
+            self.engine.sync(model)
         data = self._verified(model, generator) if self.pool is not None else self._rollouts(model, step, generator)
         self.health.end_step(step)  # may stop the run: before this step's update, so the state is the last step's
         data.values.update(self._compute)  # what this step's sampling and no-grad passes processed (for FLOPs)
@@ -173,10 +177,16 @@ class Experience(OfflineSteps, TeacherSignals):
             keys = [row_key(self.seed, self._step, self._calls, j, k) for j in range(len(prompts)) for k in range(n)]
         self._calls += 1
         a, b = self.world.span(len(prompts))
-        with gathered(model):  # (a sharded policy's whole weights: each rank decodes as long as its rows need)
-            ro = sample(model, prompts[a:b], num_samples=n, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                        top_p=r.top_p, stop_ids=self.stop_ids, pad_id=self.pad_id, generator=generator, greedy=greedy,
-                        keys=None if keys is None else keys[a * n:b * n])
+        mine = None if keys is None else keys[a * n:b * n]
+        if self.engine is not None:
+            ro = self.engine.generate(prompts[a:b], num_samples=n, max_new_tokens=r.max_new_tokens,
+                                      temperature=r.temperature, top_p=r.top_p, stop_ids=self.stop_ids, greedy=greedy,
+                                      keys=mine)
+        else:
+            with gathered(model):  # (a sharded policy's whole weights: each rank decodes as long as its rows need)
+                ro = sample(model, prompts[a:b], num_samples=n, max_new_tokens=r.max_new_tokens,
+                            temperature=r.temperature, top_p=r.top_p, stop_ids=self.stop_ids, pad_id=self.pad_id,
+                            generator=generator, greedy=greedy, keys=mine)
         if self.world.size > 1:
             ro.prompt_index = [a + i for i in ro.prompt_index]
             ro = Rollout(*(sum((getattr(part, f) for part in self.world.gather(ro)), [])
