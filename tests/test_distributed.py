@@ -152,6 +152,29 @@ def test_two_ranks_train_as_one(tmp_path, one_rank, case, strategy):
 
 
 @pytest.mark.slow
+def test_two_nodes_through_a_rendezvous_train_as_one(tmp_path, one_rank):
+    """Two torchrun launchers, one process each, meeting at a c10d rendezvous endpoint: what two machines run
+    (here both on this one), equal to the 1-rank run."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    recipe, _, steps = CASES["grpo"]
+    nodes = []
+    for node in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}",
+               "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=t",
+               "-m", "posttrain", "train", recipe, "--out", str(tmp_path / "two"), "--max-steps", str(steps),
+               *QUIET, *_overrides("grpo")]
+        nodes.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()))
+    for p in nodes:
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-3000:]
+    _assert_same_run(one_rank("grpo"), tmp_path / "two")
+
+
+@pytest.mark.slow
 def test_a_killed_rank_fails_the_run_instead_of_hanging_it(tmp_path):
     t0 = time.time()
     p = _train(tmp_path / "run", "builtin:grpo", ["stages.0.batch.size=4", "distributed.timeout_s=60"], 6, ranks=2,
