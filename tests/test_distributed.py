@@ -29,6 +29,7 @@ CASES = {
     "grpo": ("builtin:grpo", ["stages.0.batch.size=4"], 3),
     "hpt": ("builtin:hpt", ["stages.0.batch.size=4", "stages.0.rollout.group_size=4"], 3),
     "sft_then_dpo": ("builtin:sft_then_dpo", [], 2),
+    "ppo": ("builtin:ppo", ["stages.0.batch.size=4"], 2),  # the value model's gradients summed like the policy's
 }
 
 
@@ -58,7 +59,8 @@ def _assert_same_run(one, two, rel=1e-5, atol=1e-5):
     a, b = _records(one), _records(two)
     assert [(r["stage"], r["step"]) for r in a] == [(r["stage"], r["step"]) for r in b]
     for r, s in zip(a, b):
-        for key in ("loss", "grad_norm", "samples", "trained_tokens", "reward_mean", "response_len"):
+        for key in ("loss", "grad_norm", "samples", "trained_tokens", "reward_mean", "response_len", "value_loss",
+                    "value_grad_norm"):
             if key in r:
                 assert math.isclose(r[key], s[key], rel_tol=rel, abs_tol=1e-7), (r["step"], key, r[key], s[key])
     wa, wb = _weights(one), _weights(two)
@@ -138,6 +140,7 @@ def one_rank(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case,strategy", [("sft", "ddp"), ("grpo", "ddp"), ("hpt", "ddp"), ("sft_then_dpo", "ddp"),
+                                           ("ppo", "ddp"),
                                            ("sft", "fsdp"), ("grpo", "fsdp"), ("sft_then_dpo", "fsdp"),
                                            ("sft_then_dpo", "fsdp-shard")])
 def test_two_ranks_train_as_one(tmp_path, one_rank, case, strategy):
