@@ -26,7 +26,8 @@ RECIPES = {"sft": ("builtin:sft", []), "grpo": ("builtin:grpo", [])}
 
 def run(recipe: str, overrides: list[str], steps: int, ranks: int, out: Path) -> float:
     """Mean seconds per step after the first (model loading and the first step's warm-up excluded)."""
-    env = {**os.environ, **CHILD_ENV, "OMP_NUM_THREADS": str(THREADS // ranks)}
+    threads = str(THREADS // ranks)  # the cores split between the ranks (more threads than cores spin-wait)
+    env = {**os.environ, **CHILD_ENV, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] \
         if ranks > 1 else [sys.executable]
     cmd = launcher + ["-m", "posttrain", "train", recipe, "--out", str(out), "--max-steps", str(steps), "eval=null",
