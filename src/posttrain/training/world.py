@@ -3,8 +3,9 @@
     torchrun --nproc-per-node 2 -m posttrain train RECIPE.yaml --out runs/x
 
 Scheme (replicated state, sharded work), the same for every method:
-  - every rank holds the whole model and optimizer state, and builds every step's experience from the same
-    seeded sources, so all decisions that read the whole batch (group advantages, dynamic sampling, the
+  - every rank holds the whole model and optimizer state (strategy `ddp`; `fsdp` shards the policy's parameters,
+    gradients and optimizer state with FSDP2, bottom of this file), and builds every step's experience from the
+    same seeded sources, so all decisions that read the whole batch (group advantages, dynamic sampling, the
     hybrids' gates, the "nothing to learn: skip" decision) are taken on identical data by every rank;
   - the expensive parts are split: each rank samples the completions of its contiguous share of the step's
     prompts (whole groups, keyed noise: `rollout.seeding`), scores them, and runs the no-grad log-prob passes
@@ -105,9 +106,9 @@ class World:
             return
         with torch.no_grad():
             for t in list(module.parameters()) + list(module.buffers()):
-                self.broadcast_tensor_(t)
+                self._broadcast_tensor(t)
 
-    def broadcast_tensor_(self, t: torch.Tensor) -> torch.Tensor:
+    def _broadcast_tensor(self, t: torch.Tensor) -> torch.Tensor:
         device = _collective_device()
         x = t.data if t.device == device else t.data.to(device)
         torch.distributed.broadcast(x, src=0)
