@@ -227,3 +227,20 @@ def test_two_gpus_on_nccl_train_as_one(tmp_path, strategy):
     two = _train(tmp_path / "two", recipe, args + [f"distributed.strategy={strategy}"], steps, ranks=2)
     assert two.returncode == 0, two.stderr[-3000:]
     _assert_same_run(tmp_path / "one", tmp_path / "two", rel=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path, one_rank):
+    """SIGTERM to rank 1 during step 2: both ranks finish the step, rank 0 saves its checkpoint, the run exits with
+    the interrupted code, and a rerun on 1 rank ends where the unstopped run ends."""
+    from posttrain.errors import EXIT_INTERRUPTED
+
+    recipe, _, steps = CASES["grpo"]
+    p = _train(tmp_path / "run", recipe, _overrides("grpo") + ["checkpoint.every=0"], steps, ranks=2,
+               env=_env(POSTTRAIN_FAULTS="step@2=term", POSTTRAIN_FAULTS_RANK="1"))
+    assert p.returncode != 0
+    assert f"exitcode  : {EXIT_INTERRUPTED}" in p.stderr or "stopped by SIGTERM at step 2" in p.stderr, p.stderr[-2000:]
+    assert [r["step"] for r in _records(tmp_path / "run")] == [1, 2]
+    resumed = _train(tmp_path / "run", recipe, _overrides("grpo"), steps, ranks=1)
+    assert resumed.returncode == 0 and "resuming at step 2" in resumed.stderr, resumed.stderr[-3000:]
+    _assert_same_run(one_rank("grpo"), tmp_path / "run")

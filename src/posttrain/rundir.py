@@ -302,10 +302,11 @@ class Checkpointer:
         due = self.every and state.step // self.every > self.prev // self.every
         self.prev = state.step
         stopping = self.run.world.agree(stop.requested)  # every rank stops at the same step
-        if stopping and not stop.requested:  # another rank received the signal
-            stop.signum = signal.SIGTERM
         if due or stopping:
             self.save(state)
+            stopping = self.run.world.agree(stop.requested)  # (a signal may arrive during the save)
+        if stopping and not stop.requested:  # another rank received the signal
+            stop.signum = signal.SIGTERM
         if stopping:
             raise Interrupted(f"stopped by {stop.name()} at step {state.step} of stage {self.stage.name!r}; checkpoint "
                               f"saved in {self.root}: rerun the same command to resume", stop.signum)
