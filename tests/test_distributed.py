@@ -188,18 +188,18 @@ def test_a_killed_rank_fails_the_run_instead_of_hanging_it(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_a_two_rank_checkpoint_resumes_on_one_rank(tmp_path, one_rank, strategy):
+@pytest.mark.parametrize("strategy,seeding", [("ddp", "row"), ("fsdp", "row"), ("ddp", "auto")])
+def test_a_two_rank_checkpoint_resumes_on_one_rank(tmp_path, one_rank, strategy, seeding):
     """Stopped after step 2 of 3 on 2 ranks, resumed on 1: the run equals the 1-rank run (a sharded run's
-    checkpoint holds whole tensors, like any other)."""
-    recipe, _, steps = CASES["grpo"]
-    every = ["checkpoint.every=2", f"distributed.strategy={strategy}"]
+    checkpoint holds whole tensors, like any other; `auto` seeding goes on keyed, as the checkpoint's run did)."""
+    recipe, overrides, steps = CASES["grpo"]
+    every = ["checkpoint.every=2", f"distributed.strategy={strategy}", f"stages.0.rollout.seeding={seeding}"]
     # both ranks fail as step 3 starts: the checkpoint of step 2 is the last thing saved
-    stopped = _train(tmp_path / "run", recipe, _overrides("grpo") + every, steps, ranks=2,
+    stopped = _train(tmp_path / "run", recipe, overrides + every, steps, ranks=2,
                      env=_env(POSTTRAIN_FAULTS="step@3=raise"))
     assert stopped.returncode != 0 and "injected fault" in stopped.stderr
     assert [r["step"] for r in _records(tmp_path / "run")] == [1, 2]
-    resumed = _train(tmp_path / "run", recipe, _overrides("grpo") + every, steps, ranks=1)
+    resumed = _train(tmp_path / "run", recipe, overrides + every, steps, ranks=1)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming at step 2" in resumed.stderr
     _assert_same_run(one_rank("grpo"), tmp_path / "run")

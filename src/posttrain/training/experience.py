@@ -14,6 +14,7 @@ The sampler's ids are used as they are: text is decoded only for the reward func
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -39,6 +40,9 @@ from .health import GroupSignal, RewardHealth
 from .offline import OfflineSteps
 from .teachers import TeacherSignals
 from .sources import Buffer, DataCursor, Demonstrations, PairedDemos, VerifiedPool
+
+log = logging.getLogger("posttrain")
+
 
 @dataclass
 class StepData:
@@ -131,7 +135,7 @@ class Experience(OfflineSteps, TeacherSignals):
     # ---- state ----------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        out = {"prompts": self.prompts.state_dict(), "health": self.health.state_dict()}
+        out = {"prompts": self.prompts.state_dict(), "health": self.health.state_dict(), "keyed": self.keyed}
         for name in ("demos", "buffer", "pool", "pairs"):
             src = getattr(self, name)
             if src is not None:
@@ -141,6 +145,13 @@ class Experience(OfflineSteps, TeacherSignals):
     def load_state_dict(self, d: dict) -> None:
         self.prompts.load_state_dict(d["prompts"])
         self.health.load_state_dict(d["health"])
+        keyed = d.get("keyed", self.keyed)
+        if keyed != self.keyed and self.s.rollout.seeding == "auto" and (keyed or self.world.size == 1):
+            self.keyed = keyed  # `auto` goes on as the checkpoint's run sampled, on any number of ranks
+        elif keyed != self.keyed:
+            log.warning("the checkpoint's run sampled with %s noise, this one uses %s (rollout.seeding: %s): the "
+                        "continuation differs from a run that was never stopped", "keyed" if keyed else "generator",
+                        "keyed" if self.keyed else "generator", self.s.rollout.seeding)
         for name in ("demos", "buffer", "pool", "pairs"):
             if name in d:
                 getattr(self, name).load_state_dict(d[name])
