@@ -17,7 +17,8 @@ from torch import Tensor
 from posttrain.data.batch import DEMO, ROLLOUT, Row
 from posttrain.objective import components as C
 from posttrain.objective import mixers as MX
-from posttrain.training.experience import _Rows, verified
+from posttrain.training.assembly import _Rows
+from posttrain.training.rejection import verified
 from posttrain.training.sources import Demonstrations
 
 LENGTHS = [3, 5, 2, 4, 5, 1, 3, 4, 4, 2]

@@ -72,7 +72,7 @@ def stop_ids(tokenizer):
 
 
 def test_asking_for_vllm_without_it_or_without_a_gpu_is_a_clear_error(monkeypatch):
-    from posttrain.run import check_engines
+    from posttrain.rollout.vllm_engine import check_engines
 
     cfg = load_recipe("builtin:grpo", overrides=["stages.0.rollout.engine=vllm"])
     assert cfg.stages[0].rollout.correction == "token"  # vLLM's numbers are not the trainer's: corrected by default

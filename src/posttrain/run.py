@@ -35,8 +35,8 @@ from .data.formats import check_rows, split_implicit_prompts
 from .data.loading import RowSet
 from .errors import Interrupted, RewardFailure
 from .jsonio import dumps, write_atomic
-from .models import choose_dtype, load_policy, load_tokenizer, model_context, model_rows, pick_device, \
-    compute_context, resolve_model, save_pretrained, set_activation_checkpointing, stop_token_ids
+from .models import choose_dtype, compute_context, load_policy, load_tokenizer, model_context, model_rows, \
+    pick_device, resolve_model, save_pretrained, set_activation_checkpointing, stop_token_ids
 from .eval.preference import reward_model_accuracy
 from .objective.preference import REWARD_MODEL_LOSS
 from .objective.presets import PRESETS, get_preset
@@ -47,8 +47,9 @@ from .rundir import BadRows, Checkpointer, RunLock, StageProgress, StopRequest, 
 from .training import checkpoint, lora
 from .training.loop import new_state, run_stage
 from .training.metrics import JsonlSink, NullSink, Progress, Sinks, TensorBoardSink
-from .training.world import SINGLE, check_distributed, gathered, init_world, is_sharded, rank_device, shard, \
-    unshard
+from .rollout.vllm_engine import check_engines
+from .training.world import SINGLE, check_distributed, gathered_at_curve_points, init_world, is_sharded, \
+    rank_device, shard, unshard
 
 log = logging.getLogger("posttrain")
 
@@ -137,9 +138,10 @@ class Run:
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()
-        check_engines(self.cfg, pick_device(self.cfg.device))
-        self.world = init_world(pick_device(self.cfg.device), self.cfg.distributed.timeout_s,
-                                self.cfg.distributed.strategy)
+        device = pick_device(self.cfg.device)
+        check_engines(self.cfg, device)
+        self.world = init_world(device, self.cfg.distributed.timeout_s, self.cfg.distributed.strategy)
+        self.device = rank_device(device, self.world)
         if self.world.size > 1:
             check_distributed(self.cfg)
         if not self.world.is_main:  # the other ranks read the run directory once rank 0 has locked and set it up
@@ -193,7 +195,7 @@ class Run:
             found is not None and r.get("stage") == found.stage and int(r.get("step", 0)) <= found.step)
 
     def _execute(self) -> dict:
-        with compute_context(self.cfg.dtype, rank_device(pick_device(self.cfg.device), self.world)):
+        with compute_context(self.cfg.dtype, self.device):
             return self._run_all()
 
     def _run_all(self) -> dict:
@@ -210,7 +212,7 @@ class Run:
         if main:
             write_atomic(self.out / "config.yaml", dump_recipe(cfg))
         torch.manual_seed(cfg.seed)
-        device = rank_device(pick_device(cfg.device), self.world)
+        device = self.device
         # Everything that can be checked without the model is checked before it loads; every row of every
         # stage still to run is checked before step 0 (lengths need the tokenizer and the model's context).
         self.bad_rows = BadRows(self.out, write=main)
@@ -297,17 +299,8 @@ class Run:
             if hooks.active:
                 summary["eval"]["after"] = summary["stages"][cfg.stages[-1].name]["eval"]
             faults.hit("final")
-            if not main:
-                pass
-            elif _trains_reward_model(cfg.stages[-1]):  # the run's last product is the reward model
-                shutil.copytree(self.out / "stages" / cfg.stages[-1].name / "model", self.out / "final",
-                                dirs_exist_ok=True)
-            else:
-                save_pretrained(model, tok, self.out / "final", stop_ids=stop_ids)
-            last_stage = cfg.stages[-1]
-            if last_stage.lora is not None and main:  # the last stage's adapter beside the merged weights (peft loads it)
-                shutil.copytree(self.out / "stages" / last_stage.name / "adapter", self.out / "final" / "adapter",
-                                dirs_exist_ok=True)
+            if main:
+                self._write_final(model, tok, stop_ids)
         finally:
             sinks.close()
             curve.close()
@@ -319,6 +312,17 @@ class Run:
         self.world.barrier()  # the other ranks return once the run directory is complete
         log.info("run finished in %.1fs: %s", summary["wall_s"], self.out)
         return summary
+
+    def _write_final(self, model, tok, stop_ids) -> None:
+        """OUT/final: the run's last product (the policy, or the reward model of a last reward-model stage)."""
+        last_stage = self.cfg.stages[-1]
+        if _trains_reward_model(last_stage):
+            shutil.copytree(self.out / "stages" / last_stage.name / "model", self.out / "final", dirs_exist_ok=True)
+        else:
+            save_pretrained(model, tok, self.out / "final", stop_ids=stop_ids)
+        if last_stage.lora is not None:  # the last stage's adapter beside the merged weights (peft loads it)
+            shutil.copytree(self.out / "stages" / last_stage.name / "adapter", self.out / "final" / "adapter",
+                            dirs_exist_ok=True)
 
     def _rowset(self, stage, d) -> RowSet | None:
         """The rows `d` (a stage's `data` or `demos` section) names; None for data an earlier stage makes."""
@@ -622,33 +626,6 @@ class Run:
             log.info("stage %s round %d: %d verified samples -> %s", stage.name, round_, len(rows), path)
 
         return write
-
-
-def check_engines(cfg, device: str) -> None:
-    """A stage asking for vLLM: the extra installed and a GPU to run it on, checked before anything loads."""
-    if any(s.rollout.engine == "vllm" for s in cfg.stages):
-        from .rollout.vllm_engine import import_vllm
-
-        if not device.startswith("cuda"):
-            raise RecipeError(f"rollout.engine: vllm runs on a CUDA GPU; this run is on {device} (use "
-                              "rollout.engine: builtin)")
-        import_vllm()
-
-
-def gathered_at_curve_points(on_step, eval_cfg, model):
-    """A sharded policy is gathered whole on every rank at the learning curve's steps, for rank 0's evaluation
-    (`on_step`, None on the other ranks)."""
-    every = eval_cfg.every if eval_cfg is not None else 0
-    if not every:
-        return on_step
-
-    def hook(state, record) -> bool:
-        if state.step % every:
-            return False
-        with gathered(model):
-            return bool(on_step(state, record)) if on_step is not None else False
-
-    return hook
 
 
 def _round_of(line: str) -> float:

@@ -40,6 +40,17 @@ def import_vllm():
     return vllm
 
 
+def check_engines(cfg, device: str) -> None:
+    """A stage asking for vLLM: the extra installed and a GPU to run it on, checked before anything loads."""
+    if any(s.rollout.engine == "vllm" for s in cfg.stages):
+        from ..recipe import RecipeError
+
+        if not device.startswith("cuda"):
+            raise RecipeError(f"rollout.engine: vllm runs on a CUDA GPU; this run is on {device} (use "
+                              "rollout.engine: builtin)")
+        import_vllm()
+
+
 class VLLMEngine:
     """A colocated vLLM instance serving one policy."""
 

@@ -5,6 +5,7 @@ the stage; the experience builder (training/experience.py) and the oracles both 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 
@@ -15,6 +16,48 @@ from ..objective.components import sampler_correction
 from ..recipe import stage_streams
 
 STREAM_IDS = {"demo": DEMO, "rollout": ROLLOUT, "prefix": PREFIX}
+
+
+@dataclass
+class StepData:
+    """What `Experience.make` returns: the batch (None when nothing is left to learn from), the step's
+    experience metrics, and the reward errors to report."""
+
+    batch: Batch | None
+    values: dict[str, float] = field(default_factory=dict)
+    errors: list = field(default_factory=list)
+
+
+@dataclass
+class _Rows:
+    """Rows of one sampling round with their rewards; `scored` rows enter their group's statistics."""
+
+    rows: list[Row] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)
+    scored: list[bool] = field(default_factory=list)
+    free: list[bool] = field(default_factory=list)  # free rollouts: the policy's own samples (metrics)
+    per_fn: dict[str, list[float]] = field(default_factory=dict)
+    errors: list = field(default_factory=list)
+
+    def extend(self, other: "_Rows", keep: list[bool] | None = None) -> None:
+        keep = keep or [True] * len(other.rows)
+        for i, k in enumerate(keep):
+            if k:
+                self.rows.append(other.rows[i])
+                self.rewards.append(other.rewards[i])
+                self.scored.append(other.scored[i])
+                self.free.append(other.free[i])
+        for name, v in other.per_fn.items():
+            self.per_fn.setdefault(name, []).extend(x for x, k in zip(v, keep) if k)
+        self.errors.extend(other.errors)
+
+    def add(self, row: Row, *, reward: float = math.nan, scored: bool = False) -> None:
+        self.rows.append(row)
+        self.rewards.append(reward)
+        self.scored.append(scored)
+        self.free.append(False)
+        for v in self.per_fn.values():
+            v.append(math.nan)
 
 
 def rows_to_batch(rows: list[Row], rewards: list[float], scored: list[bool], mix: torch.Tensor, pad_id: int,

@@ -8,8 +8,8 @@ Order of operations (algorithms.md §3, §4):
   -> advantages (by group id; GAE for PPO, the greedy baseline for ReMax) and mix.
 Stages that read stored data only (SFT, DFT, PSFT, KD; DPO and the other pair losses; KTO) are built in
 training/offline.py (the advantage of a preference loss comes later, from the update's forward pass); the
-teachers' signals (KD's targets, SDFT's self-teacher) in training/teachers.py. Rejection sampling (RFT) refills
-its pool of verified samples once per round. The loop calls `make` and never asks which method runs.
+teachers' signals (KD's targets, SDFT's self-teacher) in training/teachers.py; rejection sampling (RFT), which
+refills its pool of verified samples once per round, in training/rejection.py. The loop calls `make` and never asks which method runs.
 The sampler's ids are used as they are: text is decoded only for the reward functions.
 """
 from __future__ import annotations
@@ -17,16 +17,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
 
 import torch
 
 from .. import faults
-from ..data.batch import DEMO, ROLLOUT, Batch, Row, collate, pair_batch
+from ..data.batch import DEMO, ROLLOUT, Batch, Row, pair_batch
 from ..data.encode import completion_text, encode_prompt
 from ..logprobs import token_logprobs
 from ..objective import mixers
-from ..objective import advantages as adv_fns
 from ..objective.advantages import group_success, mixed_outcome
 from ..objective.components import overlong_penalty
 from ..objective.preference import PAIRED_LOSSES
@@ -35,55 +33,15 @@ from ..recipe import stage_streams
 from ..rewards import reward_columns
 from .world import SINGLE, World, gathered
 from ..rollout.sampler import Rollout, row_key, sample
-from .assembly import STREAM_IDS, correct_for_sampler, row_baselines, rows_to_batch, token_advantages
+from .assembly import STREAM_IDS, StepData, _Rows, correct_for_sampler, row_baselines, rows_to_batch, \
+    token_advantages
 from .health import GroupSignal, RewardHealth
 from .offline import OfflineSteps
+from .rejection import RejectionSampling
 from .teachers import TeacherSignals
 from .sources import Buffer, DataCursor, Demonstrations, PairedDemos, VerifiedPool
 
 log = logging.getLogger("posttrain")
-
-
-@dataclass
-class StepData:
-    """What `Experience.make` returns: the batch (None when nothing is left to learn from), the step's
-    experience metrics, and the reward errors to report."""
-
-    batch: Batch | None
-    values: dict[str, float] = field(default_factory=dict)
-    errors: list = field(default_factory=list)
-
-
-@dataclass
-class _Rows:
-    """Rows of one sampling round with their rewards; `scored` rows enter their group's statistics."""
-
-    rows: list[Row] = field(default_factory=list)
-    rewards: list[float] = field(default_factory=list)
-    scored: list[bool] = field(default_factory=list)
-    free: list[bool] = field(default_factory=list)  # free rollouts: the policy's own samples (metrics)
-    per_fn: dict[str, list[float]] = field(default_factory=dict)
-    errors: list = field(default_factory=list)
-
-    def extend(self, other: "_Rows", keep: list[bool] | None = None) -> None:
-        keep = keep or [True] * len(other.rows)
-        for i, k in enumerate(keep):
-            if k:
-                self.rows.append(other.rows[i])
-                self.rewards.append(other.rewards[i])
-                self.scored.append(other.scored[i])
-                self.free.append(other.free[i])
-        for name, v in other.per_fn.items():
-            self.per_fn.setdefault(name, []).extend(x for x, k in zip(v, keep) if k)
-        self.errors.extend(other.errors)
-
-    def add(self, row: Row, *, reward: float = math.nan, scored: bool = False) -> None:
-        self.rows.append(row)
-        self.rewards.append(reward)
-        self.scored.append(scored)
-        self.free.append(False)
-        for v in self.per_fn.values():
-            v.append(math.nan)
 
 
 class _Questions:
@@ -100,7 +58,7 @@ class _Questions:
         self.first_count = {g: float(c) for g, c in zip(self.group.tolist(), self.count.tolist())}
 
 
-class Experience(OfflineSteps, TeacherSignals):
+class Experience(OfflineSteps, TeacherSignals, RejectionSampling):
     """Builds one Batch per step from a stage's sources. Holds no model: the policy is passed in."""
 
     def __init__(self, stage, tokenizer, *, pad_id: int, stop_ids=(), device="cpu", seed: int = 0, rows=None,
@@ -200,7 +158,8 @@ class Experience(OfflineSteps, TeacherSignals):
                             generator=generator, greedy=greedy, keys=mine)
         if self.world.size > 1:
             ro.prompt_index = [a + i for i in ro.prompt_index]
-            ro = Rollout(*(sum((getattr(part, f) for part in self.world.gather(ro)), [])
+            parts = self.world.gather(ro)  # every rank's share, in prompt order
+            ro = Rollout(*([x for part in parts for x in getattr(part, f)]
                            for f in ("prompt_index", "prompt_ids", "completion_ids", "sampler_logp", "truncated")))
         self._compute["prefill_tokens"] += sum(len(p) for p in prompts)  # each distinct prompt is prefilled once
         self._compute["generated_tokens"] += sum(len(c) for c in ro.completion_ids)
@@ -544,80 +503,11 @@ class Experience(OfflineSteps, TeacherSignals):
         self._compute["ref_forward_tokens"] += int(batch.attention_mask.sum())
         mine = batch.share(self.world.rank, self.world.size)  # (whole groups)
         with gathered(model):
-            for rows in (batch.select(mine).split(micro) if len(mine) else []):
+            share = batch if self.world.size == 1 else batch.select(mine)
+            for rows in (share.split(micro) if len(mine) else []):
                 rows = mine[rows]
                 mb = batch.select(rows).to(self.device)
                 lp, _ = token_logprobs(model, mb.input_ids, mb.attention_mask, temperature=temperature,
                                        chunk_mb=self.s.batch.logits_chunk_mb)
                 out[rows, : lp.shape[1]] = lp.float().cpu()
         return self.world.sum_(out)
-
-    # ---- rejection sampling -------------------------------------------------------------------------
-
-    def _verified(self, model, generator) -> StepData:
-        values: dict[str, float] = {}
-        errors: list = []
-        if self.pool.needs_round():
-            errors = self._rft_round(model, generator, values)
-        rows = self.pool.take(self.s.batch.size)
-        values["pool_size"] = len(self.pool.pool)
-        if not rows:
-            return StepData(None, values, errors)
-        batch = collate(rows, self.pad_id)
-        batch.advantages = batch.loss_mask.clone()
-        return StepData(batch, values, errors)
-
-    def _rft_round(self, model, generator, values: dict) -> list:
-        """Sample K per prompt for `round_prompts` prompts, keep the verified samples (distinct per prompt)."""
-        s = self.s
-        n = s.sources.round_prompts or len(self.rows)
-        keys = self.prompts.take(n)
-        timing = {"t_rollout": 0.0, "t_reward": 0.0}
-        pool, seen, out_rows, all_rows = [], set(), [], _Rows()
-        chunk = max(1, 256 // s.rollout.group_size)
-        for start in range(0, len(keys), chunk):
-            ks = keys[start:start + chunk]
-            t0 = time.perf_counter()
-            ro = self._sample(model, [self._prompt_ids(k) for k in ks], s.rollout.group_size, generator)
-            part = _Rows()
-            for i, j in enumerate(ro.prompt_index):
-                p, c = ro.prompt_ids[i], ro.completion_ids[i]
-                part.rows.append(Row(p + c, [0] * len(p) + [1] * len(c), ROLLOUT, j, truncated=ro.truncated[i],
-                                     meta={"key": ks[j], "sampled": len(c)}))
-                part.free.append(True)
-            timing["t_rollout"] += time.perf_counter() - t0
-            t1 = time.perf_counter()
-            self._score(part, [r.meta["key"] for r in part.rows])
-            timing["t_reward"] += time.perf_counter() - t1
-            part.scored = [True] * len(part.rows)
-            all_rows.extend(part)
-            for row, r in verified(part.rows, part.rewards, s.success_threshold, seen):
-                pool.append((row.input_ids, row.loss_mask))
-                a, b = row.completion_span()
-                src = self.rows[row.meta["key"]]
-                answer = {"answer": src["answer"]} if "answer" in src else {}
-                out_rows.append({"prompt": src["prompt"], "completion": completion_text(
-                    src["prompt"], row.input_ids[a:b], self.tok), **answer, "id": src.get("id", row.meta["key"]),
-                    "reward": r})
-        self.pool.start_round(pool)
-        if self.on_data is not None:
-            self.on_data(self.pool.round, out_rows)
-        values.update(timing)
-        values.update(self._rollout_metrics(all_rows))
-        values.update(rft_round=self.pool.round, verified_frac=len(pool) / max(len(all_rows.rows), 1),
-                      reward_errors=len(all_rows.errors))
-        return all_rows.errors
-
-
-def verified(rows: list[Row], rewards: list[float], threshold: float, seen: set) -> list[tuple[Row, float]]:
-    """Rejection sampling's filter: the rows whose indicator advantage 1{R >= threshold} is 1, not truncated,
-    and not already in `seen` (a (question, ids) pair kept earlier; updated)."""
-    R = torch.tensor(rewards, dtype=torch.float64)
-    keep = adv_fns.advantage_indicator(R, torch.zeros(len(rows), dtype=torch.long), threshold=threshold)
-    out = []
-    for row, r, k in zip(rows, rewards, keep.tolist()):
-        ident = (row.meta.get("key"), tuple(row.input_ids))
-        if k and not row.truncated and ident not in seen:
-            seen.add(ident)
-            out.append((row, r))
-    return out

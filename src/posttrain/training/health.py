@@ -11,7 +11,7 @@ import torch
 from ..objective.advantages import mixed_outcome
 
 if TYPE_CHECKING:
-    from .experience import _Rows
+    from .assembly import _Rows
 
 log = logging.getLogger("posttrain")
 

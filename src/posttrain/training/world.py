@@ -318,3 +318,19 @@ def _is_fsdp_class(cls) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return issubclass(cls, FSDPModule)
+
+
+def gathered_at_curve_points(on_step, eval_cfg, model):
+    """A sharded policy is gathered whole on every rank at the learning curve's steps, for rank 0's evaluation
+    (`on_step`, None on the other ranks)."""
+    every = eval_cfg.every if eval_cfg is not None else 0
+    if not every:
+        return on_step
+
+    def hook(state, record) -> bool:
+        if state.step % every:
+            return False
+        with gathered(model):
+            return bool(on_step(state, record)) if on_step is not None else False
+
+    return hook
