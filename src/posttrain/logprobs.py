@@ -43,6 +43,27 @@ def _logp_entropy(logits: Tensor, targets: Tensor, temperature: float, with_entr
     return logp, entropy
 
 
+def last_hidden(model: torch.nn.Module, kwargs: dict, **root_kwargs) -> Tensor:
+    """(B, T, D) the last hidden states of the model's decoder (`get_decoder()`) on `kwargs`.
+
+    A model sharded by FSDP2 runs its whole forward instead (with `root_kwargs`, e.g. `logits_to_keep=1` so its
+    head's own work is one position), the decoder's output kept by a hook: the root module's hooks gather the
+    weights it owns (embeddings, final norm, head) and keep them whole until its backward, which a call of the
+    decoder alone would leave as shards. Gradients through the kept states reach every weight as usual."""
+    from torch.distributed.fsdp import FSDPModule
+
+    inner = getattr(model, "peft", model)  # a LoRA reference (training/lora.py) runs its policy's modules
+    if not isinstance(inner, FSDPModule):
+        return model.get_decoder()(**kwargs).last_hidden_state
+    kept: list[Tensor] = []
+    handle = inner.get_decoder().register_forward_hook(lambda m, args, out: kept.append(out.last_hidden_state))
+    try:
+        model(**kwargs, **root_kwargs)
+    finally:
+        handle.remove()
+    return kept[-1]
+
+
 def _final_logits(model: torch.nn.Module, hidden: Tensor) -> Tensor:
     """Apply the LM head the way the model's own forward does (incl. Gemma-style final soft-capping)."""
     logits = model.get_output_embeddings()(hidden)
@@ -121,7 +142,7 @@ def token_logprobs(
         logits = model(**kwargs).logits[:, :-1]  # (B, T-1, V)
         logp, entropy = _logp_entropy(logits, targets, temperature, with_entropy)
     else:
-        hidden = model.get_decoder()(**kwargs).last_hidden_state[:, :-1]  # (B, T-1, D)
+        hidden = last_hidden(model, kwargs, logits_to_keep=1)[:, :-1]  # (B, T-1, D)
 
         def head(h: Tensor, x: Tensor) -> tuple[Tensor, ...]:
             out = _logp_entropy(_final_logits(model, h), x, temperature, with_entropy)

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from .logprobs import position_ids_from_mask
+from .logprobs import last_hidden, position_ids_from_mask
 
 log = logging.getLogger("posttrain")
 
@@ -33,8 +33,8 @@ def _head(model) -> torch.nn.Module:
 
 def _hidden(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """(B, T, D) the backbone's last hidden states of right-padded rows."""
-    return model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                            position_ids=position_ids_from_mask(attention_mask)).last_hidden_state
+    return last_hidden(model, dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                   position_ids=position_ids_from_mask(attention_mask)))
 
 
 def sequence_scores(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:

@@ -331,10 +331,17 @@ class Checkpointer:
     def save(self, state) -> None:
         from .training.world import full_optimizer_state, full_state_dict, is_sharded
 
+        from .training import lora
+
         whole = {}
         if is_sharded(state.model):  # every rank takes part in gathering the shards
-            whole = {"weights": full_state_dict(state.model),
-                     "optimizer_state": full_optimizer_state(state.model, state.optimizer)}
+            weights = full_state_dict(state.model)
+            if lora.is_lora(state.model):  # a LoRA stage's checkpoint holds its adapters only
+                weights = {n: weights[n] for n, p in state.model.named_parameters() if p.requires_grad}
+            whole = {"weights": weights, "optimizer_state": full_optimizer_state(state.model, state.optimizer)}
+        ref = getattr(state.experience, "renewed_reference", lambda: None)()
+        if ref is not None and is_sharded(ref):
+            whole["reference"] = full_state_dict(ref)
         if not self.run.world.is_main:  # one copy of the replicated state: rank 0's
             return
         extra = {"config": stage_config(self.stage), "reward_errors": self.sink.reward_errors,

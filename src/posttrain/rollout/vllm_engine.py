@@ -128,20 +128,31 @@ class VLLMEngine:
 
 
 def merged_weights(policy) -> dict[str, torch.Tensor]:
-    """A LoRA policy's weights with the adapters' deltas added (W + s B A), under the base model's names; the policy
-    itself is not touched (merging in place and back would drift its weights by rounding at every step)."""
-    from peft.tuners.lora import LoraLayer
+    """A LoRA policy's weights with the adapters' deltas added, W + s B A (transposed for fan-in-fan-out layers),
+    under the base model's names; the policy itself is not touched (merging in place and back would drift its
+    weights by rounding at every step). Read from the whole state dict, so a sharded policy's too (collective)."""
+    from peft.tuners.lora import Linear as LoraLinear, LoraLayer
+
+    from ..training.world import full_state_dict
 
     def base_name(name: str) -> str:
         name = name[len("base_model.model."):] if name.startswith("base_model.model.") else name
         return name.replace(".base_layer", "")
 
     with torch.no_grad():
-        out = {base_name(k): v.detach() for k, v in policy.state_dict().items() if "lora_" not in k}
+        weights = full_state_dict(policy)
+        out = {base_name(k): v.detach() for k, v in weights.items() if "lora_" not in k}
         for name, module in policy.named_modules():
-            if isinstance(module, LoraLayer):
-                key = base_name(name) + ".weight"
-                for adapter in module.active_adapters:
-                    if adapter in module.lora_A:
-                        out[key] = out[key] + module.get_delta_weight(adapter).to(out[key].dtype)
+            if not isinstance(module, LoraLayer):
+                continue
+            if not isinstance(module, LoraLinear):
+                raise ValueError(f"the vLLM engine merges LoRA adapters of linear layers only; {name} is a "
+                                 f"{type(module).__name__}")
+            key = base_name(name) + ".weight"
+            for adapter in module.active_adapters:
+                if adapter in module.lora_A:
+                    a, b = (weights[f"{name}.lora_{x}.{adapter}.weight"].float() for x in "AB")
+                    delta = (b @ a) * module.scaling[adapter]
+                    delta = delta.T if module.fan_in_fan_out else delta
+                    out[key] = out[key] + delta.to(out[key].dtype)
     return out

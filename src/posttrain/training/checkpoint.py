@@ -63,10 +63,10 @@ def name_of(stage_index: int, stage: str, step: int) -> str:
 
 
 def save(root: Path, stage_index: int, stage: str, state, extra: dict, *, weights: dict | None = None,
-         optimizer_state: dict | None = None) -> Path:
-    """Write `state` (a TrainState) and `extra` (JSON-able) as a committed checkpoint under `root`. `weights` and
-    `optimizer_state`: the policy's and its optimizer's whole state dicts when the module holds shards only
-    (training/world.py gathers them); the files are the same either way."""
+         optimizer_state: dict | None = None, reference: dict | None = None) -> Path:
+    """Write `state` (a TrainState) and `extra` (JSON-able) as a committed checkpoint under `root`. `weights`,
+    `optimizer_state` and `reference`: the policy's, its optimizer's and a renewed reference's whole state dicts
+    when the modules hold shards only (training/world.py gathers them); the files are the same either way."""
     check_finite_weights(weights if weights is not None else state.model, root)  # never a diverged model
     root.mkdir(parents=True, exist_ok=True)
     name = name_of(stage_index, stage, state.step)
@@ -95,7 +95,9 @@ def save(root: Path, stage_index: int, stage: str, state, extra: dict, *, weight
                "rng.safetensors": lambda p: save_file(rng, str(p)),
                "state.json": lambda p: p.write_text(dumps(body), encoding="utf-8")}
     ref = getattr(state.experience, "renewed_reference", lambda: None)()
-    if ref is not None:  # the reference is not the stage's start policy any more: it must be saved too
+    if reference is not None:  # (a sharded reference's whole weights)
+        writers[REFERENCE] = lambda p: save_model(_Holder(reference), str(p))
+    elif ref is not None:  # the reference is not the stage's start policy any more: it must be saved too
         writers[REFERENCE] = lambda p: save_model(ref, str(p))
     critic = getattr(state.experience, "critic", None)
     if critic is not None:  # PPO's value model and its optimizer
@@ -223,7 +225,10 @@ def load(path: Path, state) -> dict:
     state.experience.load_state_dict(body["experience"])
     ref = getattr(state.experience, "renewed_reference", lambda: None)()
     if ref is not None and (path / REFERENCE).is_file():
-        load_model(ref, str(path / REFERENCE))
+        if is_sharded(ref):
+            load_full_state(ref, None, load_file(str(path / REFERENCE)), None)
+        else:
+            load_model(ref, str(path / REFERENCE))
     critic = getattr(state.experience, "critic", None)
     if critic is not None:
         load_model(critic.model, str(path / CRITIC))

@@ -20,7 +20,7 @@ import logging
 import torch
 
 from ..data.batch import ROLLOUT, Batch
-from .world import SINGLE, World
+from .world import SINGLE, World, gathered
 from ..logprobs import position_ids_from_mask
 from ..objective.components import value_loss
 from ..reward_model import from_policy, token_values, values_at_tokens
@@ -155,12 +155,13 @@ class SharedCritic:
         was = self.policy.training
         self.policy.eval()
         out = torch.zeros_like(batch.loss_mask, dtype=torch.float32)
-        for rows in batch.split(self.micro_size or batch.size):
-            mb = batch.select(rows).to(self.device)
-            h = self.policy.get_decoder()(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False,
-                                          position_ids=position_ids_from_mask(mb.attention_mask)).last_hidden_state
-            v = self.model(h, mb.attention_mask)
-            out[rows, : v.shape[1]] = v.float().cpu()
+        with gathered(self.policy):  # (the decoder is called alone: a sharded policy's weights gathered first)
+            for rows in batch.split(self.micro_size or batch.size):
+                mb = batch.select(rows).to(self.device)
+                h = self.policy.get_decoder()(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
+                                              use_cache=False, position_ids=position_ids_from_mask(mb.attention_mask))
+                v = self.model(h.last_hidden_state, mb.attention_mask)
+                out[rows, : v.shape[1]] = v.float().cpu()
         self.policy.train(was)
         return out
 

@@ -31,7 +31,7 @@ from ..objective.preference import PAIRED_LOSSES
 from ..objective.presets import get_preset
 from ..recipe import stage_streams
 from ..rewards import reward_columns
-from .world import SINGLE, World, gathered
+from .world import SINGLE, World, full_state_dict, gathered, is_sharded, load_full_state
 from ..rollout.sampler import Rollout, row_key, sample
 from .assembly import STREAM_IDS, StepData, _Rows, correct_for_sampler, row_baselines, rows_to_batch, \
     token_advantages
@@ -347,7 +347,11 @@ class Experience(OfflineSteps, TeacherSignals, RejectionSampling):
         """Iterative DPO: the reference becomes the current policy every `preference.refresh_every` steps."""
         every = self.s.preference.refresh_every
         if every and step and step % every == 0 and self.ref_model is not None:
-            self.ref_model.load_state_dict(model.state_dict())
+            weights = full_state_dict(model)  # (collective when the policy is sharded: every rank is here)
+            if is_sharded(self.ref_model):
+                load_full_state(self.ref_model, None, weights, None)
+            else:
+                self.ref_model.load_state_dict(weights)
 
     def _sample_records(self, part: _Rows, n: int) -> list[dict]:
         """The first `n` free rollouts of a step as readable records: prompt, completion, rewards, row id."""

@@ -178,13 +178,9 @@ def check_distributed(cfg) -> None:
         if stage.rollout.seeding == "batch":
             raise RecipeError(f"stages.{i}.rollout.seeding: 'batch' draws every sample from one generator and cannot "
                               "be split across ranks; use 'row' or 'auto' (row under torchrun)")
-        refused = {"lora": stage.lora is not None, "critic.shared": stage.critic.shared,
-                   "method reward_model": stage.method == "reward_model",
-                   "preference.refresh_every": bool(stage.preference.refresh_every)}
-        for what, present in refused.items():
-            if fsdp and present:
-                raise RecipeError(f"stages.{i}: {what} does not run under distributed.strategy: fsdp yet; use "
-                                  "distributed.strategy: ddp (the model whole on every rank)")
+        if fsdp and stage.lora is not None and stage.lora.quantize:
+            raise RecipeError(f"stages.{i}: lora.quantize (QLoRA's 4-bit layers) does not run under "
+                              "distributed.strategy: fsdp; use distributed.strategy: ddp")
 
 
 def rank_device(device: str, world: World) -> str:
@@ -203,10 +199,15 @@ def close_world() -> None:
 # ---- FSDP2 (strategy: fsdp) ---------------------------------------------------------------------------------
 
 
+def _root(model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose forward runs: a LoRA stage's reference (lora.Reference) runs its policy's modules."""
+    return getattr(model, "peft", model)
+
+
 def _fsdp_modules(model: torch.nn.Module) -> list:
     from torch.distributed.fsdp import FSDPModule
 
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+    return [m for m in _root(model).modules() if isinstance(m, FSDPModule)]
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -224,7 +225,9 @@ def shard(model: torch.nn.Module, world: World) -> torch.nn.Module:
     mesh = init_device_mesh(device.type, (world.size,))
     for layer in model.get_decoder().layers:
         fully_shard(layer, mesh=mesh, reshard_after_forward=True)
-    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    # the root's weights stay whole from its forward to its backward (FSDP2's default for a root): the chunked LM
+    # head and a reward model's scalar head run after the forward (logprobs.last_hidden)
+    fully_shard(model, mesh=mesh, reshard_after_forward=False)
     for m in _fsdp_modules(model):
         m.set_gradient_divide_factor(1.0)
         m.set_force_sum_reduction_for_comms(True)  # a plain sum (gloo has no pre-multiplied one)
@@ -243,9 +246,10 @@ def gathered(model: torch.nn.Module):
     try:
         yield model
     finally:
+        root = _root(model)
         for m in mods:
             m.reshard()
-            m.set_reshard_after_forward(True, recurse=False)
+            m.set_reshard_after_forward(m is not root, recurse=False)
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -281,11 +285,20 @@ def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
 
 def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, weights: dict,
                     optimizer_state: dict | None) -> None:
-    """Load whole tensors (the plain layout) into a sharded model and its optimizer: each rank keeps its shard."""
+    """Load whole tensors (the plain layout) into a sharded model and its optimizer: each rank keeps its shard.
+    A LoRA model's `weights` are its trainable parameters alone (what its checkpoints hold), exactly those."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, \
         set_optimizer_state_dict
 
-    options = StateDictOptions(full_state_dict=True)
+    from . import lora
+
+    adapters = lora.is_lora(model)
+    if adapters:
+        want = {n for n, p in model.named_parameters() if p.requires_grad}
+        if set(weights) != want:
+            raise ValueError(f"these weights do not fit the LoRA model: missing {sorted(want - set(weights))[:5]}, "
+                             f"unexpected {sorted(set(weights) - want)[:5]}")
+    options = StateDictOptions(full_state_dict=True, strict=not adapters)
     set_model_state_dict(model, weights, options=options)
     if optimizer is not None and optimizer_state is not None:
         names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -298,18 +311,30 @@ def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | N
 def unshard(model: torch.nn.Module) -> torch.nn.Module:
     """A plain module with a sharded model's whole weights (collective): what a finished stage hands on (its saved
     model, the next stage's policy and reference)."""
+    from . import lora
+
     weights = full_state_dict(model)
-    cls = next(c for c in type(model).__mro__ if not _is_fsdp_class(c))
+    base = model.get_base_model() if lora.is_lora(model) else model
+    cls = next(c for c in type(base).__mro__ if not _is_fsdp_class(c))
     device = next(iter(weights.values())).device
     with torch.device("meta"):
-        plain = cls(model.config)
+        plain = cls(base.config)
+        if base is not model:  # the same adapters on the plain base (peft's layers, still empty)
+            from peft import get_peft_model
+
+            plain = get_peft_model(plain, model.peft_config[model.active_adapter])
     plain.load_state_dict(weights, assign=True, strict=False)
     for name, buf in model.named_buffers():  # buffers are not sharded (rotary frequencies...)
         owner, _, leaf = name.rpartition(".")
         plain.get_submodule(owner)._buffers[leaf] = buf.detach().clone()
-    if getattr(model.config, "tie_word_embeddings", False):
-        plain.tie_weights()
-    plain.generation_config = model.generation_config
+    inner = plain.get_base_model() if base is not model else plain
+    if getattr(base.config, "tie_word_embeddings", False):
+        inner.tie_weights()
+    if getattr(base, "generation_config", None) is not None:  # (a sequence-classification model has none)
+        inner.generation_config = base.generation_config
+    left = [n for n, p in plain.named_parameters() if p.is_meta]
+    if left:
+        raise RuntimeError(f"unsharding left parameters without weights: {left[:5]}")
     plain.train(model.training)
     return plain.to(device)
 
