@@ -34,11 +34,13 @@ CASES = {
     "grpo_lora": ("builtin:grpo_lora", ["stages.0.batch.size=4", "stages.0.batch.logits_chunk_mb=0.05"], 3),
     "ppo_shared": ("builtin:ppo", ["stages.0.batch.size=4", "stages.0.critic.shared=true"], 2),  # a head on the policy
     "rm_then_ppo": ("builtin:rm_then_ppo", ["stages.0.batch.size=4", "stages.1.batch.size=4"], 2),
+    "distill": ("builtin:distill", ["stages.0.batch.size=4", "stages.1.batch.size=4"], 2),  # KD, then on-policy
     "iterative_dpo": ("builtin:online_dpo", ["stages.0.batch.size=4", "stages.0.preference.refresh_every=1"], 3),
 }
 # Adam's first steps move a weight whose gradient is near 0 by up to lr whatever its size, so two sums of the same
-# gradient in another order can part by a little more than 1e-5 after PPO's epochs x minibatches
-WEIGHTS_ATOL = {"rm_then_ppo": 5e-5}
+# gradient in another order can part by a little more than 1e-5 after two stages (2.1e-5 for distill under ddp and
+# fsdp alike, 1.1e-5 for rm_then_ppo; the losses of every step agree to 1e-5)
+WEIGHTS_ATOL = {"rm_then_ppo": 5e-5, "distill": 5e-5}
 
 
 def _env(**extra) -> dict:
@@ -126,8 +128,10 @@ def test_keyed_draws_follow_the_distribution():
 
 
 def _overrides(case: str) -> list[str]:
+    from posttrain.recipe import load_recipe
+
     recipe, overrides, _ = CASES[case]
-    return overrides + [f"stages.{i}.rollout.seeding=row" for i in range(2 if "then" in recipe else 1)]
+    return overrides + [f"stages.{i}.rollout.seeding=row" for i in range(len(load_recipe(recipe).stages))]
 
 
 @pytest.fixture(scope="module")
@@ -151,14 +155,15 @@ def one_rank(tmp_path_factory):
                                            ("ppo", "ddp"),
                                            ("sft", "fsdp"), ("grpo", "fsdp"), ("sft_then_dpo", "fsdp"),
                                            ("sft_then_dpo", "fsdp-shard"), ("ppo_shared", "fsdp"),
-                                           ("rm_then_ppo", "fsdp")])
+                                           ("rm_then_ppo", "fsdp"), ("distill", "fsdp-shard")])
 def test_two_ranks_train_as_one(tmp_path, one_rank, case, strategy):
     """Loss, gradient norm, samples and rewards of every step, and the final weights: 2 ranks = 1 rank, with the
-    model replicated (ddp) or sharded (fsdp: FSDP2 over gloo; fsdp-shard: DPO's reference model sharded too).
+    model replicated (ddp) or sharded (fsdp: FSDP2 over gloo; fsdp-shard: DPO's reference model and the
+    distillation teacher sharded too).
     LoRA and iterative DPO under fsdp: in the resume test below, whose runs are 2 ranks, then 1."""
     recipe, _, steps = CASES[case]
-    extra = ["distributed.strategy=fsdp", "distributed.reference=shard"] if strategy == "fsdp-shard" else \
-        [f"distributed.strategy={strategy}"]
+    extra = ["distributed.strategy=fsdp", "distributed.reference=shard", "distributed.teacher=shard"] \
+        if strategy == "fsdp-shard" else [f"distributed.strategy={strategy}"]
     two = _train(tmp_path / "two", recipe, _overrides(case) + extra, steps, ranks=2)
     assert two.returncode == 0, two.stderr[-3000:]
     _assert_same_run(one_rank(case), tmp_path / "two", atol=WEIGHTS_ATOL.get(case, 1e-5))

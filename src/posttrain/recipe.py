@@ -385,6 +385,7 @@ class DistributedConfig(Strict):
     # layer a unit), gathering them whole for the no-grad passes (sampling, old log-probs, evaluation)
     strategy: Literal["ddp", "fsdp"] = "ddp"
     reference: Literal["replicate", "shard"] = "replicate"  # fsdp: the reference model whole on every rank, or sharded
+    teacher: Literal["replicate", "shard"] = "replicate"  # fsdp: the recipe's teacher whole on every rank, or sharded
     timeout_s: float = Field(1800, gt=0)  # a collective waiting longer (a rank died or hangs) fails the run
 
 

@@ -437,6 +437,8 @@ class Run:
             from .models import load_teacher
 
             self._teacher_model = load_teacher(self.cfg.teacher, tok, dtype=dtype, device=device)
+            if self.world.sharded and self.cfg.distributed.teacher == "shard":
+                shard(self._teacher_model, self.world)
         return self._teacher_model
 
     def _scorer(self, stage):

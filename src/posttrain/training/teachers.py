@@ -15,6 +15,7 @@ import torch
 from ..data.batch import ROLLOUT, Batch, Row, collate
 from ..data.encode import encode_prompt
 from ..logprobs import position_ids_from_mask
+from .world import gathered
 
 
 class TeacherSignals:
@@ -28,13 +29,14 @@ class TeacherSignals:
         dt = torch.promote_types(next(self.teacher.parameters()).dtype, torch.float32)
         ids, probs = torch.zeros((N, T, k), dtype=torch.long), torch.zeros((N, T, k), dtype=dt)
         self._compute["ref_forward_tokens"] += int(batch.attention_mask.sum())
-        for rows in batch.split(self.s.batch.micro_size or N):
-            mb = batch.select(rows).to(self.device)
-            z = self.teacher(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False,
-                             position_ids=position_ids_from_mask(mb.attention_mask)).logits[:, :-1].to(dt)
-            p, i = torch.softmax(z, -1).topk(k, dim=-1)  # (n, t-1, k)
-            t = p.shape[1]
-            ids[rows, 1: t + 1], probs[rows, 1: t + 1] = i.cpu(), p.cpu()
+        with gathered(self.teacher):  # (a sharded teacher's whole weights)
+            for rows in batch.split(self.s.batch.micro_size or N):
+                mb = batch.select(rows).to(self.device)
+                z = self.teacher(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False,
+                                 position_ids=position_ids_from_mask(mb.attention_mask)).logits[:, :-1].to(dt)
+                p, i = torch.softmax(z, -1).topk(k, dim=-1)  # (n, t-1, k)
+                t = p.shape[1]
+                ids[rows, 1: t + 1], probs[rows, 1: t + 1] = i.cpu(), p.cpu()
         batch.teacher_ids, batch.teacher_probs = ids, probs * batch.loss_mask[..., None].to(dt)
         batch.advantages = batch.advantages * (1 - self.s.distill.coef)
 
