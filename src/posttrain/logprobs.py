@@ -52,7 +52,9 @@ def last_hidden(model: torch.nn.Module, kwargs: dict, **root_kwargs) -> Tensor:
     decoder alone would leave as shards. Gradients through the kept states reach every weight as usual."""
     from torch.distributed.fsdp import FSDPModule
 
-    inner = getattr(model, "peft", model)  # a LoRA reference (training/lora.py) runs its policy's modules
+    from .training.lora import runs
+
+    inner = runs(model)  # (a LoRA stage's reference runs its policy's modules)
     if not isinstance(inner, FSDPModule):
         return model.get_decoder()(**kwargs).last_hidden_state
     kept: list[Tensor] = []

@@ -595,9 +595,11 @@ class Run:
             from .rollout.vllm_engine import VLLMEngine
 
             dtype = MIXED.get(self.cfg.dtype, next(model.parameters()).dtype)
+            ranks = [s.lora.r for s in self.cfg.stages if s.lora is not None and s.rollout.engine == "vllm"]
             self._vllm_engine = VLLMEngine(resolve_model(self._policy_source), dtype=dtype, seed=self.cfg.seed,
                                            gpu_memory_utilization=stage.rollout.vllm_memory,
-                                           max_model_len=stage.rollout.vllm_max_len, distributed=self.world.size > 1)
+                                           max_model_len=stage.rollout.vllm_max_len, distributed=self.world.size > 1,
+                                           lora_rank=max(ranks, default=None))
         return self._vllm_engine
 
     def _start(self, model, stage, seed: int, experience, resume, sink):

@@ -3,8 +3,9 @@ interface: token ids in, a `Rollout` (ids, sampler log-probs, truncation) out.
 
 Colocated: one vLLM instance per rank on the rank's own GPU, beside the trainer (under torchrun with vLLM's
 external launcher, so it joins the ranks torchrun started instead of spawning its own). Before each step's
-sampling the policy's weights are copied into it (`sync`; a LoRA policy sends its weights with the adapters
-merged, and a sharded one gathers them whole first). vLLM samples with its own kernels and precision, so its
+sampling the policy's weights are copied into it (`sync`; a sharded policy gathers them whole first). A LoRA
+policy sends its adapters only: its frozen base goes in once per stage, then each step's adapter is written to a
+temporary directory and named in the requests (vLLM's `enable_lora`, a `LoRARequest` per step). vLLM samples with its own kernels and precision, so its
 log-probs are not the trainer's: the stage corrects the advantages by truncated importance weights
 (`rollout.correction`, token level unless set), the mismatch is logged as `sampler_mismatch`.
 
@@ -18,6 +19,10 @@ glue on the CPU against a stand-in with vLLM's interface (`LLM.generate` with to
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
+import weakref
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -27,6 +32,7 @@ from .sampler import Rollout
 log = logging.getLogger("posttrain")
 
 EXTRA = "pip install 'posttrain[vllm]'"
+LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM takes for max_lora_rank
 
 
 def import_vllm():
@@ -48,6 +54,10 @@ def check_engines(cfg, device: str) -> None:
         if not device.startswith("cuda"):
             raise RecipeError(f"rollout.engine: vllm runs on a CUDA GPU; this run is on {device} (use "
                               "rollout.engine: builtin)")
+        for i, s in enumerate(cfg.stages):
+            if s.rollout.engine == "vllm" and s.lora is not None and s.lora.r > LORA_RANKS[-1]:
+                raise RecipeError(f"stages.{i}.lora.r: {s.lora.r}; vLLM serves adapters of rank {LORA_RANKS[-1]} "
+                                  "at most (use rollout.engine: builtin)")
         import_vllm()
 
 
@@ -55,7 +65,7 @@ class VLLMEngine:
     """A colocated vLLM instance serving one policy."""
 
     def __init__(self, model_path: str, *, dtype: torch.dtype, seed: int, gpu_memory_utilization: float,
-                 max_model_len: int | None, distributed: bool):
+                 max_model_len: int | None, distributed: bool, lora_rank: int | None = None):
         vllm = import_vllm()
         self.vllm = vllm
         # token ids in and out: vLLM needs no tokenizer (stop ids are given with each request)
@@ -64,6 +74,15 @@ class VLLMEngine:
                                   enable_prefix_caching=True)
         if max_model_len:
             kw["max_model_len"] = max_model_len
+        self._lora = None  # the LoRARequest naming the policy's current adapter (None: a plain policy)
+        self._lora_base: weakref.ref | None = None  # the LoRA policy whose frozen base vLLM holds
+        if lora_rank:  # a run with LoRA stages: adapters are served by vLLM, not merged into its weights
+            from vllm.lora.request import LoRARequest
+
+            self._request = LoRARequest
+            self._adapters = tempfile.TemporaryDirectory(prefix="posttrain-lora-")
+            self._adapter_step = 0
+            kw.update(enable_lora=True, max_loras=1, max_lora_rank=next(r for r in LORA_RANKS if r >= lora_rank))
         if distributed:  # join torchrun's ranks: one engine per rank, no processes of its own
             kw["distributed_executor_backend"] = "external_launcher"
         self.llm = vllm.LLM(**kw)
@@ -86,14 +105,41 @@ class VLLMEngine:
         return model
 
     def sync(self, policy: torch.nn.Module) -> None:
-        """Copy the policy's current weights into vLLM (names as transformers saves them)."""
+        """Copy the policy's current weights into vLLM (names as transformers saves them); a LoRA policy's adapter
+        only, after its frozen base the first time this policy is synced."""
+        from ..training.lora import is_lora
         from ..training.world import full_state_dict
 
-        weights = merged_weights(policy) if hasattr(policy, "peft_config") else full_state_dict(policy)
-        self._model().load_weights(weights=list(weights.items()))
+        weights = full_state_dict(policy)  # (collective when the policy is sharded)
+        if not is_lora(policy):
+            self._lora = None
+            self._model().load_weights(weights=list(weights.items()))
+        else:
+            if self._lora_base is None or self._lora_base() is not policy:  # a LoRA stage's first step
+                self._model().load_weights(weights=list(base_weights(weights).items()))
+                self._lora_base = weakref.ref(policy)
+            self._lora = self._save_adapter(policy, weights)
         reset = getattr(self.llm, "reset_prefix_cache", None)
         if reset is not None:  # cached prefixes were computed with the old weights
             reset()
+
+    def _save_adapter(self, policy, weights: dict[str, torch.Tensor]):
+        """The policy's adapter in peft's format, in a new directory (the last step's removed), as a LoRARequest
+        with a new id: vLLM loads it at the next request that names it."""
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        if not hasattr(self, "_adapters"):
+            raise RuntimeError("this vLLM engine was made without LoRA (lora_rank) and cannot serve an adapter")
+        name = policy.active_adapter
+        state = get_peft_model_state_dict(policy, state_dict=weights, adapter_name=name)
+        self._adapter_step += 1
+        path = Path(self._adapters.name) / f"step-{self._adapter_step}"
+        path.mkdir()
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path / "adapter_model.safetensors"))
+        policy.peft_config[name].save_pretrained(str(path))
+        shutil.rmtree(path.parent / f"step-{self._adapter_step - 1}", ignore_errors=True)
+        return self._request(f"policy-{self._adapter_step}", self._adapter_step, str(path))
 
     # ---- sampling -----------------------------------------------------------------------------------------------
 
@@ -113,7 +159,8 @@ class VLLMEngine:
                 n=num_samples, temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p,
                 max_tokens=max_new_tokens, logprobs=0, stop_token_ids=list(stop_ids), seed=seed,
                 skip_special_tokens=False, detokenize=False))
-        results = self.llm.generate(requests, params, use_tqdm=False)
+        lora = {} if self._lora is None else {"lora_request": self._lora}
+        results = self.llm.generate(requests, params, use_tqdm=False, **lora)
         stop = set(stop_ids)
         for j, result in enumerate(results):
             for completion in result.outputs:
@@ -127,32 +174,10 @@ class VLLMEngine:
         return out
 
 
-def merged_weights(policy) -> dict[str, torch.Tensor]:
-    """A LoRA policy's weights with the adapters' deltas added, W + s B A (transposed for fan-in-fan-out layers),
-    under the base model's names; the policy itself is not touched (merging in place and back would drift its
-    weights by rounding at every step). Read from the whole state dict, so a sharded policy's too (collective)."""
-    from peft.tuners.lora import Linear as LoraLinear, LoraLayer
-
-    from ..training.world import full_state_dict
-
+def base_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A LoRA policy's state dict without its adapters, under the base model's names (what vLLM loaded)."""
     def base_name(name: str) -> str:
         name = name[len("base_model.model."):] if name.startswith("base_model.model.") else name
         return name.replace(".base_layer", "")
 
-    with torch.no_grad():
-        weights = full_state_dict(policy)
-        out = {base_name(k): v.detach() for k, v in weights.items() if "lora_" not in k}
-        for name, module in policy.named_modules():
-            if not isinstance(module, LoraLayer):
-                continue
-            if not isinstance(module, LoraLinear):
-                raise ValueError(f"the vLLM engine merges LoRA adapters of linear layers only; {name} is a "
-                                 f"{type(module).__name__}")
-            key = base_name(name) + ".weight"
-            for adapter in module.active_adapters:
-                if adapter in module.lora_A:
-                    a, b = (weights[f"{name}.lora_{x}.{adapter}.weight"].float() for x in "AB")
-                    delta = (b @ a) * module.scaling[adapter]
-                    delta = delta.T if module.fan_in_fan_out else delta
-                    out[key] = out[key] + delta.to(out[key].dtype)
-    return out
+    return {base_name(k): v.detach() for k, v in weights.items() if "lora_" not in k}

@@ -65,6 +65,11 @@ class Reference(_AdaptersOff):
         return _AdaptersOff(self.peft.get_output_embeddings(), self.peft)
 
 
+def runs(model):
+    """The module whose forward a call of `model` runs: a Reference's policy, any other model itself."""
+    return model.peft if isinstance(model, _AdaptersOff) else model
+
+
 def reference(model) -> Reference:
     return Reference(model)
 

@@ -201,7 +201,9 @@ def close_world() -> None:
 
 def _root(model: torch.nn.Module) -> torch.nn.Module:
     """The module whose forward runs: a LoRA stage's reference (lora.Reference) runs its policy's modules."""
-    return getattr(model, "peft", model)
+    from .lora import runs
+
+    return runs(model)
 
 
 def _fsdp_modules(model: torch.nn.Module) -> list:
