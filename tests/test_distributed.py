@@ -203,9 +203,9 @@ def test_a_killed_rank_fails_the_run_instead_of_hanging_it(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case,strategy,seeding", [("grpo", "ddp", "row"), ("grpo", "fsdp", "row"),
-                                                   ("grpo", "ddp", "auto"), ("grpo_lora", "fsdp", "row"),
-                                                   ("iterative_dpo", "fsdp-shard", "row")])
+@pytest.mark.parametrize("case,strategy,seeding", [("grpo", "ddp", "row"), ("grpo", "ddp", "auto"),
+                                                   ("grpo_lora", "fsdp", "row"),  # an adapters-only checkpoint
+                                                   ("iterative_dpo", "fsdp-shard", "row")])  # whole weights too
 def test_a_two_rank_checkpoint_resumes_on_one_rank(tmp_path, one_rank, case, strategy, seeding):
     """Stopped after step 2 of 3 on 2 ranks, resumed on 1: the run equals the 1-rank run (a sharded run's
     checkpoint holds whole tensors, like any other: a LoRA stage's its adapters, iterative DPO's its renewed
