@@ -329,9 +329,8 @@ class Checkpointer:
             self.save(state)
 
     def save(self, state) -> None:
-        from .training.world import full_optimizer_state, full_state_dict, is_sharded
-
         from .training import lora
+        from .training.world import full_optimizer_state, full_state_dict, is_sharded
 
         whole = {}
         if is_sharded(state.model):  # every rank takes part in gathering the shards
