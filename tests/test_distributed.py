@@ -265,3 +265,27 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path, one
     resumed = _train(tmp_path / "run", recipe, _overrides("grpo"), steps, ranks=1)
     assert resumed.returncode == 0 and "resuming at step 2" in resumed.stderr, resumed.stderr[-3000:]
     _assert_same_run(one_rank("grpo"), tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_fsdp_finds_the_blocks_of_any_architecture(tmp_path, tokenizer):
+    """A user's GPT-2 (blocks in `transformer.h`, not `model.layers`) under fsdp: its units are the classes
+    transformers keeps whole (`_no_split_modules`), and 2 ranks train as 1."""
+    import yaml
+
+    from posttrain.models import save_pretrained
+    from posttrain.tiny import tiny_model
+
+    stop = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    # (no dropout: its masks come from each process's own generator, so they differ between 1 and 2 ranks)
+    model = tiny_model("gpt2", tokenizer, seed=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    save_pretrained(model, tokenizer, tmp_path / "gpt2", stop_ids=stop)
+    rows = [{"messages": [{"role": "user", "content": f"{a} + {b} = ?"}, {"role": "assistant", "content": str(a + b)}]}
+            for a in range(10, 18) for b in range(3)]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({"model": str(tmp_path / "gpt2"), "stages": [{
+        "method": "sft", "data": {"path": str(tmp_path / "data.jsonl")}, "steps": 3, "batch": {"size": 4}}]}))
+    for name, ranks, extra in (("one", 1, []), ("two", 2, ["distributed.strategy=fsdp"])):
+        p = _train(tmp_path / name, str(tmp_path / "recipe.yaml"), extra, 3, ranks=ranks)
+        assert p.returncode == 0, p.stderr[-3000:]
+    _assert_same_run(tmp_path / "one", tmp_path / "two")

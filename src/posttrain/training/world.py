@@ -225,7 +225,7 @@ def shard(model: torch.nn.Module, world: World) -> torch.nn.Module:
 
     device = next(model.parameters()).device
     mesh = init_device_mesh(device.type, (world.size,))
-    for layer in model.get_decoder().layers:
+    for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, reshard_after_forward=True)
     # the root's weights stay whole from its forward to its backward (FSDP2's default for a root): the chunked LM
     # head and a reward model's scalar head run after the forward (logprobs.last_hidden)
@@ -234,6 +234,17 @@ def shard(model: torch.nn.Module, world: World) -> torch.nn.Module:
         m.set_gradient_divide_factor(1.0)
         m.set_force_sum_reduction_for_comms(True)  # a plain sum (gloo has no pre-multiplied one)
     return model
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's repeated blocks, one FSDP unit each: the modules of the classes transformers keeps whole when it
+    splits a model over devices (`_no_split_modules`: LlamaDecoderLayer, GPT2Block...)."""
+    kinds = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in _root(model).modules() if type(m).__name__ in kinds]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} names no decoder block class (`_no_split_modules`): "
+                         "distributed.strategy: fsdp cannot tell its layers; use ddp")
+    return layers
 
 
 @contextlib.contextmanager
