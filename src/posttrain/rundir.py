@@ -336,7 +336,7 @@ class Checkpointer:
         if is_sharded(state.model):  # every rank takes part in gathering the shards
             weights = full_state_dict(state.model)
             if lora.is_lora(state.model):  # a LoRA stage's checkpoint holds its adapters only
-                weights = {n: weights[n] for n, p in state.model.named_parameters() if p.requires_grad}
+                weights = {n: weights[n] for n in lora.trainable_names(state.model)}
             whole = {"weights": weights, "optimizer_state": full_optimizer_state(state.model, state.optimizer)}
         ref = getattr(state.experience, "renewed_reference", lambda: None)()
         if ref is not None and is_sharded(ref):

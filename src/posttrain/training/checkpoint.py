@@ -195,21 +195,18 @@ def load(path: Path, state) -> dict:
     from . import lora
 
     body = read_state(path)
+    adapters, file = lora.is_lora(state.model), str(path / "model.safetensors")
+    weights = load_file(file) if adapters or is_sharded(state.model) else None
+    if adapters:  # the adapters only: every trainable parameter, nothing else
+        want = lora.trainable_names(state.model)
+        _check_fit(path, want - set(weights), set(weights) - want)
     if is_sharded(state.model):  # whole tensors in, each rank keeps its shard
-        load_full_state(state.model, state.optimizer, load_file(str(path / "model.safetensors")),
+        load_full_state(state.model, state.optimizer, weights,
                         _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), body["optimizer"]))
-        missing = unexpected = ()
-    elif lora.is_lora(state.model):  # the adapters only: every trainable parameter, nothing else
-        weights = load_file(str(path / "model.safetensors"))
-        want = {n for n, p in state.model.named_parameters() if p.requires_grad}
-        missing, unexpected = sorted(want - set(weights)), sorted(set(weights) - want)
-        if not missing and not unexpected:
-            state.model.load_state_dict(weights, strict=False)
+    elif adapters:
+        state.model.load_state_dict(weights, strict=False)
     else:
-        missing, unexpected = load_model(state.model, str(path / "model.safetensors"), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not fit the model: missing {sorted(missing)[:5]}, unexpected "
-                         f"{sorted(unexpected)[:5]}")
+        _check_fit(path, *load_model(state.model, file, strict=False))
     if not is_sharded(state.model):
         state.optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")),
                                                              body["optimizer"]))
@@ -240,6 +237,12 @@ def load(path: Path, state) -> dict:
 
 
 # ---- pieces ----------------------------------------------------------------------------------------
+
+
+def _check_fit(path: Path, missing, unexpected) -> None:
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not fit the model: missing {sorted(missing)[:5]}, unexpected "
+                         f"{sorted(unexpected)[:5]}")
 
 
 class _Holder(torch.nn.Module):

@@ -74,6 +74,10 @@ def reference(model) -> Reference:
     return Reference(model)
 
 
+def trainable_names(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
 def trainable(model) -> dict[str, torch.Tensor]:
     """The parameters a LoRA stage trains (and checkpoints), by name."""
     return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
