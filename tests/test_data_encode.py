@@ -99,6 +99,24 @@ def test_text_gets_exactly_one_bos_when_the_tokenizer_adds_one(tokenizer):
         assert enc.input_ids == [bos] + ids(t, "hello") + [t.eos_token_id]
 
 
+def test_text_rows_tokenized_in_one_call_equal_the_row_by_row_encoding(tokenizer):
+    """encode_dataset tokenizes a `text` dataset in one batch call: the same ids and masks as encode_sft row by
+    row, with the tokenizer's BOS, and rows too long (in characters or in tokens) refused with their row number."""
+    backend = copy.deepcopy(tokenizer.backend_tokenizer)
+    backend.add_special_tokens(["<s>"])
+    bos = backend.token_to_id("<s>")
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    t = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="<|endoftext|>")
+    rows = [{"text": "hello"}, {"text": "x" * 5000}, {"text": "<s>two words"}, {"text": "1 2 3 4 5 6 7 8"},
+            {"text": "the end"}]
+    encoded, bad = encode_dataset(RowSet(rows, "corpus.jsonl"), "text", t, max_len=12)
+    kept = [r for r in rows if len(encode_sft(r, "text", t).input_ids) <= 12]
+    assert len(kept) == 3 and [(b.row, b.field) for b in bad] == [(2, None), (4, None)]
+    assert [(e.input_ids, e.loss_mask) for e in encoded] == [
+        (e.input_ids, e.loss_mask) for e in (encode_sft(r, "text", t) for r in kept)]
+    assert all(e.input_ids[0] == bos and e.input_ids[1] != bos for e in encoded)
+
+
 # ---------------------------------------------------------------- conversations
 
 def test_messages_mask_is_assistant_content_and_end_of_turn_with_generation_tags(tok):
