@@ -1,5 +1,5 @@
 """The reference of every recipe key (`posttrain recipe-keys`, docs/recipe-keys.md), generated from the config
-classes in recipe.py: their fields, types, defaults, and each field's trailing comment as its meaning."""
+classes in recipe/schema.py: their fields, types, defaults, and each field's trailing comment as its meaning."""
 from __future__ import annotations
 
 import inspect
@@ -13,7 +13,7 @@ from .recipe import Recipe
 
 def key_reference() -> str:
     """Every recipe key, its type, default and meaning, as a Markdown table generated from the config classes
-    (the meaning is each field's comment in this file): `posttrain recipe-keys`, and docs/recipe-keys.md."""
+    (the meaning is each field's comment in recipe/schema.py): `posttrain recipe-keys`, and docs/recipe-keys.md."""
     rows: list[tuple[str, str, str, str]] = []
 
     def comments(cls) -> dict[str, str]:
