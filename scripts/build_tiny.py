@@ -13,7 +13,7 @@ next-token loss, token mean).
 Accuracy on the chat-formatted task rises late and at a seed-dependent step, so a fixed step count would
 land anywhere. The loop evaluates greedy accuracy on the task's `dev` split (disjoint from `id`) every
 `eval_every` steps (and, when it crosses `TARGET`, on the weights snapshotted in between), keeps the
-checkpoint closest to `TARGET`, and stops once accuracy is clearly past the band. `id`/`ood` greedy
+checkpoint closest to `TARGET` (see `Selector`), and stops at the eval that crosses it. `id`/`ood` greedy
 accuracy and pass@8 at temperature 1 are then measured and written to BUILD.json beside the weights with
 the recipe, seed and command.
 """
@@ -50,7 +50,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "src" / "posttrain" / "assets" / "tiny"
 TASK = "arith"
 TARGET = 0.28  # dev greedy accuracy the kept checkpoint should be closest to (band: 0.20-0.40)
-STOP_ABOVE = 0.45  # stop once an eval is past this: the band is behind us
 
 
 @dataclass(frozen=True)
@@ -63,42 +62,47 @@ class Recipe:
     dims: dict = field(default_factory=lambda: dict(
         hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=4, max_position_embeddings=256))
-    steps: int = 7000          # an upper bound (and the cosine's length): training stops once dev accuracy is past the band
+    steps: int = 7000          # an upper bound (and the cosine's length): training stops once dev accuracy crosses TARGET
     lr: float = 5e-3
     batch_size: int = 32       # seed 0: the band at step 2250 (64 rows/step: step 3500, twice the rows per step)
+    pack: bool = False         # pack each step's rows into rows of max_len tokens (the same loss, less padding)
+    max_len: int = 256         # the longest corpus row is 114 tokens (seed 0)
     warmup_steps: int = 50
     eval_every: int = 250
-    snapshot_every: int = 25   # weights kept between evals, re-evaluated when an eval crosses TARGET
+    snapshot_every: int = 25   # weights kept between evals, re-evaluated when an eval crosses TARGET...
+    fine_every: int = 25       # ...and these, between the two snapshots that straddle it (5: a sharper choice
+                               # where accuracy jumps 10 % -> 45 % within 25 steps, as with seed 2)
     dev_size: int = 200
     max_new_tokens: int = 40  # dev selection (2-3 operands: the longest worked answer is ~27 tokens)
     measure_new_tokens: int = 48  # the measurements below: a 4-operand answer in prose runs to ~45 tokens
     pass_k: int = 8
 
 
-SMOKE = Recipe(corpus_size=400, steps=4, eval_every=2, snapshot_every=1, dev_size=8, max_new_tokens=8,
+SMOKE = Recipe(corpus_size=400, steps=4, eval_every=2, snapshot_every=1, fine_every=1, dev_size=8, max_new_tokens=8,
                measure_new_tokens=8, pass_k=2)
 
 
 def sft_stage(recipe: Recipe) -> StageConfig:
     """The posttrain SFT stage that pretrains the model (the same preset users run)."""
     return resolve_stage(StageConfig.model_validate({
-        "method": "sft", "data": {"path": "<corpus>", "max_len": 256}, "steps": recipe.steps,
+        "method": "sft", "data": {"path": "<corpus>", "max_len": recipe.max_len}, "steps": recipe.steps,
         "optim": {"lr": recipe.lr, "betas": [0.9, 0.95], "weight_decay": 0.0, "max_grad_norm": 1.0},
         "schedule": {"kind": "cosine", "warmup_steps": recipe.warmup_steps, "min_lr_ratio": 0.1},
-        "batch": {"size": recipe.batch_size}}))
+        "batch": {"size": recipe.batch_size, "pack": recipe.pack}}))
 
 
 class Selector:
     """Keeps the weights whose dev accuracy is closest to TARGET.
 
-    Accuracy can jump from 10 % to 80 % within 250 steps, at a step that differs from seed to seed, so
-    evaluating often would cost more than training. Instead weights are snapshotted every few steps (a
-    copy of ~1 MB), dev accuracy is measured every `eval_every` steps, and when it crosses TARGET between
-    two evals, the snapshots in between are evaluated too: the choice is as fine as the snapshots.
+    Accuracy can jump from 10 % to 45 % within 25 steps, at a step that differs from seed to seed, so
+    evaluating often would cost more than training. Instead weights are snapshotted every `fine` steps (a
+    copy of ~1.3 MB), dev accuracy is measured every `eval_every` steps, and when it crosses TARGET between
+    two evals, the snapshots in between are evaluated every `coarse` steps, then every `fine` step between
+    the two of those that straddle TARGET: the choice is as fine as the snapshots, for a few evaluations.
     """
 
-    def __init__(self, model: torch.nn.Module, dev_accuracy):
-        self.model, self.dev_accuracy = model, dev_accuracy
+    def __init__(self, model: torch.nn.Module, dev_accuracy, *, coarse: int, fine: int):
+        self.model, self.dev_accuracy, self.coarse, self.fine = model, dev_accuracy, coarse, fine
         self.snapshots: list[tuple[int, dict]] = []  # since the last eval
         self.best = {"step": 0, "dev": None, "gap": float("inf"), "state": copy.deepcopy(model.state_dict())}
         self.history: list[dict] = []
@@ -110,17 +114,28 @@ class Selector:
         if abs(accuracy - TARGET) < self.best["gap"]:
             self.best.update(step=step, dev=accuracy, gap=abs(accuracy - TARGET), state=state)
 
+    def _between(self, snapshots: list[tuple[int, dict]]) -> list[tuple[int, float]]:
+        measured = []
+        for s, weights in snapshots:
+            self.model.load_state_dict(weights)
+            a = self.dev_accuracy()
+            self.history[-1].setdefault("between", []).append({"step": s, "dev_accuracy": a})
+            self._consider(s, a, weights)
+            measured.append((s, a))
+        return measured
+
     def evaluate(self, step: int) -> float:
         accuracy = self.dev_accuracy()
         self.history.append({"step": step, "dev_accuracy": accuracy})
         current = copy.deepcopy(self.model.state_dict())
         self._consider(step, accuracy, current)
         if len(self.history) > 1 and self.history[-2]["dev_accuracy"] < TARGET <= accuracy:  # crossed
-            for s, weights in self.snapshots:
-                self.model.load_state_dict(weights)
-                a = self.dev_accuracy()
-                self.history[-1].setdefault("between", []).append({"step": s, "dev_accuracy": a})
-                self._consider(s, a, weights)
+            points = ([(self.history[-2]["step"], self.history[-2]["dev_accuracy"])]
+                      + self._between([(s, w) for s, w in self.snapshots if s % self.coarse == 0])
+                      + [(step, accuracy)])
+            hi = next(i for i, (_, a) in enumerate(points) if a >= TARGET)
+            lo_step, hi_step = points[hi - 1][0], points[hi][0]
+            self._between([(s, w) for s, w in self.snapshots if lo_step < s < hi_step and s % self.coarse])
             self.model.load_state_dict(current)
         self.snapshots = []
         return accuracy
@@ -141,7 +156,9 @@ def build(recipe: Recipe, seed: int, out: Path, *, threads: int, n_id: int | Non
     print(f"corpus {len(corpus)} rows, vocab {len(tok)}, {n_params} parameters", flush=True)
 
     stage = sft_stage(recipe)
-    examples, _ = encode_dataset(RowSet(corpus, "pretraining corpus"), "text", tok, max_len=256)
+    examples, bad = encode_dataset(RowSet(corpus, "pretraining corpus"), "text", tok, max_len=recipe.max_len)
+    if bad:
+        raise SystemExit(f"{len(bad)} corpus rows cannot be trained on, e.g. {bad[0]}")
     experience = Experience(stage, tok, pad_id=tok.pad_token_id, seed=seed,
                             demos=Demonstrations(examples, seed, stage.data.shuffle))
     state = new_state(model, stage, seed, experience)
@@ -150,17 +167,17 @@ def build(recipe: Recipe, seed: int, out: Path, *, threads: int, n_id: int | Non
         return evaluate_task(model, tok, TASK, "dev", n=recipe.dev_size, max_new_tokens=recipe.max_new_tokens,
                              stop_ids=stop, pad_id=tok.pad_token_id)["accuracy"]
 
-    selector = Selector(model, dev_accuracy)
+    selector = Selector(model, dev_accuracy, coarse=recipe.snapshot_every, fine=recipe.fine_every)
 
     def on_step(state, record) -> bool:
         if state.step % recipe.eval_every and state.step != recipe.steps:
-            if state.step % recipe.snapshot_every == 0:
+            if state.step % recipe.fine_every == 0:
                 selector.snapshot(state.step)
             return False
         accuracy = selector.evaluate(state.step)
         selector.history[-1].update(loss=round(record["loss"], 4), seconds=round(time.time() - t0, 1))
         print(json.dumps(selector.history[-1]), flush=True)
-        return accuracy > STOP_ABOVE
+        return accuracy >= TARGET  # the snapshots since the last eval were just re-evaluated: later is further
 
     run_stage(state, stage, device="cpu", on_step=on_step)
     best, history = selector.best, selector.history
@@ -202,11 +219,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (float sums may differ across thread counts: part of the seed)")
     parser.add_argument("--smoke", action="store_true", help="a few steps on a tiny corpus: checks the script runs")
-    parser.add_argument("--steps", type=int, default=None, help="upper bound on pretraining steps (default 5000)")
+    parser.add_argument("--steps", type=int, default=None, help=f"upper bound on pretraining steps (default {Recipe.steps})")
+    parser.add_argument("--recipe", type=json.loads, default={}, metavar="JSON",
+                        help="override fields of Recipe, e.g. '{\"batch_size\": 16}' (recorded in BUILD.json)")
     parser.add_argument("--corpus-mix", type=json.loads, default={}, metavar="JSON",
                         help="override fields of arith.CorpusMix, e.g. '{\"phrasings\": 0.2}' (recorded in BUILD.json)")
     args = parser.parse_args(argv)
     recipe = SMOKE if args.smoke else Recipe()
+    recipe = dataclasses.replace(recipe, **args.recipe)
     if args.steps:
         recipe = dataclasses.replace(recipe, steps=args.steps)
     out = args.out or (Path(tempfile.mkdtemp(prefix="tiny-smoke-")) if args.smoke else DEFAULT_OUT)

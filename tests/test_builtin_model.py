@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from posttrain.cli import main
 from posttrain.eval.task_eval import evaluate_task
@@ -73,3 +74,37 @@ def test_build_script_smoke_is_deterministic(tmp_path):
     assert json.loads((a / "BUILD.json").read_text())["seed"] == 3 and (a / "config.json").is_file()
     for f in ("model.safetensors", "tokenizer.json"):
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
+
+
+def test_the_build_keeps_the_snapshot_closest_to_the_target_step_by_step():
+    """The build's selector on a made-up accuracy curve that jumps from 10 % to 45 % between two snapshots 25
+    steps apart: it evaluates the 25-step snapshots, then the 5-step ones between the two that straddle the
+    target (not the others), and keeps the weights closest to it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_tiny", ROOT / "scripts" / "build_tiny.py")
+    bt = importlib.util.module_from_spec(spec)
+    sys.modules["build_tiny"] = bt  # its dataclasses look their module up
+    spec.loader.exec_module(bt)
+    curve = {s: 0.10 for s in range(0, 3101)} | {3105: 0.18, 3110: 0.27, 3115: 0.33, 3120: 0.40}
+    curve |= {s: 0.45 for s in range(3125, 3251)}
+    model = torch.nn.Linear(1, 1, bias=False)  # its weight holds the step it was saved at
+    evaluated = []
+
+    def dev_accuracy():
+        step = round(model.weight.item())
+        evaluated.append(step)
+        return curve[step]
+
+    selector = bt.Selector(model, dev_accuracy, coarse=25, fine=5)
+    for step in range(5, 3251, 5):
+        with torch.no_grad():
+            model.weight.fill_(step)
+        if step % 250:
+            selector.snapshot(step)
+        else:
+            selector.evaluate(step)
+    assert selector.best["step"] == 3110 and selector.best["dev"] == 0.27
+    assert selector.best["state"]["weight"].item() == 3110
+    assert evaluated[-14:] == [3250, *range(3025, 3250, 25), 3105, 3110, 3115, 3120]
+    assert round(model.weight.item()) == 3250  # the current weights are back
