@@ -137,6 +137,17 @@ def test_findings_name_a_clear_winner_and_ties_within_the_spread():
     assert clear is False and abs(diff - 0.005) < 1e-12
 
 
+def test_a_claim_without_both_families_is_not_tested_and_says_what_is_missing():
+    def family_claims(recipes):  # the two claims that compare the RL and SFT families
+        return [x["text"] for x in findings(_summary(recipes))
+                if x["topic"] == "claim" and x["claim"].startswith(("RL forgets", "RL generalises"))]
+
+    texts = family_claims([_agg("grpo", "rl", **{"accuracy/id": (0.6, 0.01)})])
+    assert len(texts) == 2 and all(t.endswith("not tested, the study has no SFT-only recipe.") for t in texts)
+    texts = family_claims([_agg("luffy", "hybrid", **{"accuracy/id": (0.6, 0.01)})])
+    assert len(texts) == 2 and all(t.endswith("has no RL-only and no SFT-only recipe.") for t in texts)
+
+
 def test_findings_report_a_disagreement_with_a_paper_as_it_is():
     """SFT generalising better than RL out of distribution (beyond the spread) contradicts arXiv 2501.17161."""
     rl = _agg("grpo", "rl", **{"accuracy/id": (0.60, 0.01), "accuracy/ood": (0.05, 0.005), "id_accuracy": (0.6, 0.01),

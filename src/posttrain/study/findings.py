@@ -163,7 +163,7 @@ def claim_findings(summary: dict) -> list[dict]:
     rl, sft = _family(summary, "rl"), _family(summary, "sft")
     out = []
     if not rl or not sft:
-        missing = "an RL-only" if not rl else "an SFT-only"
+        missing = " and no ".join(k for k, have in (("RL-only", rl), ("SFT-only", sft)) if not have)
         for key in ("forgetting", "ood"):
             out.append({"topic": "claim", "claim": CLAIMS[key][0], "source": CLAIMS[key][1], "verdict": "not tested",
                         "text": f"{CLAIMS[key][0]} ({CLAIMS[key][1]}): not tested, the study has no {missing} recipe."})
