@@ -95,14 +95,14 @@ class Selector:
     """Keeps the weights whose dev accuracy is closest to TARGET.
 
     Accuracy can jump from 10 % to 45 % within 25 steps, at a step that differs from seed to seed, so
-    evaluating often would cost more than training. Instead weights are snapshotted every `fine` steps (a
+    evaluating often would cost more than training. Instead weights are snapshotted every `fine_every` steps (a
     copy of ~1.3 MB), dev accuracy is measured every `eval_every` steps, and when it crosses TARGET between
-    two evals, the snapshots in between are evaluated every `coarse` steps, then every `fine` step between
+    two evals, the snapshots in between are evaluated every `coarse` steps, then every other one between
     the two of those that straddle TARGET: the choice is as fine as the snapshots, for a few evaluations.
     """
 
-    def __init__(self, model: torch.nn.Module, dev_accuracy, *, coarse: int, fine: int):
-        self.model, self.dev_accuracy, self.coarse, self.fine = model, dev_accuracy, coarse, fine
+    def __init__(self, model: torch.nn.Module, dev_accuracy, *, coarse: int):
+        self.model, self.dev_accuracy, self.coarse = model, dev_accuracy, coarse
         self.snapshots: list[tuple[int, dict]] = []  # since the last eval
         self.best = {"step": 0, "dev": None, "gap": float("inf"), "state": copy.deepcopy(model.state_dict())}
         self.history: list[dict] = []
@@ -167,7 +167,7 @@ def build(recipe: Recipe, seed: int, out: Path, *, threads: int, n_id: int | Non
         return evaluate_task(model, tok, TASK, "dev", n=recipe.dev_size, max_new_tokens=recipe.max_new_tokens,
                              stop_ids=stop, pad_id=tok.pad_token_id)["accuracy"]
 
-    selector = Selector(model, dev_accuracy, coarse=recipe.snapshot_every, fine=recipe.fine_every)
+    selector = Selector(model, dev_accuracy, coarse=recipe.snapshot_every)
 
     def on_step(state, record) -> bool:
         if state.step % recipe.eval_every and state.step != recipe.steps:

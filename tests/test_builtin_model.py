@@ -96,7 +96,7 @@ def test_the_build_keeps_the_snapshot_closest_to_the_target_step_by_step():
         evaluated.append(step)
         return curve[step]
 
-    selector = bt.Selector(model, dev_accuracy, coarse=25, fine=5)
+    selector = bt.Selector(model, dev_accuracy, coarse=25)
     for step in range(5, 3251, 5):
         with torch.no_grad():
             model.weight.fill_(step)
