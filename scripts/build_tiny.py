@@ -1,7 +1,7 @@
 """Build the shipped tiny base model `src/posttrain/assets/tiny/` from a seed, with posttrain's own SFT path.
 
     python scripts/build_tiny.py                  # the shipped asset (writes src/posttrain/assets/tiny/)
-    python scripts/build_tiny.py --seed 1 --out /tmp/tiny-s1
+    python scripts/build_tiny.py --seed 1 --out /tmp/tiny-s1   # another seed (its accuracy may jump much later)
     python scripts/build_tiny.py --smoke          # a few steps into a temporary dir (what CI runs)
 
 Recipe: the `arith` task's pretraining corpus (chat exchanges answered mostly in other styles than the
@@ -64,14 +64,15 @@ class Recipe:
         num_key_value_heads=4, max_position_embeddings=256))
     steps: int = 7000          # an upper bound (and the cosine's length): training stops once dev accuracy crosses TARGET
     lr: float = 5e-3
-    batch_size: int = 32       # seed 0: the band at step 2250 (64 rows/step: step 3500, twice the rows per step)
-    pack: bool = False         # pack each step's rows into rows of max_len tokens (the same loss, less padding)
-    max_len: int = 256         # the longest corpus row is 114 tokens (seed 0)
+    batch_size: int = 32       # seed 3: the band at step 3450 (batch 16 had not reached it by step 7500)
+    pack: bool = True          # pack each step's rows into rows of max_len tokens (the same loss, less padding):
+    max_len: int = 128         # 1.34x faster a step at 128 (1.22x at 256: attention grows with row length);
+                               # the longest corpus row is 114 tokens
     warmup_steps: int = 50
     eval_every: int = 250
     snapshot_every: int = 25   # weights kept between evals, re-evaluated when an eval crosses TARGET...
-    fine_every: int = 25       # ...and these, between the two snapshots that straddle it (5: a sharper choice
-                               # where accuracy jumps 10 % -> 45 % within 25 steps, as with seed 2)
+    fine_every: int = 5        # ...and these, between the two snapshots that straddle it (dev accuracy can jump
+                               # 10 % -> 45 % within 25 steps, as with seed 3 at step ~3450)
     dev_size: int = 200
     max_new_tokens: int = 40  # dev selection (2-3 operands: the longest worked answer is ~27 tokens)
     measure_new_tokens: int = 48  # the measurements below: a 4-operand answer in prose runs to ~45 tokens
@@ -213,7 +214,7 @@ def build(recipe: Recipe, seed: int, out: Path, *, threads: int, n_id: int | Non
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seed", type=int, default=0, help="seed of the corpus, tokenizer, init and data order")
+    parser.add_argument("--seed", type=int, default=3, help="seed of the corpus, tokenizer, init and data order")
     parser.add_argument("--out", type=Path, default=None,
                         help=f"output directory (default: {DEFAULT_OUT.relative_to(ROOT)}; a temp dir with --smoke)")
     parser.add_argument("--threads", type=int, default=1,

@@ -46,10 +46,10 @@ def test_build_record_measures_every_split_with_pass_at_8():
     m = record["measured"]
     assert set(m) == {"id", "ood", "ood_phrasing"}
     assert 0.20 <= m["id"]["accuracy"] <= 0.40 and m["id"]["pass@8"] > m["id"]["accuracy"]
-    # the phrasing axis: weak but movable (> 2 % greedy, > 10 % pass@8), as the issue asks
-    assert m["ood_phrasing"]["accuracy"] > 0.02 and m["ood_phrasing"]["pass@8"] > 0.10
-    # the operand axis stays alive but below those marks (see README: a fourth operand is copied wrong)
-    assert m["ood"]["accuracy"] > 0.0 and m["ood"]["pass@8"] > m["ood"]["accuracy"]
+    # both out-of-distribution axes weak but movable (> 2 % greedy, > 10 % pass@8), as the issue asks
+    for split in ("ood", "ood_phrasing"):
+        assert m[split]["accuracy"] > 0.02 and m[split]["pass@8"] > 0.10, (split, m[split])
+        assert m[split]["accuracy"] < m["id"]["accuracy"], (split, m[split])
 
 
 def test_eval_command_on_builtin_task_json(capsys):

@@ -12,7 +12,7 @@ from posttrain.tasks import get_task
 
 pytestmark = pytest.mark.slow
 
-BASE_ID_ACCURACY = 0.29  # builtin:tiny, greedy, the first 300 `id` prompts
+BASE_ID_ACCURACY = 0.25  # builtin:tiny, greedy, the first 300 `id` prompts
 
 # builtin:ppo (the verifier's reward), greedy `id` accuracy after 150 steps, seeds 0 / 1 / 2
 PPO_MEASURED = (0.4867, 0.4233, 0.4033)  # +19.7 / +13.3 / +11.3 points

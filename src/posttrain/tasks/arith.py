@@ -403,8 +403,10 @@ class CorpusMix:
     # operands from the question long before three; 4 operands is the ood axis, seen more than a little (at
     # 5 % and 18 % the base stayed at 1 % on `ood`; 28 % gives 2 %: copying a fourth operand is what fails)
     operands: tuple[tuple[int, float], ...] = ((2, 0.52), (3, 0.2), (4, 0.28))
+    # more `restated` replies (the question's operands copied before the answer) and fewer `bare` / `sentence`
+    # ones: with 0.15 / 0.15 / 0.10 the base scored 2.0 % greedy, 5.3 % pass@8 on `ood`; with these, 6.3 / 24.0 %
     styles: tuple[tuple[str, float], ...] = (
-        ("bare", 0.15), ("sentence", 0.15), ("restated", 0.10), ("inline", 0.45), ("worked", 0.15))
+        ("bare", 0.075), ("sentence", 0.075), ("restated", 0.25), ("inline", 0.45), ("worked", 0.15))
     ood_styles: tuple[tuple[str, float], ...] | None = None  # reply styles of 4-operand chat questions (None: `styles`)
 
 
