@@ -15,24 +15,24 @@ pytestmark = pytest.mark.slow
 BASE_ID_ACCURACY = 0.25  # builtin:tiny, greedy, the first 300 `id` prompts
 
 # builtin:ppo (the verifier's reward), greedy `id` accuracy after 150 steps, seeds 0 / 1 / 2
-PPO_MEASURED = (0.4867, 0.4233, 0.4033)  # +19.7 / +13.3 / +11.3 points
+PPO_MEASURED = (0.4433, 0.4000, 0.5467)  # +19.3 / +15.0 / +29.7 points
 # the reward-model stage of builtin:rm_then_ppo: pairwise accuracy on the 200 held-out rm_dev pairs, seeds 0 / 1 / 2
-RM_MEASURED = (0.740, 0.775, 0.780)
+RM_MEASURED = (0.730, 0.740, 0.765)
 
 
 def test_ppo_with_the_verifier_raises_id_accuracy(tmp_path):
-    """PPO with a value model (worst seed +11.3 points; threshold +3: it must end clearly above the base)."""
+    """PPO with a value model (worst seed +15.0 points; threshold +7: it must end clearly above the base)."""
     summary = train("builtin:ppo", out=tmp_path / "ppo", overrides={"eval.splits": ["id"]}, progress=False)
     before, after = summary["eval"]["before"]["id"], summary["eval"]["after"]["id"]
     assert before["accuracy"] == pytest.approx(BASE_ID_ACCURACY, abs=0.02)
-    assert after["accuracy"] - before["accuracy"] >= 0.03, (before, after)
+    assert after["accuracy"] - before["accuracy"] >= 0.07, (before, after)
     final = summary["stages"]["ppo"]["final"]
     assert final["value_mse"] < 0.2 and "value_clipfrac" in final  # the critic learned something to track
 
 
 def test_a_reward_model_ranks_held_out_pairs_above_chance(tmp_path):
     """The reward model of builtin:rm_then_ppo on the held-out rm_dev pairs: overall above chance (worst seed
-    0.740; threshold 0.68) and, on the kinds it learns clearly (a missing last step, a step too many), nearly
+    0.730; threshold 0.68) and, on the kinds it learns clearly (a missing last step, a step too many), nearly
     always right (1.0 on every seed measured; threshold 0.9). Slips and miscopied operands stay near chance for
     this 0.3M-parameter backbone."""
     raw, _ = recipe_data("builtin:rm_then_ppo")
