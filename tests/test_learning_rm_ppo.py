@@ -3,6 +3,8 @@
 As in test_learning_arith.py: the shipped recipes as committed, thresholds below the worst of three seeds
 (MEASURED: a 2-core machine, two single-threaded runs at a time) with a margin, never from seed 0 alone.
 """
+import json
+
 import pytest
 
 from posttrain.recipe import recipe_data
@@ -26,8 +28,17 @@ def test_ppo_with_the_verifier_raises_id_accuracy(tmp_path):
     before, after = summary["eval"]["before"]["id"], summary["eval"]["after"]["id"]
     assert before["accuracy"] == pytest.approx(BASE_ID_ACCURACY, abs=0.02)
     assert after["accuracy"] - before["accuracy"] >= 0.07, (before, after)
-    final = summary["stages"]["ppo"]["final"]
-    assert final["value_mse"] < 0.2 and "value_clipfrac" in final  # the critic learned something to track
+    assert "value_clipfrac" in summary["stages"]["ppo"]["final"]
+    # The critic tracks the return's level as the policy improves: over the last 10 steps its mean value is within
+    # 0.15 of the mean reward (measured 0.071 / 0.068 / 0.101 on seeds 0 / 1 / 2), having risen from the first 10
+    # steps by more than 0.15 (+0.334 / +0.235 / +0.436). Its token-mean MSE is no test: most tokens come before
+    # anything that predicts the outcome, so it stays near the reward's variance (last 10 steps: 0.25 / 0.22 /
+    # 0.23 against 0.24 / 0.20 / 0.25).
+    rows = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    mean = lambda key, part: sum(r[key] for r in part) / len(part)  # noqa: E731
+    first, last = rows[:10], rows[-10:]
+    assert abs(mean("value_mean", last) - mean("reward_mean", last)) < 0.15, (first, last)
+    assert mean("value_mean", last) - mean("value_mean", first) > 0.15, (first, last)
 
 
 def test_a_reward_model_ranks_held_out_pairs_above_chance(tmp_path):
