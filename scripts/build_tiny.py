@@ -87,7 +87,8 @@ def sft_stage(recipe: Recipe) -> StageConfig:
     """The posttrain SFT stage that pretrains the model (the same preset users run)."""
     return resolve_stage(StageConfig.model_validate({
         "method": "sft", "data": {"path": "<corpus>", "max_len": recipe.max_len}, "steps": recipe.steps,
-        "optim": {"lr": recipe.lr, "betas": [0.9, 0.95], "weight_decay": 0.0, "max_grad_norm": 1.0},
+        "optim": {"lr": recipe.lr, "betas": [0.9, 0.95], "weight_decay": 0.0, "max_grad_norm": 1.0,
+                  "fused": False},  # the per-tensor AdamW the shipped weights were built with: byte-reproducible
         "schedule": {"kind": "cosine", "warmup_steps": recipe.warmup_steps, "min_lr_ratio": 0.1},
         "batch": {"size": recipe.batch_size, "pack": recipe.pack}}))
 

@@ -74,6 +74,9 @@ class OptimConfig(Strict):
     # a step whose loss or gradient is NaN/inf is skipped (weights and optimizer state untouched); this many
     # such steps in a row stop the run
     max_nonfinite_steps: int = Field(3, ge=1)
+    # null: torch's fused AdamW kernel wherever it has one (plain tensors on CPU or CUDA), else the per-tensor loop;
+    # false: the per-tensor loop always (the same update to float rounding: what the shipped base was built with)
+    fused: Optional[bool] = None
 
 
 class ScheduleConfig(Strict):

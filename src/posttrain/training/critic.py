@@ -20,6 +20,7 @@ import logging
 import torch
 
 from ..data.batch import ROLLOUT, Batch
+from .loop import adamw
 from .world import SINGLE, World, gathered
 from ..logprobs import position_ids_from_mask
 from ..objective.components import value_loss
@@ -55,7 +56,7 @@ class Critic:
     def __init__(self, model: torch.nn.Module, cfg, *, lr: float, micro_size: int | None, device):
         self.model, self.cfg, self.micro_size, self.device = model, cfg, micro_size, device
         params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+        self.optimizer = adamw(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
 
     shared = False  # a copy of its own, stepped by `update`
 
@@ -140,7 +141,7 @@ class SharedCritic:
         param = next(policy.parameters())
         self.model = ValueHead(text.hidden_size, std=getattr(text, "initializer_range", 0.02), dtype=param.dtype,
                                device=param.device)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+        self.optimizer = adamw(self.model.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
         self.capture, self._hidden = False, None
         self._stats = torch.zeros(4, dtype=torch.float64)
         policy.get_decoder().register_forward_hook(self._keep)
