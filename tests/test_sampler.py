@@ -113,6 +113,22 @@ def test_first_token_frequencies_follow_the_tempered_softmax(make_model):
     assert ((freq - probs.double()).abs() <= 4 * stderr + 1e-3).all()
 
 
+def test_generator_draws_follow_the_distribution_and_skip_zero_mass():
+    """The inverse-CDF draw at the generator's uniforms (one per row): frequencies within 4 standard errors over
+    40000 draws; a token of zero probability (cut by top-p) is never drawn."""
+    from posttrain.rollout.sampler import _choose
+
+    probs = torch.tensor([0.05, 0.0, 0.5, 0.3, 0.15])
+    z = probs.clamp(min=1e-30).log().expand(40_000, 5).clone()
+    z[:, 1] = float("-inf")
+    ids = _choose(z, greedy=False, top_p=1.0, generator=_gen(3))
+    freq = torch.bincount(ids, minlength=5).double() / len(ids)
+    se = (probs.double() * (1 - probs.double()) / len(ids)).sqrt()
+    assert freq[1] == 0
+    assert bool(((freq - probs.double()).abs() <= 4 * se + 1e-12).all()), freq
+    assert torch.equal(ids, _choose(z, greedy=False, top_p=1.0, generator=_gen(3)))  # the generator is the noise
+
+
 def test_top_p_filter_keeps_the_smallest_nucleus():
     logits = torch.log(torch.tensor([[0.1, 0.4, 0.05, 0.3, 0.15]]))
     kept = lambda p: torch.isfinite(top_p_filter(logits, p))[0].nonzero().squeeze(-1).tolist()  # noqa: E731

@@ -77,15 +77,18 @@ def keyed_uniform(key: int, step: int) -> float:
 
 def _choose(z: Tensor, *, greedy: bool, top_p: float, generator: torch.Generator | None,
             keys: list[int] | None = None, step: int = 0) -> Tensor:
-    """z (B, V) temperature-scaled logits -> next ids (B,). With `keys` (one per row), row b's id is the inverse
-    CDF of its distribution at keyed_uniform(keys[b], step) instead of a draw from `generator`."""
+    """z (B, V) temperature-scaled logits -> next ids (B,): row b's id is the inverse CDF of its distribution at one
+    uniform u_b, drawn from `generator` or, with `keys` (one per row), keyed_uniform(keys[b], step). One uniform per
+    row, not one per vocabulary entry: torch.multinomial and the exponential race spend ~0.7 ms a step on random
+    numbers for 32 rows of a 1k vocabulary (2 CPU threads), the inverse CDF ~0.03 ms."""
     if greedy:
         return z.argmax(-1)
     probs = top_p_filter(z, top_p).softmax(-1)
-    if keys is None:
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     cdf = probs.double().cumsum(-1)  # (B, V)
-    u = torch.tensor([keyed_uniform(k, step) for k in keys], dtype=torch.float64, device=z.device)
+    if keys is None:
+        u = torch.rand(len(z), generator=generator, dtype=torch.float64, device=z.device)
+    else:
+        u = torch.tensor([keyed_uniform(k, step) for k in keys], dtype=torch.float64, device=z.device)
     # the first id whose cumulative mass exceeds u * total: never an id of zero probability
     ids = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
     return ids.clamp(max=z.shape[-1] - 1)
