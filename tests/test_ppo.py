@@ -80,6 +80,14 @@ def test_a_critics_value_at_token_t_reads_only_the_tokens_before_t(make_model, t
     assert not torch.allclose(w[0, 5:], v[0, 5:])
 
 
+def _critic_learns_on_its_batch(recs: list[dict]) -> bool:
+    """The first batch's 4 updates (2 epochs x 2 minibatches): the value error over its rows is lower in the second
+    epoch, after the critic's first two steps, than in the first (seeds 0-4, separate and shared critic: by 7-24 %).
+    Records of different batches are no test: the returns' spread changes from batch to batch."""
+    mse = [r["value_mse"] for r in recs[:4]]
+    return (mse[2] + mse[3]) < (mse[0] + mse[1])
+
+
 def test_a_ppo_stage_trains_its_critic_beside_the_policy(tmp_path, model_dirs):
     rows = [{"prompt": f"Say {c}.", "answer": c} for c in "ABCDEFGH"]
     r = {"model": model_dirs["llama"], "device": "cpu", "seed": 0, "stages": [
@@ -91,7 +99,7 @@ def test_a_ppo_stage_trains_its_critic_beside_the_policy(tmp_path, model_dirs):
     assert len(recs) == 6  # 3 batches x 2 epochs x 2 minibatches, and every update trains the critic too
     assert all({"value_loss", "value_mean", "value_clipfrac", "value_mse", "clipfrac"} <= set(x) for x in recs)
     assert all("kl" in x for x in recs[::4])  # the batch's k1 (in the reward) is logged with its first update
-    assert recs[-1]["value_mse"] < recs[0]["value_mse"]
+    assert _critic_learns_on_its_batch(recs)
     saved = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
     assert saved["architectures"] == ["LlamaForCausalLM"]  # final/ is the policy; the critic is not published
 
@@ -212,7 +220,7 @@ def test_ppo_with_a_shared_value_head_learns_its_values_and_resumes_its_head(tmp
     posttrain.train(r, out=tmp_path / "run", data=rows, progress=False)
     recs = metrics(tmp_path / "run")
     assert len(recs) == 6 and all({"value_loss", "value_mse"} <= set(x) for x in recs)
-    assert recs[-1]["value_mse"] < recs[0]["value_mse"]
+    assert _critic_learns_on_its_batch(recs)
     with pytest.raises(RecipeError, match="critic.shared"):
         load_recipe({"model": "m", "stages": [{**r["stages"][0], "data": {"path": "x"},
                                                "lora": {"r": 4, "alpha": 8.0}}]})

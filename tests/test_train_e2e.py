@@ -66,8 +66,10 @@ SLOW = [(m, a) for a in ARCHITECTURES for m in PRESETS if (m, a) not in FAST]
 def _check_run(tmp_path, model_dir, method):
     # A random tiny model never stops within 6 tokens: DAPO would mask every (truncated) completion.
     extra = {"overlong": {"mask_truncated": False}} if method == "dapo" else {}
-    if method == "rft":  # verify every sample whose reward is at least 0.1 (varied() gives 0.1 .. 0.6)
-        extra = {"success_threshold": 0.1}
+    if method == "rft":  # verify every sample whose reward is at least 0.1 (varied() gives 0.1 .. 0.6) and that
+        # stopped: a random model samples one of the 2 stop ids of 320 about once in 160 tokens, so 2 x 8 samples of
+        # up to 64 tokens all run to the limit with probability ~0.2 % (4 x 6 tokens: ~75 %)
+        extra = {"success_threshold": 0.1, "rollout": {"group_size": 8, "max_new_tokens": 64}}
     summary = run(tmp_path, model_dir, method, **extra)
     rows = metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2, 3]
