@@ -59,11 +59,14 @@ def test_bradley_terry_gradient_through_the_trainer_equals_the_textbook_loss_on_
 def test_a_reward_model_stage_saves_a_model_transformers_loads_and_the_rl_stage_after_it_is_scored_by_it(
         tmp_path, model_dirs):
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
+    kinds = ["early" if r["chosen"] < "E" else "late" for r in PAIRS]
+    (tmp_path / "heldout.jsonl").write_text("".join(json.dumps({**r, "kind": k}) + "\n" for r, k in zip(PAIRS, kinds)))
     prompts = [{"prompt": r["prompt"], "answer": r["chosen"]} for r in PAIRS]
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompts))
     pairs = {"path": str(tmp_path / "pairs.jsonl")}
     r = {"model": model_dirs["llama"], "device": "cpu", "stages": [
-        {"name": "rm", "method": "reward_model", "data": pairs, "heldout": pairs, "steps": 6,
+        {"name": "rm", "method": "reward_model", "data": pairs, "heldout": {"path": str(tmp_path / "heldout.jsonl")},
+         "steps": 6,
          "batch": {"size": 4}, "optim": {"lr": 3e-3}},
         {"method": "grpo", "data": {"path": str(tmp_path / "prompts.jsonl")}, "steps": 2, "batch": {"size": 2},
          "rollout": {"group_size": 4, "max_new_tokens": 4},
@@ -71,6 +74,14 @@ def test_a_reward_model_stage_saves_a_model_transformers_loads_and_the_rl_stage_
     summary = posttrain.train(r, out=tmp_path / "run", progress=False)
     ev = summary["stages"]["rm"]["eval"]
     assert ev["n"] == len(PAIRS) and ev["pref_accuracy"] > 0.5  # its own training pairs, after 6 steps
+    # per kind: the same pairs' margins and wins, again from the saved model's own scores, pair by pair
+    rm = ModelReward(str(tmp_path / "run" / "stages" / "rm" / "model"))
+    for kind in ("early", "late"):
+        rows = [p for p, k in zip(PAIRS, kinds) if k == kind]
+        margins = [rm([p["prompt"]], [p["chosen"]])[0] - rm([p["prompt"]], [p["rejected"]])[0] for p in rows]
+        assert ev["by_kind"][kind] == pytest.approx({"n": 4, "pref_accuracy": sum(m > 0 for m in margins) / 4,
+                                                     "margin": sum(margins) / 4}, abs=1e-5)
+    assert sum(v["pref_accuracy"] for v in ev["by_kind"].values()) / 2 == pytest.approx(ev["pref_accuracy"])
     recs = metrics(tmp_path / "run")
     rm_recs = [x for x in recs if x["stage"] == "rm"]
     assert len(rm_recs) == 6 and rm_recs[-1]["margin"] > rm_recs[0]["margin"]

@@ -285,9 +285,14 @@ class Run:
                 if _trains_reward_model(stage):  # the policy goes on unchanged to the next stage
                     curve.end_stage(result)
                     if sd.heldout is not None:
-                        result["eval"] = reward_model_accuracy(trained, sd.heldout, pad_id, device=device)
-                        log.info("stage %s: held-out pairwise accuracy %.3f on %d pairs", stage.name,
-                                 result["eval"]["pref_accuracy"], result["eval"]["n"])
+                        kinds = [r.get("kind") for r in sd.heldout_rows.rows]
+                        result["eval"] = reward_model_accuracy(
+                            trained, sd.heldout, pad_id, device=device,
+                            kinds=kinds if any(k is not None for k in kinds) else None)
+                        log.info("stage %s: held-out pairwise accuracy %.3f on %d pairs%s", stage.name,
+                                 result["eval"]["pref_accuracy"], result["eval"]["n"], "".join(
+                                     f"; {k} {v['pref_accuracy']:.3f} ({v['n']})"
+                                     for k, v in result["eval"].get("by_kind", {}).items()))
                 else:
                     model = trained
                     curve.end_stage(result, model)
@@ -382,7 +387,7 @@ class Run:
             if sd.heldout_rows is not None:
                 sd.heldout, bad = encode_dataset(sd.heldout_rows, "preference", tok, max_len=max_len,
                                                  vocab_rows=self.vocab_rows)
-                self.bad_rows.add(stage, stage.heldout, sd.heldout_rows, bad)
+                sd.heldout_rows = self.bad_rows.add(stage, stage.heldout, sd.heldout_rows, bad)
             sd.encoded, bad = encode_dataset(sd.rows, sd.fmt, tok, max_len=max_len, vocab_rows=self.vocab_rows)
             sd.rows = self.bad_rows.add(stage, stage.data, sd.rows, bad)
             if preset.data == "unpaired":  # (the kept rows, in the order of their encodings)

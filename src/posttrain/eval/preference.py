@@ -52,9 +52,12 @@ def _ranked(margins: list[torch.Tensor]) -> dict:
 
 
 @torch.no_grad()
-def reward_model_accuracy(model, pairs: list, pad_id: int, *, batch_size: int = 32, device: str = "cpu") -> dict:
+def reward_model_accuracy(model, pairs: list, pad_id: int, *, kinds: list | None = None, batch_size: int = 32,
+                          device: str = "cpu") -> dict:
     """{"n", "pref_accuracy", "margin"} of a reward model on encoded pairs: how often its score ranks the chosen
-    response above the rejected one (ties one half), and the mean score margin r_w - r_l."""
+    response above the rejected one (ties one half), and the mean score margin r_w - r_l. With `kinds` (one label
+    per pair, e.g. the kind of error in the rejected response), also "by_kind": {kind: {"n", "pref_accuracy",
+    "margin"}}, which says what the reward model has learned to see and what it has not."""
     from ..objective.preference import pair_index
     from ..reward_model import sequence_scores
 
@@ -67,4 +70,9 @@ def reward_model_accuracy(model, pairs: list, pad_id: int, *, batch_size: int = 
         w, lo = pair_index(b.group.cpu(), b.pair_sign.cpu())
         margins.append(r[w] - r[lo])
     model.train(was_training)
-    return _ranked(margins)
+    out = _ranked(margins)
+    if kinds is not None:
+        m = torch.cat(margins) if margins else torch.zeros(0, dtype=torch.float64)
+        out["by_kind"] = {str(k): _ranked([m[[i for i, x in enumerate(kinds) if x == k]]])
+                          for k in sorted(set(kinds), key=str)}
+    return out

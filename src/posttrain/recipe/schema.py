@@ -293,7 +293,8 @@ class StageConfig(Strict):
     method: str  # a preset: `posttrain methods`
     data: DataConfig
     demos: Optional[DataConfig] = None  # demonstrations from a separate dataset (CHORD, ReLIFT, LUFFY, ...)
-    heldout: Optional[DataConfig] = None  # reward_model: held-out preference pairs, pairwise accuracy after the stage
+    heldout: Optional[DataConfig] = None  # reward_model: held-out pairs, pairwise accuracy after the stage (per `kind`
+    #                                       too, where the rows have that column)
     rewards: list[RewardConfig] = Field(default_factory=list)  # reward functions (RL methods)
     steps: int = Field(100, gt=0)  # optimizer steps (the schedule's length)
     stop: StopConfig = Field(default_factory=StopConfig)  # a budget of samples / tokens ending it sooner
