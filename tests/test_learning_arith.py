@@ -25,7 +25,7 @@ MEASURED = {
     "sft": (0.9467, 0.9700, 0.9400),            # +69.7 / +72.0 / +69.0; format 1 % -> 100 %; demo NLL 0.272 -> <= 0.010
     "grpo": (0.5600, 0.4967, 0.4800),           # +31.0 / +24.7 / +23.0 (16 prompts per step, lr 3e-4)
     "grpo_lora": (0.5800, 0.6700, 0.5600),      # +33.0 / +42.0 / +31.0 (LoRA r 16, lr 1.2e-3; at 2e-3 seed 0 ended
-    #                                             +31.7 or -14.3, depending on rounding: a collapse, so lr came down)
+    #                                             +31.7 or -14.3, by rounding and draws: a collapse, so lr came down)
     "dapo": (0.5400, 0.4567, 0.5967),           # +29.0 / +20.7 / +34.7
     "dr_grpo": (0.4867, 0.3633, 0.3733),        # +23.7 / +11.3 / +12.3
     "sft_then_grpo": (0.9467, 0.9767, 0.9467),  # +69.7 / +72.7 / +69.7 (SFT alone +69.7 / +72.0 / +69.0)
