@@ -131,7 +131,11 @@ def _overrides(case: str) -> list[str]:
     from posttrain.recipe import load_recipe
 
     recipe, overrides, _ = CASES[case]
-    return overrides + [f"stages.{i}.rollout.seeding=row" for i in range(len(load_recipe(recipe).stages))]
+    # the per-tensor AdamW on every side, as fsdp recipes resolve to (the fused kernel rounds apart from it, and
+    # over a few RL steps that exceeds these tolerances: tests/test_optim.py checks the kernel itself)
+    n = len(load_recipe(recipe).stages)
+    return overrides + [f"stages.{i}.rollout.seeding=row" for i in range(n)] + \
+        [f"stages.{i}.optim.fused=false" for i in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +214,8 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank(tmp_path, one_rank, case, str
     """Stopped after step 2 of 3 on 2 ranks, resumed on 1: the run equals the 1-rank run (a sharded run's
     checkpoint holds whole tensors, like any other: a LoRA stage's its adapters, iterative DPO's its renewed
     reference too; `auto` seeding goes on keyed, as the checkpoint's run did)."""
-    recipe, overrides, steps = CASES[case]
+    recipe, _, steps = CASES[case]
+    overrides = _overrides(case)  # (stage 0's seeding is set again below)
     every = ["checkpoint.every=2", f"stages.0.rollout.seeding={seeding}"] + \
         (["distributed.strategy=fsdp", "distributed.reference=shard"] if strategy == "fsdp-shard" else
          [f"distributed.strategy={strategy}"])

@@ -42,3 +42,15 @@ def test_float64_fused_equals_the_plain_loop_to_rounding():
 ])
 def test_the_plain_loop_where_the_fused_kernel_cannot_run(param):
     assert adamw([param], lr=1e-3).defaults["fused"] is None
+
+
+def test_fsdp_recipes_resolve_to_the_per_tensor_loop_unless_told():
+    """A shard's fused step rounds apart from the whole tensor's, so a sharded run's checkpoint would not resume
+    exactly on one rank (tests/test_distributed.py): under fsdp the default is the loop."""
+    from posttrain.recipe import load_recipe
+
+    stage = {"method": "sft", "data": {"path": "x.jsonl"}}
+    fsdp = {"model": "m", "distributed": {"strategy": "fsdp"}, "stages": [stage, {**stage, "name": "b",
+                                                                                  "optim": {"fused": True}}]}
+    assert [s.optim.fused for s in load_recipe(fsdp).stages] == [False, True]
+    assert load_recipe({"model": "m", "stages": [stage]}).stages[0].optim.fused is None

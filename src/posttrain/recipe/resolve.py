@@ -191,6 +191,10 @@ def resolve(recipe: Recipe) -> Recipe:
     if taught and not r.teacher:
         raise RecipeError(f"stage {taught[0]!r} distils from a teacher: set `teacher:` (builtin:tiny-teacher, a local "
                           "model directory or a hub id with the same tokenizer as the model)")
+    if r.distributed.strategy == "fsdp":  # AdamW's per-tensor loop, sharded or not: the fused kernel rounds a shard's
+        for s in r.stages:                 # tail elements apart from the whole tensor's, and a sharded run's
+            if s.optim.fused is None:      # checkpoint resumes on any number of ranks
+                s.optim.fused = False
     names = [s.name for s in r.stages]
     if len(set(names)) != len(names):
         raise RecipeError(f"stage names must be unique, got {names}; set `name:` on each stage")

@@ -74,8 +74,9 @@ class OptimConfig(Strict):
     # a step whose loss or gradient is NaN/inf is skipped (weights and optimizer state untouched); this many
     # such steps in a row stop the run
     max_nonfinite_steps: int = Field(3, ge=1)
-    # null: torch's fused AdamW kernel wherever it has one (plain tensors on CPU or CUDA), else the per-tensor loop;
-    # false: the per-tensor loop always (the same update to float rounding: what the shipped base was built with)
+    # null: torch's fused AdamW kernel on CPU or CUDA (the per-tensor loop under distributed.strategy fsdp, so a
+    # sharded run resumes on any number of ranks with the same rounding); false: the per-tensor loop always (the
+    # same update to float rounding: what the shipped base was built with)
     fused: Optional[bool] = None
 
 
