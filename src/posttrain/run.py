@@ -22,7 +22,6 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -30,9 +29,7 @@ import torch
 import yaml
 
 from . import faults, reward_model
-from .data import detect_format, encode_dataset, load_rows
-from .data.formats import check_rows, split_implicit_prompts
-from .data.loading import RowSet
+from .data import load_rows
 from .errors import Interrupted, RewardFailure
 from .jsonio import dumps, write_atomic
 from .models import choose_dtype, compute_context, load_policy, load_tokenizer, model_context, model_rows, \
@@ -41,8 +38,9 @@ from .eval.preference import reward_model_accuracy
 from .objective.preference import REWARD_MODEL_LOSS
 from .objective.presets import PRESETS, get_preset
 from .recipe import Recipe, RecipeError, dump_recipe, load_recipe, recipe_data
-from .preflight import check_template, explain_stage, long_prompts
+from .preflight import check_template, explain_stage
 from .run_hooks import CurveHook, EvalHooks
+from .stage_data import IN_MEMORY, StageData, StageRows, reads_row_demos
 from .rundir import BadRows, Checkpointer, RunLock, StageProgress, StopRequest, changes, move_aside, refuse_changes, stage_config
 from .training import checkpoint, lora
 from .training.loop import new_state, run_stage
@@ -53,11 +51,6 @@ from .training.world import SINGLE, check_distributed, gathered_at_curve_points,
 
 log = logging.getLogger("posttrain")
 
-DEMO_FORMATS = ("messages", "prompt_completion", "text")
-RL_FORMATS = ("prompt_answer", "prompt_only")
-PREFERENCE_FORMATS = ("preference",)
-UNPAIRED_FORMATS = ("unpaired",)
-IN_MEMORY = "<in-memory>"
 VERIFIED_FILE = "verified.jsonl"  # what a rejection-sampling stage writes for later stages (data.from_stage)
 
 
@@ -116,7 +109,7 @@ def _per_stage(value, raw: dict) -> dict:
     return {n: value for n in names}
 
 
-class Run:
+class Run(StageRows):
     def __init__(self, cfg: Recipe, *, out=None, max_steps=None, data=None, rewards=None, progress=None,
                  fresh: bool = False, allow_change: tuple[str, ...] = ()):
         self.cfg = cfg
@@ -329,98 +322,6 @@ class Run:
             shutil.copytree(self.out / "stages" / last_stage.name / "adapter", self.out / "final" / "adapter",
                             dirs_exist_ok=True)
 
-    def _rowset(self, stage, d) -> RowSet | None:
-        """The rows `d` (a stage's `data` or `demos` section) names; None for data an earlier stage makes."""
-        if d.task:
-            from .tasks import get_task
-
-            rows = get_task(d.task).rows(d.split)
-            rowset = RowSet(rows, f"task:{d.task}/{d.split}")
-        elif d.from_stage:
-            return None
-        elif d.path == IN_MEMORY or (d.path is None and stage.name in self.data and d is stage.data):
-            rowset = load_rows(self.data[stage.name], split=d.split)
-        elif d.path:
-            rowset = load_rows(d.path, split=d.split)
-        else:
-            raise RecipeError(f"stage {stage.name!r}: set data.path (a file, directory or hub id), data.task or "
-                              "data.from_stage")
-        return rowset.head(d.limit) if d.limit else rowset
-
-    def _load_stage_data(self, stage) -> "StageData":
-        """A stage's rows, every one checked against its format before the model loads (bad rows: BadRows)."""
-        preset = get_preset(stage.method)
-        sd = StageData(self._rowset(stage, stage.data), None, None, None)
-        if sd.rows is not None:
-            sd.rows, sd.fmt = self._check_rows(stage, stage.data, sd.rows, stage.data.format, preset.data)
-        if stage.demos is not None:
-            sd.demos = self._rowset(stage, stage.demos)
-            if sd.demos is not None:
-                sd.demos, sd.demos_fmt = self._check_rows(stage, stage.demos, sd.demos, stage.demos.format,
-                                                          "demonstrations")
-        if sd.rows is not None and (preset.needs_demonstrations or _reads_row_demos(preset, stage)):
-            self._check_paired(stage, sd)
-        if stage.heldout is not None:
-            sd.heldout_rows, _ = self._check_rows(stage, stage.heldout, self._rowset(stage, stage.heldout), "auto",
-                                                  "preferences")
-        return sd
-
-    def _check_rows(self, stage, section, rowset: RowSet, fmt: str, kind: str) -> tuple[RowSet, str]:
-        allowed = {"demonstrations": DEMO_FORMATS, "preferences": PREFERENCE_FORMATS,
-                   "unpaired": UNPAIRED_FORMATS}.get(kind, RL_FORMATS)
-        if kind == "preferences":
-            rowset = split_implicit_prompts(rowset)
-        fmt = detect_format(rowset, allowed) if fmt == "auto" else fmt
-        if fmt not in allowed:
-            raise RecipeError(f"stage {stage.name!r}: method {stage.method!r} reads {', '.join(allowed)} data "
-                              f"here, not {fmt!r} ({rowset.origin})")
-        return self.bad_rows.add(stage, section, rowset, check_rows(rowset, fmt)), fmt
-
-    def _check_lengths(self, stage, sd: "StageData", tok, context: int | None) -> None:
-        """With the tokenizer: demonstrations are encoded (sd.encoded) and RL prompts measured; a row longer than
-        data.max_len, or than the model's context (a prompt: less rollout.max_new_tokens), is a bad row."""
-        preset = get_preset(stage.method)
-        if sd.rows is None or sd.encoded is not None:
-            return
-        if preset.data in ("preferences", "unpaired"):  # pairs / labelled responses, checked against max_len
-            max_len = min(stage.data.max_len, context or stage.data.max_len)
-            if sd.heldout_rows is not None:
-                sd.heldout, bad = encode_dataset(sd.heldout_rows, "preference", tok, max_len=max_len,
-                                                 vocab_rows=self.vocab_rows)
-                sd.heldout_rows = self.bad_rows.add(stage, stage.heldout, sd.heldout_rows, bad)
-            sd.encoded, bad = encode_dataset(sd.rows, sd.fmt, tok, max_len=max_len, vocab_rows=self.vocab_rows)
-            sd.rows = self.bad_rows.add(stage, stage.data, sd.rows, bad)
-            if preset.data == "unpaired":  # (the kept rows, in the order of their encodings)
-                sd.encoded = [(e, bool(r["label"])) for e, r in zip(sd.encoded, sd.rows.rows)]
-            return
-        if preset.data != "demonstrations":
-            sd.rows = self.bad_rows.add(stage, stage.data, sd.rows,
-                                        long_prompts(stage, sd.rows, tok, context, self.vocab_rows))
-        if preset.data == "demonstrations" or "demonstrations" in preset.sources:
-            section, rows, fmt = (stage.demos, sd.demos, sd.demos_fmt) if sd.demos is not None else \
-                (stage.data, sd.rows, sd.fmt)
-            if preset.data != "demonstrations" and sd.demos is None:
-                fmt = "prompt_answer"  # the rows' own completion / solution column
-            max_len = min(section.max_len, context or section.max_len)
-            examples, bad = encode_dataset(rows, fmt, tok, max_len=max_len, vocab_rows=self.vocab_rows)
-            rest = self.bad_rows.add(stage, section, rows, bad)
-            if preset.data == "demonstrations":  # (a hybrid's prompts stay: only their demonstration is out)
-                sd.rows = rest
-            elif sd.demos is not None:
-                sd.demos = rest
-            sd.encoded = examples
-
-    def _check_paired(self, stage, sd: "StageData") -> None:
-        from .training.sources import PairedDemos
-
-        if sd.demos is not None and get_preset(stage.method).needs_demonstrations and sd.demos_fmt != \
-                "prompt_completion":
-            raise RecipeError(f"stage {stage.name!r}: demonstrations paired with prompts are matched by prompt, so "
-                              f"`demos` needs prompt + completion rows, not {sd.demos_fmt!r} ({sd.demos.origin})")
-        paired = PairedDemos(None, sd.demos if get_preset(stage.method).needs_demonstrations else None,
-                             sd.demos_fmt)
-        sd.rows = self.bad_rows.add(stage, stage.data, sd.rows, paired.check(sd.rows, stage.method))
-
     def _check_rewards(self, stage, sd: "StageData") -> None:
         """Before the model loads: the reward functions import, and accept the data's columns as keywords."""
         if sd.rows is None or not get_preset(stage.method).needs_rewards or not stage.rewards:
@@ -501,7 +402,7 @@ class Run:
                 setattr(sd, attr, rowset)
                 setattr(sd, "fmt" if attr == "rows" else "demos_fmt", fmt)
                 preset = get_preset(stage.method)
-                if preset.needs_demonstrations or _reads_row_demos(preset, stage):
+                if preset.needs_demonstrations or reads_row_demos(preset, stage):
                     self._check_paired(stage, sd)
                 self._check_lengths(stage, sd, tok, context)
 
@@ -644,19 +545,6 @@ def _round_of(line: str) -> float:
         return math.inf
 
 
-@dataclass
-class StageData:
-    rows: RowSet | None
-    fmt: str | None
-    demos: RowSet | None
-    demos_fmt: str | None
-    encoded: list | None = None  # the encoded demonstrations, once the tokenizer is known
-    heldout_rows: RowSet | None = None  # a reward_model stage's held-out pairs ...
-    heldout: list | None = None  # ... encoded
-
-
-
-
 def _pending_reward(prompts, completions, **kw):
     """Stands in for a reward model an earlier stage of the run has yet to train (column checks only)."""
     raise RuntimeError("the reward model of this stage has not been trained yet")
@@ -664,11 +552,6 @@ def _pending_reward(prompts, completions, **kw):
 
 def _trains_reward_model(stage) -> bool:
     return get_preset(stage.method).advantage == REWARD_MODEL_LOSS
-
-
-def _reads_row_demos(preset, stage) -> bool:
-    """CHORD-style stages without a `demos:` dataset read their demonstrations from the prompt rows."""
-    return "demonstrations" in preset.sources and preset.data != "demonstrations" and stage.demos is None
 
 
 class _StageSink:
