@@ -21,6 +21,8 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
+from .decode import NativeDecoder, unsupported
+
 
 @dataclass
 class Rollout:
@@ -105,6 +107,28 @@ def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.devic
     return ids.to(device), mask.to(device)
 
 
+class _ForwardDecoder:
+    """The decode step through the model's own forward and a `DynamicCache`: any causal LM; `NativeDecoder`'s
+    reference."""
+
+    def __init__(self, model: torch.nn.Module, cache: DynamicCache, attention_mask: Tensor, *, num_samples: int):
+        self.model, self.cache, self.attention_mask = model, cache, attention_mask  # (P, L)
+        if num_samples > 1:
+            cache.batch_repeat_interleave(num_samples)
+            self.attention_mask = attention_mask.repeat_interleave(num_samples, dim=0)  # (R, L)
+
+    def select(self, keep: Tensor) -> None:
+        self.cache.batch_select_indices(keep)
+        self.attention_mask = self.attention_mask[keep]
+
+    def step(self, ids: Tensor, position_ids: Tensor) -> Tensor:
+        """ids (A,), position_ids (A, 1) -> logits (A, V)."""
+        mask = self.attention_mask
+        self.attention_mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+        return self.model(input_ids=ids.unsqueeze(-1), attention_mask=self.attention_mask, position_ids=position_ids,
+                          cache=self.cache, use_cache=True).logits[:, -1]
+
+
 def _generate_batch(
     model: torch.nn.Module,
     prompts: Sequence[Sequence[int]],
@@ -118,6 +142,7 @@ def _generate_batch(
     generator: torch.Generator | None,
     greedy: bool,
     keys: list[int] | None = None,
+    native: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Decode `num_samples` continuations of each prompt.
 
@@ -131,12 +156,15 @@ def _generate_batch(
     # Prefill each distinct prompt once, then give every sample its own copy of the cache.
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                    cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # (P, V)
+    if native and unsupported(model, input_ids.shape[1] + max_new_tokens) is None:
+        decoder = NativeDecoder(model, cache, attention_mask, num_samples=num_samples, max_new_tokens=max_new_tokens)
+    else:
+        decoder = _ForwardDecoder(model, cache, attention_mask, num_samples=num_samples)
+    next_pos = attention_mask.sum(-1, keepdim=True)  # (P, 1) position of the first generated token
     if num_samples > 1:
-        cache.batch_repeat_interleave(num_samples)
         logits = logits.repeat_interleave(num_samples, dim=0)
-        attention_mask = attention_mask.repeat_interleave(num_samples, dim=0)
+        next_pos = next_pos.repeat_interleave(num_samples, dim=0)  # (R, 1)
     rows = logits.shape[0]
-    next_pos = attention_mask.sum(-1, keepdim=True)  # (R, 1) position of the first generated token
     tokens = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)  # (R, S)
     logp = torch.zeros((rows, max_new_tokens), dtype=torch.float32, device=device)  # (R, S)
     lengths = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)  # (R,)
@@ -147,7 +175,7 @@ def _generate_batch(
         z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # (A, V)
         next_ids = _choose(z, greedy=greedy, top_p=top_p, generator=generator, keys=keys, step=step)  # (A,)
         tokens[active, step] = next_ids
-        logp[active, step] = z.log_softmax(-1).gather(-1, next_ids.unsqueeze(-1)).squeeze(-1)
+        logp[active, step] = z.log_softmax(-1).gather(-1, next_ids.unsqueeze(-1)).squeeze(-1).float()
         steps = step + 1
         done = torch.isin(next_ids, stop)  # (A,)
         n_done = int(done.sum())  # the one host sync per token: decides whether the batch shrinks
@@ -158,13 +186,11 @@ def _generate_batch(
             keep = (~done).nonzero().squeeze(-1)  # (A',)
             if keys is not None:
                 keys = [keys[i] for i in keep.tolist()]
-            active, next_ids, next_pos, attention_mask = active[keep], next_ids[keep], next_pos[keep], attention_mask[keep]
-            cache.batch_select_indices(keep)
+            active, next_ids, next_pos = active[keep], next_ids[keep], next_pos[keep]
+            decoder.select(keep)
         if step + 1 == max_new_tokens:
             break  # no need to run the model for a token that will not be sampled
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], 1))], dim=1)
-        logits = model(input_ids=next_ids.unsqueeze(-1), attention_mask=attention_mask, position_ids=next_pos,
-                       cache=cache, use_cache=True).logits[:, -1]  # (A, V)
+        logits = decoder.step(next_ids, next_pos)  # (A, V)
         next_pos = next_pos + 1
     return tokens[:, :steps], logp[:, :steps], lengths.clamp(max=steps)
 
@@ -206,6 +232,7 @@ def sample(
     greedy: bool = False,
     batch_size: int | None = None,
     keys: Sequence[int] | None = None,
+    native: bool = True,
 ) -> Rollout:
     """Sample `num_samples` completions of every prompt (token ids) with a KV cache.
 
@@ -215,6 +242,9 @@ def sample(
     `batch_size` bounds the rows decoded together (whole prompt groups; at least one prompt per batch).
     `keys` (one int per output row, prompt-major) replaces `generator` with keyed noise: row i's tokens depend on
     its prompt, the model and keys[i] only, not on the rows beside it (`row_key` makes keys).
+    `native` decodes Llama-family models through `rollout.decode.NativeDecoder` (the same operations without
+    transformers' modules, ~2x faster a step on small models); False, or a model it does not support, uses the
+    model's forward.
     The model is put in eval mode while sampling and its previous mode restored afterwards.
     """
     _check_args(model, prompts, num_samples, max_new_tokens, temperature, top_p, stop_ids, pad_id, batch_size)
@@ -236,6 +266,7 @@ def sample(
                 model, chunk, num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
                 top_p=top_p, stop=stop, pad_id=pad_id, generator=generator, greedy=greedy,
                 keys=None if keys is None else list(keys[start * num_samples: (start + len(chunk)) * num_samples]),
+                native=native,
             )
             tokens, logp, lengths = tokens.cpu(), logp.cpu(), lengths.tolist()
             for r, n in enumerate(lengths):

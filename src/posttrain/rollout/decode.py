@@ -1,0 +1,143 @@
+"""The sampler's decode step for the Llama family (Llama, Qwen2, Qwen3, Mistral) without transformers' modules.
+
+A decode step feeds one token per row through every layer. For the small models of RL experiments its time is
+the framework's, not the arithmetic's: transformers' decoder layers, attention interface, mask builder and
+`DynamicCache` (which grows each layer's keys and values by `torch.cat`, a copy of the whole cache per token)
+cost more than the products. Measured with `sample` on the benchmark's Qwen2 models (bench/assets.py), 8 prompts
+x 4 samples, 2 CPU threads: 2.1M parameters, 32 new tokens 0.245 -> 0.186 s, 512 new tokens 6.25 -> 3.45 s;
+25.7M parameters, 32 new tokens 0.98 -> 0.90 s (the rest is the products themselves: 32-row matmuls run at
+~40 GFLOP/s on this CPU whatever calls them).
+
+`NativeDecoder` runs the same operations in the same order on the model's own parameters: RMSNorm in float32
+cast back to the input dtype, then scaled by its weight; q/k/v projections (with their biases, where the model
+has them); Qwen3's per-head q/k norms; rotary embeddings from the model's own rotary module (so every rope
+scaling type transformers implements applies unchanged); attention by `scaled_dot_product_attention` with a key
+mask (grouped-query heads by SDPA's `enable_gqa`: 57 us a call where transformers' folding of a key head's
+queries into query rows takes 130 us, for 32 rows); SiLU-gated MLP; final norm; LM head.
+Keys and values go into buffers allocated once for the whole rollout. The prompt is prefilled by the model's own
+forward; its cache is copied into the buffers.
+
+`unsupported(model, length)` says why a model cannot take this path (another architecture or a subclass of one,
+LoRA or quantised layers, sharded or hooked modules, a sliding window shorter than the rollout); the sampler then
+decodes with the model's forward. `tests/test_decode.py` checks this path against that forward.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_CLASSES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
+_LINEARS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"))
+
+
+def unsupported(model: nn.Module, length: int) -> str | None:
+    """None when `model` can decode sequences of up to `length` positions through `NativeDecoder`; else why not."""
+    name = type(model).__name__
+    if name not in _CLASSES or type(model).__module__.split(".")[:2] != ["transformers", "models"]:
+        return f"{name} is not one of transformers' {', '.join(_CLASSES)}"
+    cfg = model.config
+    if cfg.hidden_act != "silu":
+        return f"hidden_act {cfg.hidden_act!r} (silu only)"
+    if getattr(cfg, "pretraining_tp", 1) != 1:
+        return f"pretraining_tp {cfg.pretraining_tp}"
+    devices = {p.device for p in model.parameters()}
+    if len(devices) != 1 or any(type(p) is not nn.Parameter or p.is_meta for p in model.parameters()):
+        return "parameters that are not plain tensors on one device (sharded, quantised or offloaded)"
+    if any(_hooked(m) for m in model.modules()):
+        return "modules with forward hooks (sharded, offloaded or instrumented)"
+    if type(model.lm_head) is not nn.Linear or type(model.model.embed_tokens) is not nn.Embedding:
+        return "a replaced embedding or LM head"
+    for layer in model.model.layers:
+        for part, names in _LINEARS.items():
+            for n in names:
+                if type(getattr(getattr(layer, part), n)) is not nn.Linear:
+                    return f"{part}.{n} is {type(getattr(getattr(layer, part), n)).__name__} (LoRA or quantised)"
+        window = getattr(layer.self_attn, "sliding_window", None)
+        if name == "MistralForCausalLM":
+            window = cfg.sliding_window
+        if window is not None and length > window:
+            return f"sliding window {window} shorter than the rollout's {length} positions"
+    return None
+
+
+def _rms(x: Tensor, norm: nn.Module) -> Tensor:
+    """transformers' RMSNorm: normalise in float32, cast back, scale by the weight."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * h.to(x.dtype)
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+class NativeDecoder:
+    """One token per active row -> next-token logits, with keys and values in preallocated buffers.
+
+    Built after the prompt's prefill from its `DynamicCache` (P rows) and attention mask (P, L); each prompt row is
+    repeated `num_samples` times, prompt-major, as the sampler's rows are. `step` writes the new token's keys and
+    values at the next column of every active row; `select` keeps a subset of rows (finished rows leave the batch).
+    """
+
+    def __init__(self, model: nn.Module, cache, attention_mask: Tensor, *, num_samples: int, max_new_tokens: int):
+        self.model = model
+        self.layers = list(model.model.layers)
+        attn = self.layers[0].self_attn
+        self.head_dim = attn.head_dim
+        self.groups = model.config.num_attention_heads // model.config.num_key_value_heads
+        self.scaling = attn.scaling
+        rows, width = attention_mask.shape[0] * num_samples, attention_mask.shape[1]
+        self.col = width  # the column the next token's keys and values go to
+        self.keys: list[Tensor] = []
+        self.values: list[Tensor] = []
+        for layer in cache.layers:
+            for src, dst in ((layer.keys, self.keys), (layer.values, self.values)):
+                buf = src.new_empty((rows, src.shape[1], width + max_new_tokens, src.shape[3]))
+                buf[:, :, :width] = src.repeat_interleave(num_samples, dim=0)
+                dst.append(buf)
+        self.mask = torch.zeros((rows, 1, 1, width + max_new_tokens), dtype=torch.bool, device=attention_mask.device)
+        self.mask[:, 0, 0, :width] = attention_mask.bool().repeat_interleave(num_samples, dim=0)
+
+    def select(self, keep: Tensor) -> None:
+        """Keep rows `keep` (A',) of the active rows, in that order."""
+        self.keys = [k[keep] for k in self.keys]
+        self.values = [v[keep] for v in self.values]
+        self.mask = self.mask[keep]
+
+    def step(self, ids: Tensor, position_ids: Tensor) -> Tensor:
+        """ids (A,), position_ids (A, 1) -> logits (A, V) of the token after each."""
+        m = self.model
+        rows, c = ids.shape[0], self.col
+        self.col += 1
+        self.mask[:, :, :, c] = True
+        mask = self.mask[:, :, :, : c + 1]
+        x = m.model.embed_tokens(ids.unsqueeze(-1))  # (A, 1, H)
+        cos, sin = m.model.rotary_emb(x, position_ids)  # (A, 1, D)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (A, 1, 1, D)
+        d = self.head_dim
+        for i, layer in enumerate(self.layers):
+            a, mlp = layer.self_attn, layer.mlp
+            h = _rms(x, layer.input_layernorm)
+            q = F.linear(h, a.q_proj.weight, a.q_proj.bias).view(rows, 1, -1, d)
+            k = F.linear(h, a.k_proj.weight, a.k_proj.bias).view(rows, 1, -1, d)
+            v = F.linear(h, a.v_proj.weight, a.v_proj.bias).view(rows, 1, -1, d)
+            if hasattr(a, "q_norm"):  # Qwen3: RMSNorm over each head's dimensions before the rotation
+                q, k = _rms(q, a.q_norm), _rms(k, a.k_norm)
+            q = _rotate(q.transpose(1, 2), cos, sin)  # (A, heads, 1, D)
+            self.keys[i][:, :, c : c + 1] = _rotate(k.transpose(1, 2), cos, sin)
+            self.values[i][:, :, c : c + 1] = v.transpose(1, 2)
+            o = F.scaled_dot_product_attention(q, self.keys[i][:, :, : c + 1], self.values[i][:, :, : c + 1],
+                                               attn_mask=mask, scale=self.scaling, enable_gqa=self.groups > 1)
+            x = x + F.linear(o.reshape(rows, 1, -1), a.o_proj.weight, a.o_proj.bias)
+            h = _rms(x, layer.post_attention_layernorm)
+            gate = F.linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias)
+            up = F.linear(h, mlp.up_proj.weight, mlp.up_proj.bias)
+            x = x + F.linear(F.silu(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
+        x = _rms(x, m.model.norm)
+        return F.linear(x[:, 0], m.lm_head.weight, m.lm_head.bias)  # (A, V)

@@ -1,0 +1,132 @@
+"""The native decode step (rollout/decode.py) against the model's own forward; the models it leaves to the forward."""
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from posttrain.rollout import decode
+from posttrain.rollout.sampler import row_key, sample
+from posttrain.tiny import tiny_model
+
+PROMPTS = [[5, 17, 33, 8, 90, 12, 6], [41], [7, 7, 200, 64]]  # left padding of 6 and 3 positions
+STOPS = list(range(40, 90))  # rows of a random model finish at different steps: the batch shrinks mid-decode
+PAD = 0
+SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=256)
+
+# (architecture, overrides): grouped and plain heads, biases on every projection, Qwen3's q/k norms, a scaled rope
+CASES = {
+    "llama-gqa": ("llama", dict(num_key_value_heads=2)),
+    "llama-bias-mha": ("llama", dict(num_key_value_heads=4, attention_bias=True, mlp_bias=True)),
+    "llama-rope-linear": ("llama", dict(num_key_value_heads=2, rope_parameters={"rope_type": "linear", "factor": 3.0,
+                                                                                  "rope_theta": 500.0})),
+    "qwen2": ("qwen2", dict(num_key_value_heads=2)),
+    "qwen3": ("qwen3", dict(num_key_value_heads=2, head_dim=12)),
+    "mistral": ("mistral", dict(num_key_value_heads=1, sliding_window=None)),
+}
+
+
+def _model(arch: str, vocab: int, seed: int = 0, **kw) -> torch.nn.Module:
+    config = AutoConfig.for_model(arch, vocab_size=vocab, bos_token_id=None, eos_token_id=1, pad_token_id=PAD,
+                                  tie_word_embeddings=False, **{**SMALL, **kw})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).double().eval()
+    with torch.no_grad():  # biases and norm weights away from their 0 / 1 initialisation, so that using them shows
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.5)
+    return model
+
+
+def _both(model, monkeypatch, noise=dict, **kw):
+    """sample(...) through the native step and through the model's forward (`noise()` adds the sampling noise's
+    arguments afresh to each) -> both rollouts and the number of native steps taken; asserts the forward took none."""
+    calls = []
+    step = decode.NativeDecoder.step
+    monkeypatch.setattr(decode.NativeDecoder, "step", lambda self, *a: calls.append(1) or step(self, *a))
+    native = sample(model, PROMPTS, native=True, **kw, **noise())
+    n_native = len(calls)
+    forward = sample(model, PROMPTS, native=False, **kw, **noise())
+    assert len(calls) == n_native, "native=False must not use the native step"
+    return native, forward, n_native
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_native_step_decodes_exactly_as_the_forward(case, tokenizer, monkeypatch):
+    arch, kw = CASES[case]
+    model = _model(arch, len(tokenizer), **kw)
+    assert decode.unsupported(model, 64) is None
+    keys = [row_key(9, i) for i in range(len(PROMPTS) * 3)]
+    for noise in (lambda: dict(generator=torch.Generator().manual_seed(3)),  # a fresh, equal generator per side
+                  lambda: dict(keys=keys, temperature=0.8, top_p=0.9)):
+        native, forward, n_steps = _both(model, monkeypatch, num_samples=3, max_new_tokens=14, stop_ids=STOPS,
+                                         pad_id=PAD, noise=noise)
+        assert n_steps > 0
+        assert native.completion_ids == forward.completion_ids
+        assert len({len(c) for c in native.completion_ids}) > 1, "rows should finish at different steps"
+        assert native.truncated == forward.truncated
+        for a, b in zip(native.sampler_logp, forward.sampler_logp):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+def test_native_step_is_the_path_taken_and_matches_in_float32(tokenizer, monkeypatch):
+    model = tiny_model("qwen2", tokenizer, seed=1).eval()
+    native, forward, n_steps = _both(model, monkeypatch, num_samples=4, max_new_tokens=10, stop_ids=STOPS,
+                                     pad_id=PAD, keys=[row_key(1, i) for i in range(12)])
+    assert n_steps > 0
+    assert native.completion_ids == forward.completion_ids
+    for a, b in zip(native.sampler_logp, forward.sampler_logp):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_greedy_native_equals_greedy_forward_across_batch_sizes(tokenizer):
+    model = _model("llama", len(tokenizer), num_key_value_heads=2)
+    ref = sample(model, PROMPTS, max_new_tokens=12, stop_ids=STOPS, pad_id=PAD, greedy=True, native=False)
+    for batch_size in (None, 1, 2):
+        out = sample(model, PROMPTS, max_new_tokens=12, stop_ids=STOPS, pad_id=PAD, greedy=True, batch_size=batch_size)
+        assert out.completion_ids == ref.completion_ids
+
+
+def test_models_the_native_step_does_not_cover_say_why_and_decode_through_their_forward(tokenizer, monkeypatch):
+    gpt2 = tiny_model("gpt2", tokenizer).eval()
+    assert "GPT2LMHeadModel is not one of" in decode.unsupported(gpt2, 10)
+
+    windowed = _model("mistral", len(tokenizer), num_key_value_heads=2, sliding_window=16)
+    assert decode.unsupported(windowed, 16) is None
+    assert "sliding window 16 shorter than the rollout's 17 positions" in decode.unsupported(windowed, 17)
+    # prompts of up to 7 tokens + 12 new: past the window, so the forward (which applies the window) decodes
+    native, forward, n_steps = _both(windowed, monkeypatch, num_samples=2, max_new_tokens=12, stop_ids=[1],
+                                     pad_id=PAD, greedy=True)
+    assert n_steps == 0 and native.completion_ids == forward.completion_ids
+
+    hooked = _model("llama", len(tokenizer), num_key_value_heads=2)
+    handle = hooked.model.layers[1].mlp.register_forward_hook(lambda *a: None)
+    assert "forward hooks" in decode.unsupported(hooked, 10)
+    handle.remove()
+    assert decode.unsupported(hooked, 10) is None
+
+    silu_free = _model("llama", len(tokenizer), num_key_value_heads=2, hidden_act="gelu")
+    assert "hidden_act 'gelu'" in decode.unsupported(silu_free, 10)
+
+
+def test_lora_wrapped_policies_decode_through_their_forward(tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    base = _model("llama", len(tokenizer), num_key_value_heads=2)
+    peft = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert "is not one of" in decode.unsupported(peft, 10)  # the wrapper itself
+    assert "self_attn.q_proj is" in decode.unsupported(peft.base_model.model, 10)  # its LoRA layers inside
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_step_on_cuda_matches_the_forward(tokenizer, monkeypatch, dtype):
+    model = _model("qwen2", len(tokenizer), num_key_value_heads=2).to("cuda", dtype)
+    native, forward, n_steps = _both(model, monkeypatch, num_samples=4, max_new_tokens=12, stop_ids=STOPS,
+                                     pad_id=PAD, keys=[row_key(2, i) for i in range(12)])
+    assert n_steps > 0
+    tol = 1e-4 if dtype == torch.float32 else 0.1  # bf16: an ulp of a logit is ~0.03
+    for a, b, ca, cb in zip(native.sampler_logp, forward.sampler_logp, native.completion_ids, forward.completion_ids):
+        n = next((i for i, (x, y) in enumerate(zip(ca, cb)) if x != y), min(len(ca), len(cb)))
+        torch.testing.assert_close(a[:n], b[:n], atol=tol, rtol=0)  # up to the first token drawn apart
+        if dtype == torch.float32:
+            assert ca == cb
