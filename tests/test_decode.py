@@ -108,13 +108,33 @@ def test_models_the_native_step_does_not_cover_say_why_and_decode_through_their_
     assert "hidden_act 'gelu'" in decode.unsupported(silu_free, 10)
 
 
-def test_lora_wrapped_policies_decode_through_their_forward(tokenizer):
+def test_lora_wrapped_policies_decode_natively_as_peft_computes_them(tokenizer, monkeypatch):
     from peft import LoraConfig, get_peft_model
 
-    base = _model("llama", len(tokenizer), num_key_value_heads=2)
-    peft = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
-    assert "is not one of" in decode.unsupported(peft, 10)  # the wrapper itself
-    assert "self_attn.q_proj is" in decode.unsupported(peft.base_model.model, 10)  # its LoRA layers inside
+    base = _model("qwen2", len(tokenizer), num_key_value_heads=2)
+    peft = get_peft_model(base, LoraConfig(r=2, lora_alpha=6, lora_dropout=0.1, target_modules="all-linear"))
+    with torch.no_grad():  # B = 0 at the start would hide the adapters
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    assert decode.unsupported(peft, 64) is None
+    kw = dict(num_samples=3, max_new_tokens=12, stop_ids=STOPS, pad_id=PAD, keys=[row_key(4, i) for i in range(9)])
+    on = _both(peft, monkeypatch, **kw)
+    with peft.disable_adapter():  # (get_peft_model wraps `base` in place: this is the model without adapters)
+        off = _both(peft, monkeypatch, **kw)
+    for native, forward, n_steps in (on, off):
+        assert n_steps > 0 and native.completion_ids == forward.completion_ids
+        for a, b in zip(native.sampler_logp, forward.sampler_logp):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    assert on[0].completion_ids != off[0].completion_ids, "the adapters should change the samples"
+
+
+def test_lora_variants_decode_through_their_forward(tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    dora = get_peft_model(_model("llama", len(tokenizer), num_key_value_heads=2),
+                          LoraConfig(r=2, target_modules=["q_proj", "v_proj"], use_dora=True))
+    assert "self_attn.q_proj uses a LoRA variant" in decode.unsupported(dora, 10)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -17,9 +17,10 @@ queries into query rows takes 130 us, for 32 rows); SiLU-gated MLP; final norm; 
 Keys and values go into buffers allocated once for the whole rollout. The prompt is prefilled by the model's own
 forward; its cache is copied into the buffers.
 
+A peft LoRA wrapper of such a model decodes here too, each adapted projection computed as peft computes it.
 `unsupported(model, length)` says why a model cannot take this path (another architecture or a subclass of one,
-LoRA or quantised layers, sharded or hooked modules, a sliding window shorter than the rollout); the sampler then
-decodes with the model's forward. `tests/test_decode.py` checks this path against that forward.
+quantised layers or LoRA variants, sharded or hooked modules, a sliding window shorter than the rollout); the
+sampler then decodes with the model's forward. `tests/test_decode.py` checks this path against that forward.
 """
 from __future__ import annotations
 
@@ -35,12 +36,40 @@ def _hooked(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"))
 
 
+def _is_lora_linear(module: nn.Module) -> bool:
+    return type(module).__name__ == "Linear" and type(module).__module__ == "peft.tuners.lora.layer"
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft LoRA wrapper (whose adapted layers `_linear` computes); else `model`."""
+    base = getattr(model, "base_model", None)
+    if type(model).__module__.startswith("peft.") and type(base).__name__ == "LoraModel":
+        return base.model
+    return model
+
+
+def _linear_unsupported(module: nn.Module) -> str | None:
+    if type(module) is nn.Linear:
+        return None
+    if not _is_lora_linear(module):
+        return f"is {type(module).__name__} (quantised or another adapter type)"
+    if type(module.base_layer) is not nn.Linear:
+        return f"is LoRA on {type(module.base_layer).__name__} (quantised)"
+    for name in module.active_adapters:
+        if name in module.lora_variant:
+            return f"uses a LoRA variant ({type(module.lora_variant[name]).__name__})"
+        if type(module.lora_dropout[name]) not in (nn.Dropout, nn.Identity):
+            return f"has LoRA dropout {type(module.lora_dropout[name]).__name__}"
+    return None
+
+
 def unsupported(model: nn.Module, length: int) -> str | None:
     """None when `model` can decode sequences of up to `length` positions through `NativeDecoder`; else why not."""
-    name = type(model).__name__
-    if name not in _CLASSES or type(model).__module__.split(".")[:2] != ["transformers", "models"]:
+    inner = _unwrap(model)
+    name = type(inner).__name__
+    if name not in _CLASSES or type(inner).__module__.split(".")[:2] != ["transformers", "models"]:
         return f"{name} is not one of transformers' {', '.join(_CLASSES)}"
-    cfg = model.config
+    cfg = inner.config
     if cfg.hidden_act != "silu":
         return f"hidden_act {cfg.hidden_act!r} (silu only)"
     if getattr(cfg, "pretraining_tp", 1) != 1:
@@ -50,19 +79,38 @@ def unsupported(model: nn.Module, length: int) -> str | None:
         return "parameters that are not plain tensors on one device (sharded, quantised or offloaded)"
     if any(_hooked(m) for m in model.modules()):
         return "modules with forward hooks (sharded, offloaded or instrumented)"
-    if type(model.lm_head) is not nn.Linear or type(model.model.embed_tokens) is not nn.Embedding:
+    if type(inner.lm_head) is not nn.Linear or type(inner.model.embed_tokens) is not nn.Embedding:
         return "a replaced embedding or LM head"
-    for layer in model.model.layers:
+    for layer in inner.model.layers:
         for part, names in _LINEARS.items():
             for n in names:
-                if type(getattr(getattr(layer, part), n)) is not nn.Linear:
-                    return f"{part}.{n} is {type(getattr(getattr(layer, part), n)).__name__} (LoRA or quantised)"
+                why = _linear_unsupported(getattr(getattr(layer, part), n))
+                if why:
+                    return f"{part}.{n} {why}"
         window = getattr(layer.self_attn, "sliding_window", None)
         if name == "MistralForCausalLM":
             window = cfg.sliding_window
         if window is not None and length > window:
             return f"sliding window {window} shorter than the rollout's {length} positions"
     return None
+
+
+def _linear(module: nn.Module, x: Tensor) -> Tensor:
+    """A projection: nn.Linear, or peft's LoRA Linear computed as peft does, W x + b + sum_a s_a B_a A_a x (dropout
+    is the identity: the sampler decodes in eval mode)."""
+    if type(module) is nn.Linear:
+        return F.linear(x, module.weight, module.bias)
+    base = module.base_layer
+    out = F.linear(x, base.weight, base.bias)
+    if module.disable_adapters or module.merged:
+        return out
+    dtype = out.dtype
+    for name in module.active_adapters:
+        if name in module.lora_A:
+            a, b = module.lora_A[name], module.lora_B[name]
+            low = F.linear(x.to(a.weight.dtype), a.weight, a.bias)
+            out = out + F.linear(low, b.weight, b.bias) * module.scaling[name]
+    return out.to(dtype)
 
 
 def _rms(x: Tensor, norm: nn.Module) -> Tensor:
@@ -86,7 +134,7 @@ class NativeDecoder:
     """
 
     def __init__(self, model: nn.Module, cache, attention_mask: Tensor, *, num_samples: int, max_new_tokens: int):
-        self.model = model
+        self.model = model = _unwrap(model)
         self.layers = list(model.model.layers)
         attn = self.layers[0].self_attn
         self.head_dim = attn.head_dim
@@ -124,9 +172,9 @@ class NativeDecoder:
         for i, layer in enumerate(self.layers):
             a, mlp = layer.self_attn, layer.mlp
             h = _rms(x, layer.input_layernorm)
-            q = F.linear(h, a.q_proj.weight, a.q_proj.bias).view(rows, 1, -1, d)
-            k = F.linear(h, a.k_proj.weight, a.k_proj.bias).view(rows, 1, -1, d)
-            v = F.linear(h, a.v_proj.weight, a.v_proj.bias).view(rows, 1, -1, d)
+            q = _linear(a.q_proj, h).view(rows, 1, -1, d)
+            k = _linear(a.k_proj, h).view(rows, 1, -1, d)
+            v = _linear(a.v_proj, h).view(rows, 1, -1, d)
             if hasattr(a, "q_norm"):  # Qwen3: RMSNorm over each head's dimensions before the rotation
                 q, k = _rms(q, a.q_norm), _rms(k, a.k_norm)
             q = _rotate(q.transpose(1, 2), cos, sin)  # (A, heads, 1, D)
@@ -134,10 +182,8 @@ class NativeDecoder:
             self.values[i][:, :, c : c + 1] = v.transpose(1, 2)
             o = F.scaled_dot_product_attention(q, self.keys[i][:, :, : c + 1], self.values[i][:, :, : c + 1],
                                                attn_mask=mask, scale=self.scaling, enable_gqa=self.groups > 1)
-            x = x + F.linear(o.reshape(rows, 1, -1), a.o_proj.weight, a.o_proj.bias)
+            x = x + _linear(a.o_proj, o.reshape(rows, 1, -1))
             h = _rms(x, layer.post_attention_layernorm)
-            gate = F.linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias)
-            up = F.linear(h, mlp.up_proj.weight, mlp.up_proj.bias)
-            x = x + F.linear(F.silu(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
+            x = x + _linear(mlp.down_proj, F.silu(_linear(mlp.gate_proj, h)) * _linear(mlp.up_proj, h))
         x = _rms(x, m.model.norm)
         return F.linear(x[:, 0], m.lm_head.weight, m.lm_head.bias)  # (A, V)
