@@ -9,7 +9,9 @@ Order of operations (algorithms.md §3, §4):
 Stages that read stored data only (SFT, DFT, PSFT, KD; DPO and the other pair losses; KTO) are built in
 training/offline.py (the advantage of a preference loss comes later, from the update's forward pass); the
 teachers' signals (KD's targets, SDFT's self-teacher) in training/teachers.py; rejection sampling (RFT), which
-refills its pool of verified samples once per round, in training/rejection.py. The loop calls `make` and never asks which method runs.
+refills its pool of verified samples once per round, in training/rejection.py; the hybrids' per-question
+gates, extra demonstrations and prefixed rollouts in training/hybrids.py. The loop calls `make` and never asks
+which method runs.
 The sampler's ids are used as they are: text is decoded only for the reward functions.
 """
 from __future__ import annotations
@@ -24,8 +26,7 @@ from .. import faults
 from ..data.batch import DEMO, ROLLOUT, Batch, Row, pair_batch
 from ..data.encode import completion_text, encode_prompt
 from ..logprobs import token_logprobs
-from ..objective import mixers
-from ..objective.advantages import group_success, mixed_outcome
+from ..objective.advantages import mixed_outcome
 from ..objective.components import overlong_penalty
 from ..objective.preference import PAIRED_LOSSES
 from ..objective.presets import get_preset
@@ -36,6 +37,7 @@ from ..rollout.sampler import Rollout, row_key, sample
 from .assembly import STREAM_IDS, StepData, _Rows, correct_for_sampler, row_baselines, rows_to_batch, \
     token_advantages
 from .health import GroupSignal, RewardHealth
+from .hybrids import HybridRows
 from .offline import OfflineSteps
 from .rejection import RejectionSampling
 from .teachers import TeacherSignals
@@ -44,21 +46,7 @@ from .sources import Buffer, DataCursor, Demonstrations, PairedDemos, VerifiedPo
 log = logging.getLogger("posttrain")
 
 
-class _Questions:
-    """Per-question statistics of scored rows: each row's group, stream, and its question's rollout successes."""
-
-    def __init__(self, part: _Rows, threshold: float):
-        R = torch.tensor(part.rewards, dtype=torch.float64)
-        self.group = torch.tensor([r.group for r in part.rows])
-        self.stream = torch.tensor([r.stream for r in part.rows])
-        rollout_R = torch.where(self.stream == ROLLOUT, R, torch.full_like(R, math.nan))
-        self.hits, self.count = group_success(rollout_R, self.group, threshold)  # (N,) each
-        self.keys = {r.group: r.meta["key"] for r in part.rows}  # group -> the question's row key
-        self.first_hits = {g: float(h) for g, h in zip(self.group.tolist(), self.hits.tolist())}
-        self.first_count = {g: float(c) for g, c in zip(self.group.tolist(), self.count.tolist())}
-
-
-class Experience(OfflineSteps, TeacherSignals, RejectionSampling):
+class Experience(OfflineSteps, TeacherSignals, RejectionSampling, HybridRows):
     """Builds one Batch per step from a stage's sources. Holds no model: the policy is passed in."""
 
     def __init__(self, stage, tokenizer, *, pad_id: int, stop_ids=(), device="cpu", seed: int = 0, rows=None,
@@ -246,31 +234,6 @@ class Experience(OfflineSteps, TeacherSignals, RejectionSampling):
             if math.isnan(base[row.group]):
                 part.rewards[i] = math.nan
 
-    def prefix_share(self, step: int) -> float:
-        """The share of each demonstration copied as a prefix at `step`: a cosine from prefix_start to prefix_end."""
-        src = self.s.sources
-        return mixers.cosine_schedule(step, start=src.prefix_start, end=src.prefix_end, warmup=0,
-                                      decay=max(1, self.total_steps - 1))
-
-    def _prefixed(self, model, keys, g0, step, generator, part: _Rows, owners: list[int]) -> None:
-        share = self.prefix_share(step)
-        prompts, lens = [], []
-        for k in keys:
-            enc = self.paired.get(k, self.rows[k])
-            a, b = Row(enc.input_ids, enc.loss_mask, DEMO, 0).completion_span()
-            n = min(int(share * (b - a)), b - a - 1)  # the policy always writes at least the last token
-            prompts.append(list(enc.input_ids[:a + n]))
-            lens.append((a, n))
-        ro = self._sample(model, prompts, self.s.sources.prefixed_rows, generator)
-        for i, j in enumerate(ro.prompt_index):
-            a, n = lens[j]
-            p, c = ro.prompt_ids[i], ro.completion_ids[i]
-            part.rows.append(Row(p + c, [0] * a + [1] * (n + len(c)), ROLLOUT, g0 + j, prefix_len=n,
-                                 sampler_logp=ro.sampler_logp[i], truncated=ro.truncated[i],
-                                 meta={"key": keys[j], "sampled": len(c)}))
-            part.free.append(False)
-            owners.append(keys[j])
-
     def _rollouts(self, model, step: int, generator) -> StepData:
         s = self.s
         P = s.batch.size
@@ -399,75 +362,6 @@ class Experience(OfflineSteps, TeacherSignals, RejectionSampling):
         rewards = self.s.rewards
         i = next((k for k, r in enumerate(rewards) if r.primary), 0)
         return i, (rewards[i].threshold if rewards else 1.0)
-
-    # ---- per-question gates and extra rows ------------------------------------------------------------
-
-    def _add_demonstrations(self, part: _Rows, step: int, g_next: int, values: dict) -> torch.Tensor:
-        """Demonstration rows decided after scoring (HPT, SRFT, CHORD, ReLIFT) appended to `part`; returns every
-        row's mix. `g_next` is the first group id no question uses (rows outside the questions' groups)."""
-        q = _Questions(part, self.s.success_threshold)
-        fresh = iter(range(g_next, g_next + 10 ** 9))
-        mixer = self.p.mixer
-        if mixer in ("hpt", "hpt_soft"):
-            mix = self._hpt(part, q, values)
-        elif mixer == "srft":  # every question's demonstration; its weights come from the update's entropy
-            for g, k in sorted(q.keys.items()):
-                part.add(self._demo_row(k, g))
-            mix = torch.ones(len(part.rows), dtype=torch.float64)
-        elif mixer == "chord":
-            mix = self._chord(part, step, fresh, values)
-        else:
-            mix = torch.ones(len(part.rows), dtype=torch.float64)
-        if self.buffer is not None:
-            mix = self._relift(part, q, mix, fresh, values)
-        if "prefixed" in self.p.sources:
-            lens = [r.prefix_len for r in part.rows if r.prefix_len]
-            values["prefix_share"] = self.prefix_share(step)
-            values["prefix_len"] = sum(lens) / len(lens) if lens else 0.0
-        return mix
-
-    def _hpt(self, part: _Rows, q: "_Questions", values: dict) -> torch.Tensor:
-        """HPT's gate (or soft table) per question: rollout weights, and the demonstrations it switches to SFT."""
-        s = self.s
-        if self.p.mixer == "hpt":
-            mix, switched = mixers.hpt_gate(q.hits, q.count, q.stream, gamma=s.mix.hpt_gamma, sft_coef=s.mix.sft_coef)
-            demo_w = {g: s.mix.sft_coef for g in set(q.group[switched].tolist())}
-        else:
-            table = tuple(tuple(r) for r in s.mix.soft_table)
-            mix = mixers.hpt_soft(q.hits, q.count, q.stream, table=table)
-            sft_w = mixers.hpt_soft(q.hits, q.count, torch.full_like(q.stream, DEMO), table=table)
-            first = {}
-            for g, w, c in zip(q.group.tolist(), sft_w.tolist(), q.count.tolist()):
-                first.setdefault(g, (w, c))
-            demo_w = {g: w for g, (w, c) in first.items() if w > 0 and c > 0}
-        for g, w in sorted(demo_w.items()):
-            part.add(self._demo_row(q.keys[g], g))
-            mix = torch.cat([mix, torch.tensor([w], dtype=mix.dtype)])
-        values["switch_frac"] = len(demo_w) / max(len(q.keys), 1)
-        return mix
-
-    def _chord(self, part: _Rows, step: int, fresh, values: dict) -> torch.Tensor:
-        """CHORD: expert rows (demo_share as many as the question rows), mix 1 - mu on rollouts and mu on them."""
-        s = self.s
-        mu = mixers.cosine_schedule(step, start=s.mix.mu_peak, end=s.mix.mu_valley, warmup=s.mix.mu_warmup,
-                                    decay=s.mix.mu_decay)
-        k = max(1, round(s.sources.demo_share * len(part.rows))) if s.sources.demo_share > 0 else 0
-        for enc in self.demos.take(k):
-            part.add(Row(list(enc.input_ids), list(enc.loss_mask), DEMO, next(fresh)))
-        values["mu"] = mu
-        return mixers.chord(torch.tensor([r.stream for r in part.rows]), mu).to(torch.float64)
-
-    def _relift(self, part: _Rows, q: "_Questions", mix: torch.Tensor, fresh, values: dict) -> torch.Tensor:
-        """ReLIFT: questions whose rollouts all failed enter the buffer; a full buffer adds their demonstrations."""
-        failed = [q.keys[g] for g in sorted(q.keys) if q.first_hits[g] == 0 and q.first_count[g] > 0]
-        self.buffer.add(failed)
-        values["buffer_fill"] = len(self.buffer.keys) / self.buffer.size
-        values["buffer_sft"] = float(self.buffer.full())
-        if self.buffer.full():
-            for k in self.buffer.drain():
-                part.add(self._demo_row(k, next(fresh)))
-            mix = torch.cat([mix, torch.full((len(part.rows) - len(mix),), self.s.mix.sft_coef, dtype=mix.dtype)])
-        return mix
 
     def _assemble(self, model, part: _Rows, mix: torch.Tensor, values: dict) -> Batch:
         """Rows -> Batch with old / reference log-probs, advantages and mix."""
