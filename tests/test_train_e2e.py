@@ -172,3 +172,16 @@ def test_gradient_accumulation_invariant_through_model(tokenizer, aggregation):
     accumulate_gradients(model, batch, spec, micro_size=1, device="cpu")
     torch.testing.assert_close(_grads(model), full, rtol=1e-5, atol=1e-7)
     assert full.abs().sum() > 0
+
+
+def test_rollout_native_decode_picks_the_samplers_decode_step(tmp_path, model_dirs, monkeypatch):
+    from posttrain.rollout import decode
+
+    calls = []
+    step = decode.NativeDecoder.step
+    monkeypatch.setattr(decode.NativeDecoder, "step", lambda self, *a: calls.append(1) or step(self, *a))
+    run(tmp_path / "native", model_dirs["llama"], "grpo", steps=2)
+    native_steps = len(calls)
+    run(tmp_path / "forward", model_dirs["llama"], "grpo", steps=2,
+        rollout={"group_size": 4, "max_new_tokens": 6, "native_decode": False})
+    assert native_steps > 0 and len(calls) == native_steps
