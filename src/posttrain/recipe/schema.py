@@ -122,8 +122,9 @@ class RolloutConfig(Strict):
     # (token level unless set)
     engine: Literal["builtin", "vllm"] = "builtin"
     # builtin engine: Llama, Qwen2, Qwen3 and Mistral models decode through posttrain's own step (the same
-    # operations without transformers' modules, keys and values in buffers allocated once: rollout/decode.py);
-    # other models (another architecture, LoRA-wrapped, sharded) through their own forward, as all do with false
+    # operations without transformers' modules, keys and values in buffers that double when full;
+    # rollout/decode.py), LoRA-wrapped or not; other models (another architecture, quantised or sharded layers)
+    # through their own forward, as all do with false
     native_decode: bool = True  # builtin: Llama-family models decode through posttrain's step; false: their forward
     vllm_memory: float = Field(0.3, gt=0, lt=1)  # vllm: the share of the GPU's memory vLLM may take
     vllm_max_len: Optional[int] = Field(None, gt=0)  # vllm: its context (prompt + completion); null: the model's

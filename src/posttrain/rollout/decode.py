@@ -14,7 +14,8 @@ has them); Qwen3's per-head q/k norms; rotary embeddings from the model's own ro
 scaling type transformers implements applies unchanged); attention by `scaled_dot_product_attention` with a key
 mask (grouped-query heads by SDPA's `enable_gqa`: 57 us a call where transformers' folding of a key head's
 queries into query rows takes 130 us, for 32 rows); SiLU-gated MLP; final norm; LM head.
-Keys and values go into buffers allocated once for the whole rollout. The prompt is prefilled by the model's own
+Keys and values go into buffers that double when full (not a copy of the whole cache per token, and no memory
+held for the longest possible rollout by rows that stop early). The prompt is prefilled by the model's own
 forward; its cache is copied into the buffers.
 
 A peft LoRA wrapper of such a model decodes here too, each adapted projection computed as peft computes it.
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 _CLASSES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
+_FIRST_ROOM = 128  # generated tokens the key / value buffers hold before they first grow
 _LINEARS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
 
 
@@ -126,7 +128,7 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class NativeDecoder:
-    """One token per active row -> next-token logits, with keys and values in preallocated buffers.
+    """One token per active row -> next-token logits, with keys and values in buffers that grow by doubling.
 
     Built after the prompt's prefill from its `DynamicCache` (P rows) and attention mask (P, L); each prompt row is
     repeated `num_samples` times, prompt-major, as the sampler's rows are. `step` writes the new token's keys and
@@ -142,15 +144,34 @@ class NativeDecoder:
         self.scaling = attn.scaling
         rows, width = attention_mask.shape[0] * num_samples, attention_mask.shape[1]
         self.col = width  # the column the next token's keys and values go to
+        self.limit = width + max_new_tokens  # the most columns a row can need
+        room = width + min(max_new_tokens, _FIRST_ROOM)
         self.keys: list[Tensor] = []
         self.values: list[Tensor] = []
         for layer in cache.layers:
             for src, dst in ((layer.keys, self.keys), (layer.values, self.values)):
-                buf = src.new_empty((rows, src.shape[1], width + max_new_tokens, src.shape[3]))
+                buf = src.new_empty((rows, src.shape[1], room, src.shape[3]))
                 buf[:, :, :width] = src.repeat_interleave(num_samples, dim=0)
                 dst.append(buf)
-        self.mask = torch.zeros((rows, 1, 1, width + max_new_tokens), dtype=torch.bool, device=attention_mask.device)
+        self.mask = torch.zeros((rows, 1, 1, room), dtype=torch.bool, device=attention_mask.device)
         self.mask[:, 0, 0, :width] = attention_mask.bool().repeat_interleave(num_samples, dim=0)
+
+    def _reserve(self, columns: int) -> None:
+        """Room for `columns` columns: the buffers double (up to the limit) when full, so a rollout copies its cache
+        O(log length) times, and rows that stop early never hold memory for the longest possible rollout."""
+        room = self.mask.shape[-1]
+        if columns <= room:
+            return
+        extra = min(self.limit, max(columns, 2 * room)) - room
+
+        def grow(t: Tensor, dim: int, fill=torch.empty) -> Tensor:  # (columns past `col` are never read)
+            shape = list(t.shape)
+            shape[dim] = extra
+            return torch.cat([t, fill(shape, dtype=t.dtype, device=t.device)], dim=dim)
+
+        self.keys = [grow(k, 2) for k in self.keys]
+        self.values = [grow(v, 2) for v in self.values]
+        self.mask = grow(self.mask, 3, torch.zeros)
 
     def select(self, keep: Tensor) -> None:
         """Keep rows `keep` (A',) of the active rows, in that order."""
@@ -162,6 +183,7 @@ class NativeDecoder:
         """ids (A,), position_ids (A, 1) -> logits (A, V) of the token after each."""
         m = self.model
         rows, c = ids.shape[0], self.col
+        self._reserve(c + 1)
         self.col += 1
         self.mask[:, :, :, c] = True
         mask = self.mask[:, :, :, : c + 1]
