@@ -3,8 +3,10 @@
 Scheme (transformers 5.x): prompts are LEFT-padded, with an explicit attention mask and position ids
 counted from each row's first real token, so every row sees exactly the positions it would see alone.
 Each distinct prompt is prefilled once and its cache repeated `num_samples` times. Decoding feeds one
-token per active row into a `DynamicCache`; a row that samples a stop id is finished and dropped from
-the batch (its cache rows with it), so long stragglers do not drag finished rows through the model.
+token per active row, through `decode.NativeDecoder` for Llama-family models (the same operations without
+transformers' modules) and through the model's forward with a `DynamicCache` otherwise; a row that samples a
+stop id is finished and dropped from the batch (its cache rows with it), so long stragglers do not drag
+finished rows through the model.
 
 `sampler_logp` is the log-probability of each sampled id under softmax(logits / temperature), i.e.
 before the top-p cut, which is the behaviour distribution trainers compare against. Nothing is ever
@@ -243,8 +245,8 @@ def sample(
     `keys` (one int per output row, prompt-major) replaces `generator` with keyed noise: row i's tokens depend on
     its prompt, the model and keys[i] only, not on the rows beside it (`row_key` makes keys).
     `native` decodes Llama-family models through `rollout.decode.NativeDecoder` (the same operations without
-    transformers' modules, ~2x faster a step on small models); False, or a model it does not support, uses the
-    model's forward.
+    transformers' modules: 1.3x faster rollouts at 32 tokens, 1.8x at 512 on a 2M-parameter model); False, or a
+    model it does not support, uses the model's forward.
     The model is put in eval mode while sampling and its previous mode restored afterwards.
     """
     _check_args(model, prompts, num_samples, max_new_tokens, temperature, top_p, stop_ids, pad_id, batch_size)
