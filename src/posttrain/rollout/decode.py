@@ -25,6 +25,8 @@ sampler then decodes with the model's forward. `tests/test_decode.py` checks thi
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -115,11 +117,23 @@ def _linear(module: nn.Module, x: Tensor) -> Tensor:
     return out.to(dtype)
 
 
-def _rms(x: Tensor, norm: nn.Module) -> Tensor:
-    """transformers' RMSNorm: normalise in float32, cast back, scale by the weight."""
+def _rms(x: Tensor, norm: tuple[Tensor, float]) -> Tensor:
+    """transformers' RMSNorm of `norm` = (weight, eps): normalise in float32, cast back, scale by the weight."""
+    weight, eps = norm
     h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    return norm.weight * h.to(x.dtype)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _norm(module: nn.Module) -> tuple[Tensor, float]:
+    return module.weight, module.variance_epsilon
+
+
+def _projection(module: nn.Module):
+    """x -> the projection of x: F.linear on an nn.Linear's tensors, `_linear` for a LoRA layer."""
+    if type(module) is nn.Linear:
+        return partial(F.linear, weight=module.weight, bias=module.bias)
+    return partial(_linear, module)
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -137,8 +151,15 @@ class NativeDecoder:
 
     def __init__(self, model: nn.Module, cache, attention_mask: Tensor, *, num_samples: int, max_new_tokens: int):
         self.model = model = _unwrap(model)
-        self.layers = list(model.model.layers)
-        attn = self.layers[0].self_attn
+        self.layers = []  # per layer: its norms and projections, looked up once (not once per token)
+        for layer in model.model.layers:
+            a, mlp = layer.self_attn, layer.mlp
+            qk_norms = (_norm(a.q_norm), _norm(a.k_norm)) if hasattr(a, "q_norm") else None  # Qwen3
+            self.layers.append((_norm(layer.input_layernorm), _norm(layer.post_attention_layernorm), qk_norms,
+                                *(_projection(getattr(a, n)) for n in _LINEARS["self_attn"]),
+                                *(_projection(getattr(mlp, n)) for n in _LINEARS["mlp"])))
+        self.final_norm = _norm(model.model.norm)
+        attn = model.model.layers[0].self_attn
         self.head_dim = attn.head_dim
         self.groups = model.config.num_attention_heads // model.config.num_key_value_heads
         self.scaling = attn.scaling
@@ -191,21 +212,18 @@ class NativeDecoder:
         cos, sin = m.model.rotary_emb(x, position_ids)  # (A, 1, D)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (A, 1, 1, D)
         d = self.head_dim
-        for i, layer in enumerate(self.layers):
-            a, mlp = layer.self_attn, layer.mlp
-            h = _rms(x, layer.input_layernorm)
-            q = _linear(a.q_proj, h).view(rows, 1, -1, d)
-            k = _linear(a.k_proj, h).view(rows, 1, -1, d)
-            v = _linear(a.v_proj, h).view(rows, 1, -1, d)
-            if hasattr(a, "q_norm"):  # Qwen3: RMSNorm over each head's dimensions before the rotation
-                q, k = _rms(q, a.q_norm), _rms(k, a.k_norm)
+        for i, (norm1, norm2, qk_norms, q_proj, k_proj, v_proj, o_proj, gate, up, down) in enumerate(self.layers):
+            h = _rms(x, norm1)
+            q, k, v = q_proj(h).view(rows, 1, -1, d), k_proj(h).view(rows, 1, -1, d), v_proj(h).view(rows, 1, -1, d)
+            if qk_norms is not None:  # Qwen3: RMSNorm over each head's dimensions before the rotation
+                q, k = _rms(q, qk_norms[0]), _rms(k, qk_norms[1])
             q = _rotate(q.transpose(1, 2), cos, sin)  # (A, heads, 1, D)
             self.keys[i][:, :, c : c + 1] = _rotate(k.transpose(1, 2), cos, sin)
             self.values[i][:, :, c : c + 1] = v.transpose(1, 2)
             o = F.scaled_dot_product_attention(q, self.keys[i][:, :, : c + 1], self.values[i][:, :, : c + 1],
                                                attn_mask=mask, scale=self.scaling, enable_gqa=self.groups > 1)
-            x = x + _linear(a.o_proj, o.reshape(rows, 1, -1))
-            h = _rms(x, layer.post_attention_layernorm)
-            x = x + _linear(mlp.down_proj, F.silu(_linear(mlp.gate_proj, h)) * _linear(mlp.up_proj, h))
-        x = _rms(x, m.model.norm)
+            x = x + o_proj(o.reshape(rows, 1, -1))
+            h = _rms(x, norm2)
+            x = x + down(F.silu(gate(h)) * up(h))
+        x = _rms(x, self.final_norm)
         return F.linear(x[:, 0], m.lm_head.weight, m.lm_head.bias)  # (A, V)
