@@ -45,7 +45,7 @@ def _is_lora_linear(module: nn.Module) -> bool:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model inside a peft LoRA wrapper (whose adapted layers `_linear` computes); else `model`."""
+    """The transformers model inside a peft LoRA wrapper (whose adapted layers `_lora_linear` computes); else `model`."""
     base = getattr(model, "base_model", None)
     if type(model).__module__.startswith("peft.") and type(base).__name__ == "LoraModel":
         return base.model
@@ -99,11 +99,9 @@ def unsupported(model: nn.Module, length: int) -> str | None:
     return None
 
 
-def _linear(module: nn.Module, x: Tensor) -> Tensor:
-    """A projection: nn.Linear, or peft's LoRA Linear computed as peft does, W x + b + sum_a s_a B_a A_a x (dropout
-    is the identity: the sampler decodes in eval mode)."""
-    if type(module) is nn.Linear:
-        return F.linear(x, module.weight, module.bias)
+def _lora_linear(module: nn.Module, x: Tensor) -> Tensor:
+    """peft's LoRA Linear computed as peft does, W x + b + sum_a s_a B_a A_a x (dropout is the identity: the sampler
+    decodes in eval mode)."""
     base = module.base_layer
     out = F.linear(x, base.weight, base.bias)
     if module.disable_adapters or module.merged:
@@ -130,10 +128,10 @@ def _norm(module: nn.Module) -> tuple[Tensor, float]:
 
 
 def _projection(module: nn.Module):
-    """x -> the projection of x: F.linear on an nn.Linear's tensors, `_linear` for a LoRA layer."""
+    """x -> the projection of x: F.linear on an nn.Linear's tensors, `_lora_linear` for a LoRA layer."""
     if type(module) is nn.Linear:
         return partial(F.linear, weight=module.weight, bias=module.bias)
-    return partial(_linear, module)
+    return partial(_lora_linear, module)
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
