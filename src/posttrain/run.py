@@ -13,7 +13,6 @@ old run aside first. One process at a time holds the directory.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
@@ -37,10 +36,11 @@ from .models import choose_dtype, compute_context, load_policy, load_tokenizer, 
 from .eval.preference import reward_model_accuracy
 from .objective.preference import REWARD_MODEL_LOSS
 from .objective.presets import PRESETS, get_preset
-from .recipe import Recipe, RecipeError, dump_recipe, load_recipe, recipe_data
+from .recipe import Recipe, dump_recipe, load_recipe, recipe_data
 from .preflight import check_template, explain_stage
 from .run_hooks import CurveHook, EvalHooks
 from .stage_data import IN_MEMORY, StageData, StageRows, reads_row_demos
+from .stage_resources import StageResources
 from .rundir import BadRows, Checkpointer, RunLock, StageProgress, StopRequest, changes, move_aside, refuse_changes, stage_config
 from .training import checkpoint, lora
 from .training.loop import new_state, run_stage
@@ -109,7 +109,7 @@ def _per_stage(value, raw: dict) -> dict:
     return {n: value for n in names}
 
 
-class Run(StageRows):
+class Run(StageRows, StageResources):
     def __init__(self, cfg: Recipe, *, out=None, max_steps=None, data=None, rewards=None, progress=None,
                  fresh: bool = False, allow_change: tuple[str, ...] = ()):
         self.cfg = cfg
@@ -322,74 +322,6 @@ class Run(StageRows):
             shutil.copytree(self.out / "stages" / last_stage.name / "adapter", self.out / "final" / "adapter",
                             dirs_exist_ok=True)
 
-    def _check_rewards(self, stage, sd: "StageData") -> None:
-        """Before the model loads: the reward functions import, and accept the data's columns as keywords."""
-        if sd.rows is None or not get_preset(stage.method).needs_rewards or not stage.rewards:
-            return
-        from .rewards import reward_columns
-
-        self._checking = True
-        try:
-            with self._scorer(stage) as scorer:
-                scorer.check_columns(reward_columns(sd.rows.rows))
-        except ValueError as e:
-            raise RecipeError(f"stage {stage.name!r}: {e}") from None
-        finally:
-            self._checking = False
-
-    def _teacher(self, tok, device, dtype):
-        """The recipe's teacher, loaded once, frozen; its tokenizer must be the policy's (the same ids)."""
-        if getattr(self, "_teacher_model", None) is None:
-            from .models import load_teacher
-
-            self._teacher_model = load_teacher(self.cfg.teacher, tok, dtype=dtype, device=device)
-            if self.world.sharded and self.cfg.distributed.teacher == "shard":
-                shard(self._teacher_model, self.world)
-        return self._teacher_model
-
-    def _scorer(self, stage):
-        from .rewards import RewardScorer, RewardSpec
-
-        if not stage.rewards:  # on-policy distillation without rewards
-            return contextlib.nullcontext(None)
-        specs = []
-        for r in stage.rewards:
-            fn: Any = r.fn
-            local = fn == "model"
-            if local:  # a reward model, batched on the trainer's device (loaded once per run and path)
-                fn = self._reward_model(r.path, r.kwargs)
-            elif fn.startswith("<callable:"):
-                fn = self.rewards[stage.name][int(fn[len("<callable:"):-1])]
-            elif stage.data.task and ":" not in fn:
-                from .tasks import get_task
-
-                fn = get_task(stage.data.task).rewards.get(fn, fn)
-            specs.append(RewardSpec(fn=fn, weight=r.weight, kwargs={} if local else dict(r.kwargs),
-                                    name=r.name or ("model" if local else None), local=local))
-        pol = stage.reward_policy
-        return RewardScorer(specs, timeout_s=stage.reward_timeout_s, memory_mb=pol.memory_mb,
-                            file_size_mb=pol.file_size_mb, cpu_s=pol.cpu_s)
-
-    def _reward_model(self, path: str, options: dict):
-        """The reward function of {fn: model, path: ...}: `path` may name a stage of this run (its model)."""
-        from .reward_model import ModelReward
-
-        cache = self._reward_models
-        in_run = path in [s.name for s in self.cfg.stages]
-        where = self.out / "stages" / path / "model" if in_run else path
-        key = (str(where), tuple(sorted(options.items())))
-        if key not in cache:
-            if in_run and not Path(where).exists():
-                if self._checking:  # checked before step 0: the stage makes it later
-                    return _pending_reward
-                raise RecipeError(f"reward model {path!r} is a stage of this run that has not finished; put the "
-                                  "reward_model stage before the stages that use it")
-            try:
-                cache[key] = ModelReward(str(where), device=pick_device(self.cfg.device), **options)
-            except (OSError, ValueError, TypeError) as e:
-                raise RecipeError(f"reward model {path!r} (fn: model): {e}") from None
-        return cache[key]
-
     def _resolve_late(self, stage, sd: "StageData", tok, context) -> None:
         """Data made by an earlier stage of this run (`from_stage`) exists only now: load and check it."""
         for attr, section, kind in (("rows", stage.data, get_preset(stage.method).data), ("demos", stage.demos,
@@ -494,20 +426,6 @@ class Run(StageRows):
             model = lora.finish(model, self.out / "stages" / stage.name / "adapter" if self.world.is_main else None)
         return result, model
 
-    def _vllm(self, stage, tok, model):
-        """The run's vLLM engine, made once and shared by its stages (its weights are the policy's at each step)."""
-        if getattr(self, "_vllm_engine", None) is None:
-            from .models import MIXED
-            from .rollout.vllm_engine import VLLMEngine
-
-            dtype = MIXED.get(self.cfg.dtype, next(model.parameters()).dtype)
-            ranks = [s.lora.r for s in self.cfg.stages if s.lora is not None and s.rollout.engine == "vllm"]
-            self._vllm_engine = VLLMEngine(resolve_model(self._policy_source), dtype=dtype, seed=self.cfg.seed,
-                                           gpu_memory_utilization=stage.rollout.vllm_memory,
-                                           max_model_len=stage.rollout.vllm_max_len, distributed=self.world.size > 1,
-                                           lora_rank=max(ranks, default=None))
-        return self._vllm_engine
-
     def _start(self, model, stage, seed: int, experience, resume, sink):
         """A stage's TrainState: new, or restored from its checkpoint (after the reference model was copied from
         the policy at the stage's start)."""
@@ -543,11 +461,6 @@ def _round_of(line: str) -> float:
         return json.loads(line)["round"]
     except (json.JSONDecodeError, KeyError, TypeError):  # a torn line of a killed run
         return math.inf
-
-
-def _pending_reward(prompts, completions, **kw):
-    """Stands in for a reward model an earlier stage of the run has yet to train (column checks only)."""
-    raise RuntimeError("the reward model of this stage has not been trained yet")
 
 
 def _trains_reward_model(stage) -> bool:
