@@ -5,6 +5,8 @@
                reference (the task's text alone stops at ~540 merges)
     tiny       Qwen2ForCausalLM, hidden 128, 8 layers, 4 heads (2 KV), MLP 512: ~2.1M parameters
     small      Qwen2ForCausalLM, hidden 512, 8 layers, 8 heads (4 KV), MLP 1536: ~25.7M parameters
+    medium     Qwen2ForCausalLM in Qwen2-0.5B's shape (hidden 896, 24 layers, 14 heads (2 KV), MLP 4864) with the
+               same 1k vocabulary: ~358M parameters; built only when asked (`--sizes ... medium`, for a GPU)
     sft.jsonl  `text` rows: each arith demonstration rendered with the chat template (a plain language-modelling
                row, so both libraries train on every token)
     grpo.jsonl `prompt` (a chat message list) + `answer` rows of the arith training split
@@ -23,6 +25,8 @@ SIZES = {
                  num_key_value_heads=2),
     "small": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
                   num_key_value_heads=4),
+    "medium": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                   num_key_value_heads=2),
 }
 
 
@@ -57,8 +61,8 @@ def build_model(tokenizer, size: str, *, vocab_size: int | None = None, max_posi
     return model
 
 
-def build(out: str | Path) -> dict:
-    """Write the tokenizer, both models and both data files under `out`; return their paths and sizes."""
+def build(out: str | Path, sizes=("tiny", "small")) -> dict:
+    """Write the tokenizer, the models of `sizes` and both data files under `out`; return their paths and sizes."""
     from posttrain.tasks import get_task
     from posttrain.tiny import train_tokenizer
 
@@ -70,7 +74,7 @@ def build(out: str | Path) -> dict:
     rows = task.rows("train")
     tokenizer = train_tokenizer(_corpus(rows, task.rows("plain", n=2000)), vocab_size=1024, with_pad=True)
     info: dict = {"vocab": len(tokenizer), "models": {}, "params": {}}
-    for size in SIZES:
+    for size in sizes:
         model = build_model(tokenizer, size)
         path = out / size
         model.save_pretrained(path)
@@ -94,4 +98,4 @@ if __name__ == "__main__":
 
     from bench.common import emit
 
-    emit(build(sys.argv[1]))
+    emit(build(sys.argv[1], sys.argv[2:] or ("tiny", "small")))

@@ -31,6 +31,13 @@ CHILD_ENV = {
 }
 
 
+def device() -> str:
+    """Where the measured work runs: BENCH_DEVICE, "cpu" unless `python -m bench.run --device cuda` set it.
+    On "cuda" both libraries train in bf16 mixed precision (fp32 weights, bf16 autocast) and MFU is against the
+    measured bf16 matmul peak."""
+    return os.environ.get("BENCH_DEVICE", "cpu")
+
+
 def setup_threads() -> None:
     """Call first in every child: torch on THREADS threads (the env vars are set by `run_child` too), and the
     watch on its descendants' memory."""
@@ -96,7 +103,11 @@ _WATCH: ChildMemory | None = None
 def peak_rss_mb() -> dict:
     """Peak resident set size of this process, and of its descendants when `setup_threads` started the watch."""
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return {"rss_mb": round(own, 1), "rss_children_mb": round(_WATCH.peak_mb, 1) if _WATCH else None}
+    out = {"rss_mb": round(own, 1), "rss_children_mb": round(_WATCH.peak_mb, 1) if _WATCH else None}
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["gpu_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)  # this process's CUDA tensors
+    return out
 
 
 def matmul_params(model) -> int:
@@ -106,6 +117,12 @@ def matmul_params(model) -> int:
     n = sum(p.numel() for p in model.parameters())
     inp, out = model.get_input_embeddings().weight, model.get_output_embeddings().weight
     return n if inp is out else n - inp.numel()
+
+
+def on_device() -> dict:
+    """posttrain's recipe keys for `device()`: none on the CPU (fp32 there by default); on a GPU bf16 mixed
+    precision, what TRL's `bf16=True` runs (fp32 weights loaded from the fp32 checkpoint, bf16 autocast)."""
+    return {"device": "cuda", "dtype": "bf16-mixed"} if device() == "cuda" else {}
 
 
 def posttrain_defaults() -> dict:
@@ -149,16 +166,23 @@ def run_child(module: str, *args, timeout: float = 900) -> dict:
 
 
 def matmul_peak_gflops(n: int = 2048, seconds: float = 3.0) -> float:
-    """The fp32 matmul peak on THREADS threads: the best of repeated (n x n) @ (n x n) products, in GFLOP/s."""
+    """The matmul peak in GFLOP/s: the best of repeated (n x n) @ (n x n) products of random numbers, fp32 on
+    THREADS CPU threads, or bf16 8192 x 8192 on the GPU (each product timed to its end by a synchronize)."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    cuda = device() == "cuda"
+    if cuda:
+        n = 8192
+    a, b = (torch.randn(n, n, device=device(), dtype=torch.bfloat16 if cuda else torch.float32) for _ in range(2))
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(3):
-        a @ b  # warm-up: thread pool, page faults
+        a @ b  # warm-up: thread pool, page faults, cuBLAS handles, clocks
+    sync()
     best, end = float("inf"), time.perf_counter() + seconds
     while time.perf_counter() < end:
         t0 = time.perf_counter()
         a @ b
+        sync()
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best / 1e9
 

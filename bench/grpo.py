@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import emit, posttrain_defaults, setup_threads, step_intervals, trl_checkpointing
+from bench.common import device, emit, posttrain_defaults, on_device, setup_threads, step_intervals, trl_checkpointing
 
 LR = 1e-4
 REWARD = "bench.rewards:digit_share"
@@ -36,7 +36,7 @@ def posttrain_grpo(a, out: str) -> tuple[list[float], list[float], dict]:
     import posttrain
 
     recipe = {
-        "model": a.model, "seed": 0, "checkpoint": {"every": 0},
+        "model": a.model, "seed": 0, "checkpoint": {"every": 0}, **on_device(),
         "stages": [{
             "method": "grpo", "data": {"path": a.data}, "rewards": [{"fn": REWARD}], "steps": a.steps,
             "optim": {"lr": LR, "max_grad_norm": 1.0}, "schedule": {"kind": "constant"},
@@ -45,13 +45,14 @@ def posttrain_grpo(a, out: str) -> tuple[list[float], list[float], dict]:
             "kl": {"beta": 0.0}, "samples": {"every": 0},
         }],
     }
-    posttrain.train(recipe, out=out, progress=False)
+    summary = posttrain.train(recipe, out=out, progress=False)
     records = [json.loads(l) for l in open(Path(out) / "metrics.jsonl")]
     records = [r for r in records if "wall_s" in r]
     timed = records[a.warmup :]
     notes = {"t_rollout": _mean(r.get("t_rollout", 0.0) for r in timed),
              "t_reward": _mean(r.get("t_reward", 0.0) for r in timed),
-             "t_experience": _mean(r.get("t_experience", 0.0) for r in timed), **posttrain_defaults()}
+             "t_experience": _mean(r.get("t_experience", 0.0) for r in timed), **posttrain_defaults(),
+             "device": summary["device"], "weights_dtype": summary["dtype"]}
     return [r["wall_s"] for r in records], [float(r["response_len"]) for r in records], notes
 
 
@@ -74,8 +75,8 @@ def trl_grpo(a, out: str) -> tuple[list[float], list[float], dict]:
         gradient_accumulation_steps=1, num_generations=a.group, max_completion_length=a.new_tokens,
         temperature=1.0, top_p=1.0, beta=0.0, epsilon=0.2, loss_type="grpo", scale_rewards="group",
         num_iterations=1, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
-        weight_decay=0.0, gradient_checkpointing=False, bf16=False, use_cpu=True, logging_steps=1,
-        save_strategy="no", report_to="none", seed=0, disable_tqdm=True, dataloader_num_workers=0,
+        weight_decay=0.0, gradient_checkpointing=False, bf16=device() == "cuda", use_cpu=device() == "cpu",
+        logging_steps=1, save_strategy="no", report_to="none", seed=0, disable_tqdm=True, dataloader_num_workers=0,
     )
     trainer = GRPOTrainer(model=a.model, reward_funcs=digit_share, args=args,
                           train_dataset=load_dataset("json", data_files=a.data)["train"],
@@ -85,7 +86,8 @@ def trl_grpo(a, out: str) -> tuple[list[float], list[float], dict]:
     tokens = [h["num_tokens"] for h in logs if "num_tokens" in h]
     per_step = (tokens[-1] - tokens[a.warmup - 1]) / (len(tokens) - a.warmup) if len(tokens) > a.warmup else None
     notes = {"trl_num_tokens_per_step": per_step, "checkpointing": trl_checkpointing(trainer),
-             "optim": getattr(args.optim, "value", str(args.optim))}
+             "optim": getattr(args.optim, "value", str(args.optim)),
+             "weights_dtype": str(trainer.model.dtype).removeprefix("torch.")}
     return ends, [float(h["completions/mean_length"]) for h in logs], notes
 
 

@@ -8,7 +8,9 @@ The model is a Qwen2 with vocabulary 32000, hidden 256, 2 layers (MODEL below),
 random weights; ids are random, the last row right-padded by a quarter. One call is forward + backward of
 loss = -(sum logp + 0.01 sum entropy). Measured in this process: the median time of `--repeats` calls after
 `--warmup` calls (default none: one call of this size takes seconds, and a fresh process per measurement is what
-makes its memory clean), peak RSS (VmHWM) and its rise over the RSS before the first call. `--variant check` runs both
+makes its memory clean), peak RSS (VmHWM) and its rise over the RSS before the first call; under
+`bench.run --device cuda` the same on the GPU, memory from the CUDA allocator (peak, and its rise over what the
+model and batch held before the first call). `--variant check` runs both
 paths on the same weights and reports the largest absolute differences of logp, entropy and the gradients.
 Prints one BENCH_RESULT line.
 """
@@ -20,7 +22,7 @@ import statistics
 import time
 from pathlib import Path
 
-from bench.common import emit, rss_now_mb, setup_threads
+from bench.common import device, emit, rss_now_mb, setup_threads
 
 SHAPE, VOCAB = (4, 2048), 32000
 MODEL = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -38,7 +40,7 @@ def build():
     ids = torch.randint(0, VOCAB, SHAPE, generator=g)
     mask = torch.ones(SHAPE, dtype=torch.long)
     mask[-1, SHAPE[1] * 3 // 4 :] = 0
-    return model, ids.masked_fill(mask == 0, 0), mask
+    return model.to(device()), ids.masked_fill(mask == 0, 0).to(device()), mask.to(device())
 
 
 def chunk_defaults() -> dict:
@@ -65,6 +67,11 @@ def call(model, ids, mask, chunk: int | None | str):
 
 
 def peak_mb() -> float:
+    """Peak memory of this process so far: VmHWM on the CPU, the CUDA allocator's peak on a GPU."""
+    if device() == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
@@ -89,13 +96,18 @@ def main() -> None:
               "entropy_max_abs_diff": float((h - h_full).abs().max()), "grad_max_abs_diff": grad_diff})
         return
     chunk = {"chunked": a.chunk, "full": None, "default": "default"}[a.variant]
-    before = rss_now_mb()
+    import torch
+
+    sync = torch.cuda.synchronize if device() == "cuda" else (lambda: None)
+    before = torch.cuda.memory_allocated() / 2**20 if device() == "cuda" else rss_now_mb()
     for _ in range(a.warmup):
         call(model, ids, mask, chunk)
     times = []
     for _ in range(a.repeats):
+        sync()
         t0 = time.perf_counter()
         call(model, ids, mask, chunk)
+        sync()
         times.append(time.perf_counter() - t0)
     emit({"variant": a.variant, "chunk": chunk, "defaults": chunk_defaults(), "seconds": statistics.median(times),
           "times": times,

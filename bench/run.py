@@ -21,13 +21,14 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
 
-from bench.common import THREADS, run_child
+from bench.common import THREADS, device, run_child
 
 HERE = Path(__file__).resolve().parent
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -37,8 +38,15 @@ def machine() -> dict:
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
                 if l.startswith("model name")), platform.processor())
     versions = {p: metadata.version(p) for p in ("torch", "transformers", "trl", "posttrain")}
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": THREADS, "python": platform.python_version(),
-            **versions, "load_avg_start": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d %H:%M")}
+    gpu = {}
+    if device() == "cuda":
+        import torch
+
+        gpu = {"gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda,
+               "gpu_memory_gb": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)}
+    return {"device": device(), "cpu": cpu, "cores": os.cpu_count(), "threads": THREADS, **gpu,
+            "python": platform.python_version(), **versions, "load_avg_start": os.getloadavg()[0],
+            "date": time.strftime("%Y-%m-%d %H:%M")}
 
 
 def median(xs):
@@ -61,9 +69,17 @@ def ratio(a: list[dict], b: list[dict], key: str, *, lower_is_better: bool = Fal
     return round(statistics.median(rs), 3)
 
 
+def memory_ratios(a: list[dict], b: list[dict]) -> dict:
+    """TRL's peak memory over posttrain's (> 1: posttrain uses less): RSS, and on a GPU the CUDA allocator's peak."""
+    out = {"ratio_rss": ratio(a, b, "rss_mb", lower_is_better=True)}
+    if all(r.get("gpu_peak_mb") for r in a + b):
+        out["ratio_gpu_memory"] = ratio(a, b, "gpu_peak_mb", lower_is_better=True)
+    return out
+
+
 def side(runs: list[dict], keys: tuple[str, ...]) -> dict:
     """A side's medians over its runs, and the raw per-run values of the first key."""
-    out = {k: median(r.get(k) for r in runs) for k in keys + ("rss_mb", "rss_children_mb")}
+    out = {k: median(r.get(k) for r in runs) for k in keys + ("rss_mb", "rss_children_mb", "gpu_peak_mb")}
     out["runs"] = [round(r[keys[0]], 3) for r in runs]
     return out
 
@@ -73,7 +89,8 @@ def notes(pt: list[dict], trl: list[dict]) -> dict:
     checkpointing (both from the first run of each)."""
     return {"posttrain_pack": pt[0].get("has_pack"), "posttrain_logits_chunk": pt[0].get("logits_chunk"),
             "trl_optim": trl[0].get("optim"), "trl_activation_checkpointing": trl[0].get("checkpointing"),
-            "trl_padding_free": trl[0].get("padding_free")}
+            "trl_padding_free": trl[0].get("padding_free"), "posttrain_device": pt[0].get("device"),
+            "posttrain_weights": pt[0].get("weights_dtype"), "trl_weights": trl[0].get("weights_dtype")}
 
 
 def bench_sft(assets: dict, size: str, peak: float, a) -> dict:
@@ -87,7 +104,7 @@ def bench_sft(assets: dict, size: str, peak: float, a) -> dict:
                          "steps_timed": a.sft_steps, **notes(pt, trl)},
             "posttrain": side(pt, ("tokens_per_s", "tokens_per_step")),
             "trl": side(trl, ("tokens_per_s", "tokens_per_step")),
-            "ratio": ratio(pt, trl, "tokens_per_s"), "ratio_rss": ratio(pt, trl, "rss_mb", lower_is_better=True)}
+            "ratio": ratio(pt, trl, "tokens_per_s"), **memory_ratios(pt, trl)}
     for s in ("posttrain", "trl"):
         line[s]["mfu"] = round(line[s]["tokens_per_s"] * 6 * n / (peak * 1e9), 4)
     return line
@@ -116,17 +133,18 @@ def bench_grpo(assets: dict, size: str, peak: float, a) -> dict:
             "posttrain": side(pt, keys), "trl": side(trl, keys),
             "ratio": ratio(pt, trl, "completions_per_s"),
             "ratio_gen_tokens_per_s": ratio(pt, trl, "gen_tokens_per_s"),
-            "ratio_rss": ratio(pt, trl, "rss_mb", lower_is_better=True)}
+            **memory_ratios(pt, trl)}
     line["posttrain"]["t_rollout"] = median(r["t_rollout"] for r in pt)
     return line
 
 
 def bench_logprobs(a) -> dict:
     full, chunked, default = [], [], []
+    timing = ["--warmup", 1, "--repeats", 5] if device() == "cuda" else []  # a GPU call takes milliseconds
     for _ in range(a.pairs):  # full, K, posttrain's default alternately
-        full.append(run_child("bench.logprobs", "--variant", "full"))
-        chunked.append(run_child("bench.logprobs", "--variant", "chunked", "--chunk", a.chunk))
-        default.append(run_child("bench.logprobs", "--variant", "default"))
+        full.append(run_child("bench.logprobs", "--variant", "full", *timing))
+        chunked.append(run_child("bench.logprobs", "--variant", "chunked", "--chunk", a.chunk, *timing))
+        default.append(run_child("bench.logprobs", "--variant", "default", *timing))
     check = run_child("bench.logprobs", "--variant", "check", "--chunk", a.chunk)
 
     def summary(runs):
@@ -181,10 +199,16 @@ def main() -> None:
     ap.add_argument("--scaling-steps", type=int, default=2)
     ap.add_argument("--chunk", type=int, default=256, help="logprobs: K positions per LM-head chunk")
     ap.add_argument("--only", nargs="*", default=None, help="a subset: sft grpo logprobs scaling profile")
-    ap.add_argument("--sizes", nargs="*", default=["tiny", "small"])
-    ap.add_argument("--out", default=str(HERE / "results.json"))
-    ap.add_argument("--no-readme", action="store_true", help="leave bench/README.md as it is")
+    ap.add_argument("--sizes", nargs="*", default=["tiny", "small"], help="models: tiny small (medium: GPU-sized)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="cuda: both libraries on the GPU in bf16 mixed precision, MFU against the bf16 peak")
+    ap.add_argument("--keep-going", action="store_true", help="record a failed benchmark's error and go on")
+    ap.add_argument("--out", default=None, help="default bench/results.json (bench/results_cuda.json on a GPU)")
+    ap.add_argument("--no-readme", action="store_true", help="leave bench/README.md as it is (always, on a GPU)")
     a = ap.parse_args()
+    os.environ["BENCH_DEVICE"] = a.device  # every child inherits it (bench.common.device)
+    a.out = a.out or str(HERE / ("results.json" if a.device == "cpu" else "results_cuda.json"))
+    a.no_readme = a.no_readme or a.device != "cpu"  # the README's tables are the CPU run's
     todo = set(a.only or ("sft", "grpo", "logprobs", "scaling", "profile"))
     t0 = time.perf_counter()
     info = machine()
@@ -194,21 +218,30 @@ def main() -> None:
         print(json.dumps(line), flush=True)
         lines.append(line)
 
+    def attempt(name: str, fn, *args) -> None:
+        try:
+            report(fn(*args))
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            if not a.keep_going:
+                raise
+            report({"bench": name, "args": [x for x in args if isinstance(x, str)], "error": str(e)[-2000:]})
+
     with tempfile.TemporaryDirectory(prefix="posttrain-bench-") as work:
-        assets = run_child("bench.assets", work)
+        needed = a.sizes + ["tiny", "small"] * ("scaling" in todo) + ["tiny"] * ("profile" in todo)
+        assets = run_child("bench.assets", work, *dict.fromkeys(needed))
         peaks = [run_child("bench.peak")["gflops"]]
         peak = peaks[0]
         for size in a.sizes:
             if "sft" in todo:
-                report(bench_sft(assets, size, peak, a))
+                attempt("sft", bench_sft, assets, size, peak, a)
             if "grpo" in todo:
-                report(bench_grpo(assets, size, peak, a))
+                attempt("grpo", bench_grpo, assets, size, peak, a)
         if "logprobs" in todo:
-            report(bench_logprobs(a))
+            attempt("logprobs", bench_logprobs, a)
         if "scaling" in todo:
-            report(bench_scaling(assets, peak, a))
+            attempt("scaling", bench_scaling, assets, peak, a)
         if "profile" in todo:
-            report(bench_profile(assets))
+            attempt("profile", bench_profile, assets)
         peaks.append(run_child("bench.peak")["gflops"])
     # MFU was computed against the first measurement; rescale to the larger of the two (the machine's peak).
     best = max(peaks)

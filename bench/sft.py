@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import emit, posttrain_defaults, setup_threads, step_intervals, trl_checkpointing
+from bench.common import device, emit, posttrain_defaults, on_device, setup_threads, step_intervals, trl_checkpointing
 
 PACK_LEN, ROWS_PER_STEP, LR = 128, 8, 1e-4
 
@@ -37,12 +37,13 @@ def posttrain_sft(model: str, data: str, steps: int, docs: int, out: str) -> tup
     if notes["has_pack"]:
         batch["pack"] = True
     recipe = {
-        "model": model, "seed": 0, "checkpoint": {"every": 0},
+        "model": model, "seed": 0, "checkpoint": {"every": 0}, **on_device(),
         "stages": [{"method": "sft", "data": {"path": data, "max_len": PACK_LEN}, "steps": steps,
                     "optim": {"lr": LR, "max_grad_norm": 1.0}, "schedule": {"kind": "constant"},
                     "batch": batch, "samples": {"every": 0}}],
     }
-    posttrain.train(recipe, out=out, progress=False)
+    summary = posttrain.train(recipe, out=out, progress=False)
+    notes.update(device=summary["device"], weights_dtype=summary["dtype"])
     records = [json.loads(l) for l in open(Path(out) / "metrics.jsonl")]
     records = [r for r in records if "wall_s" in r]
     ends = [r["wall_s"] for r in records]
@@ -66,8 +67,8 @@ def trl_sft(model: str, data: str, steps: int, out: str) -> tuple[list[float], l
     args = SFTConfig(
         output_dir=out, max_steps=steps, per_device_train_batch_size=ROWS_PER_STEP, packing=True,
         max_length=PACK_LEN, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
-        weight_decay=0.0, gradient_checkpointing=False, bf16=False, use_cpu=True, logging_steps=1,
-        save_strategy="no", report_to="none", seed=0, disable_tqdm=True, dataloader_num_workers=0,
+        weight_decay=0.0, gradient_checkpointing=False, bf16=device() == "cuda", use_cpu=device() == "cpu",
+        logging_steps=1, save_strategy="no", report_to="none", seed=0, disable_tqdm=True, dataloader_num_workers=0,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=load_dataset("json", data_files=data)["train"],
                          processing_class=AutoTokenizer.from_pretrained(model), callbacks=[StepEnds()])
@@ -75,7 +76,8 @@ def trl_sft(model: str, data: str, steps: int, out: str) -> tuple[list[float], l
     cumulative = [h["num_tokens"] for h in trainer.state.log_history if "num_tokens" in h]
     tokens = [int(b - a) for a, b in zip([0] + cumulative[:-1], cumulative)]
     return ends, tokens, {"padding_free": bool(trainer.padding_free), "checkpointing": trl_checkpointing(trainer),
-                          "optim": getattr(args.optim, "value", str(args.optim))}
+                          "optim": getattr(args.optim, "value", str(args.optim)),
+                          "weights_dtype": str(trainer.model.dtype).removeprefix("torch.")}
 
 
 def main() -> None:
