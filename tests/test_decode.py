@@ -69,6 +69,32 @@ def test_native_step_decodes_exactly_as_the_forward(case, tokenizer, monkeypatch
             torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_static_step_a_cuda_graph_replays_decodes_exactly_as_the_forward(case, tokenizer, monkeypatch):
+    """GraphDecoder's step without the capture (fixed buffers, the column from a tensor, attention over every
+    column under the mask, finished rows decoded on and dropped from the output) through the sampler."""
+    from functools import partial
+
+    from posttrain.rollout import sampler
+
+    arch, kw = CASES[case]
+    model = _model(arch, len(tokenizer), **kw)
+    monkeypatch.setattr(sampler, "NativeDecoder", partial(decode.NativeDecoder, static=True))
+    made = []
+    monkeypatch.setattr(decode.NativeDecoder, "_run", lambda self: made.append(self.static) or
+                        decode.NativeDecoder._forward(self, self.ids, self.position_ids, None))
+    keys = [row_key(5, i) for i in range(len(PROMPTS) * 3)]
+    static = sample(model, PROMPTS, num_samples=3, max_new_tokens=14, stop_ids=STOPS, pad_id=PAD, keys=keys,
+                    temperature=0.8, top_p=0.9)
+    assert made and all(made), "the static step should have run"
+    forward = sample(model, PROMPTS, num_samples=3, max_new_tokens=14, stop_ids=STOPS, pad_id=PAD, keys=keys,
+                     temperature=0.8, top_p=0.9, native=False)
+    assert static.completion_ids == forward.completion_ids
+    assert len({len(c) for c in static.completion_ids}) > 1, "rows should finish at different steps"
+    for a, b in zip(static.sampler_logp, forward.sampler_logp):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
 def test_native_step_is_the_path_taken_and_matches_in_float32(tokenizer, monkeypatch):
     model = tiny_model("qwen2", tokenizer, seed=1).eval()
     native, forward, n_steps = _both(model, monkeypatch, num_samples=4, max_new_tokens=10, stop_ids=STOPS,
@@ -150,4 +176,35 @@ def test_native_step_on_cuda_matches_the_forward(tokenizer, monkeypatch, dtype):
         n = next((i for i, (x, y) in enumerate(zip(ca, cb)) if x != y), min(len(ca), len(cb)))
         torch.testing.assert_close(a[:n], b[:n], atol=tol, rtol=0)  # up to the first token drawn apart
         if dtype == torch.float32:
+            assert ca == cb
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast", "lora-fp32"])
+def test_cuda_graph_replays_equal_the_eager_native_step(tokenizer, monkeypatch, precision):
+    """rollout.cuda_graphs: the captured step replayed per token gives the eager native step's tokens and log-probs
+    (one capture per rollout batch); under bf16 autocast on fp32 weights too (the casts inside the graph)."""
+    model = _model("qwen2", len(tokenizer), num_key_value_heads=2).to("cuda", torch.float32)
+    if precision == "lora-fp32":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=2, lora_alpha=6, target_modules="all-linear"))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.3)
+    captured = []
+    run = decode.GraphDecoder._run
+    monkeypatch.setattr(decode.GraphDecoder, "_run", lambda self: (captured.append(self.graph is None), run(self))[1])
+    kw = dict(num_samples=4, max_new_tokens=16, stop_ids=STOPS, pad_id=PAD, keys=[row_key(3, i) for i in range(12)],
+              batch_size=8)
+    with torch.autocast("cuda", torch.bfloat16, enabled=precision == "bf16-autocast"):
+        graph = sample(model, PROMPTS, **kw)
+        eager = sample(model, PROMPTS, graphs=False, **kw)
+    assert sum(captured) == 2 and len(captured) > 2, "one capture per batch of 8 rows, replays after it"
+    tol = 1e-5 if precision != "bf16-autocast" else 0.1
+    for a, b, ca, cb in zip(graph.sampler_logp, eager.sampler_logp, graph.completion_ids, eager.completion_ids):
+        n = next((i for i, (x, y) in enumerate(zip(ca, cb)) if x != y), min(len(ca), len(cb)))
+        torch.testing.assert_close(a[:n], b[:n], atol=tol, rtol=0)
+        if precision != "bf16-autocast":
             assert ca == cb

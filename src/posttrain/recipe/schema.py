@@ -126,6 +126,9 @@ class RolloutConfig(Strict):
     # rollout/decode.py), LoRA-wrapped or not; other models (another architecture, quantised or sharded layers)
     # through their own forward, as all do with false
     native_decode: bool = True  # builtin: Llama-family models decode through posttrain's step; false: their forward
+    # builtin engine on a CUDA device: that step captured once per rollout batch as a CUDA graph and replayed per
+    # token (a small model's decode is kernel launches; every row then decodes to its batch's end)
+    cuda_graphs: bool = True
     vllm_memory: float = Field(0.3, gt=0, lt=1)  # vllm: the share of the GPU's memory vLLM may take
     vllm_max_len: Optional[int] = Field(None, gt=0)  # vllm: its context (prompt + completion); null: the model's
 

@@ -25,6 +25,7 @@ sampler then decodes with the model's forward. `tests/test_decode.py` checks thi
 """
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 
 import torch
@@ -145,9 +146,16 @@ class NativeDecoder:
     Built after the prompt's prefill from its `DynamicCache` (P rows) and attention mask (P, L); each prompt row is
     repeated `num_samples` times, prompt-major, as the sampler's rows are. `step` writes the new token's keys and
     values at the next column of every active row; `select` keeps a subset of rows (finished rows leave the batch).
+
+    `static=True` keeps every shape fixed for the whole rollout, as a CUDA graph needs (`GraphDecoder`): buffers
+    sized for the longest rollout from the start (zeroed: masked columns must hold finite numbers), the column
+    written and unmasked taken from a tensor, attention over all columns under the key mask, and every row
+    decoded to the end (finished rows' tokens are computed and dropped; `select` only narrows what `step`
+    returns). The same operations otherwise, so its logits equal the growing path's.
     """
 
-    def __init__(self, model: nn.Module, cache, attention_mask: Tensor, *, num_samples: int, max_new_tokens: int):
+    def __init__(self, model: nn.Module, cache, attention_mask: Tensor, *, num_samples: int, max_new_tokens: int,
+                 static: bool = False):
         self.model = model = _unwrap(model)
         self.layers = []  # per layer: its norms and projections, looked up once (not once per token)
         for layer in model.model.layers:
@@ -164,16 +172,23 @@ class NativeDecoder:
         rows, width = attention_mask.shape[0] * num_samples, attention_mask.shape[1]
         self.col = width  # the column the next token's keys and values go to
         self.limit = width + max_new_tokens  # the most columns a row can need
-        room = width + min(max_new_tokens, _FIRST_ROOM)
+        self.static = static
+        room = self.limit if static else width + min(max_new_tokens, _FIRST_ROOM)
         self.keys: list[Tensor] = []
         self.values: list[Tensor] = []
         for layer in cache.layers:
             for src, dst in ((layer.keys, self.keys), (layer.values, self.values)):
-                buf = src.new_empty((rows, src.shape[1], room, src.shape[3]))
+                buf = (src.new_zeros if static else src.new_empty)((rows, src.shape[1], room, src.shape[3]))
                 buf[:, :, :width] = src.repeat_interleave(num_samples, dim=0)
                 dst.append(buf)
-        self.mask = torch.zeros((rows, 1, 1, room), dtype=torch.bool, device=attention_mask.device)
+        device = attention_mask.device
+        self.mask = torch.zeros((rows, 1, 1, room), dtype=torch.bool, device=device)
         self.mask[:, 0, 0, :width] = attention_mask.bool().repeat_interleave(num_samples, dim=0)
+        if static:  # the step's inputs, in place: every row's token and position, and the column written
+            self.active: Tensor | None = None  # rows still decoding (None: all of them)
+            self.ids = torch.zeros(rows, dtype=torch.long, device=device)
+            self.position_ids = torch.zeros((rows, 1), dtype=torch.long, device=device)
+            self.column = torch.full((1,), width, dtype=torch.long, device=device)
 
     def _reserve(self, columns: int) -> None:
         """Room for `columns` columns: the buffers double (up to the limit) when full, so a rollout copies its cache
@@ -194,18 +209,45 @@ class NativeDecoder:
 
     def select(self, keep: Tensor) -> None:
         """Keep rows `keep` (A',) of the active rows, in that order."""
+        if self.static:
+            self.active = keep if self.active is None else self.active[keep]
+            return
         self.keys = [k[keep] for k in self.keys]
         self.values = [v[keep] for v in self.values]
         self.mask = self.mask[keep]
 
     def step(self, ids: Tensor, position_ids: Tensor) -> Tensor:
         """ids (A,), position_ids (A, 1) -> logits (A, V) of the token after each."""
-        m = self.model
-        rows, c = ids.shape[0], self.col
-        self._reserve(c + 1)
+        if not self.static:
+            self._reserve(self.col + 1)
+            self.col += 1
+            return self._forward(ids, position_ids, self.col - 1)
+        if self.active is None:
+            self.ids.copy_(ids)
+            self.position_ids.copy_(position_ids)
+        else:
+            self.ids[self.active] = ids
+            self.position_ids[self.active] = position_ids
+        self.column.fill_(self.col)
         self.col += 1
-        self.mask[:, :, :, c] = True
-        mask = self.mask[:, :, :, : c + 1]
+        logits = self._run()
+        return logits.clone() if self.active is None else logits[self.active]
+
+    def _run(self) -> Tensor:
+        """The static step on the tensors in place (`GraphDecoder` replays it instead)."""
+        return self._forward(self.ids, self.position_ids, None)
+
+    def _forward(self, ids: Tensor, position_ids: Tensor, c: int | None) -> Tensor:
+        """Every layer for one token per row, its keys and values written at column `c` (None: at `self.column`,
+        attending over every column under the mask)."""
+        m = self.model
+        rows = ids.shape[0]
+        if c is None:
+            self.mask.index_fill_(3, self.column, True)
+            mask = self.mask
+        else:
+            self.mask[:, :, :, c] = True
+            mask = self.mask[:, :, :, : c + 1]
         x = m.model.embed_tokens(ids.unsqueeze(-1))  # (A, 1, H)
         cos, sin = m.model.rotary_emb(x, position_ids)  # (A, 1, D)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (A, 1, 1, D)
@@ -216,12 +258,50 @@ class NativeDecoder:
             if qk_norms is not None:  # Qwen3: RMSNorm over each head's dimensions before the rotation
                 q, k = _rms(q, qk_norms[0]), _rms(k, qk_norms[1])
             q = _rotate(q.transpose(1, 2), cos, sin)  # (A, heads, 1, D)
-            self.keys[i][:, :, c : c + 1] = _rotate(k.transpose(1, 2), cos, sin)
-            self.values[i][:, :, c : c + 1] = v.transpose(1, 2)
-            o = F.scaled_dot_product_attention(q, self.keys[i][:, :, : c + 1], self.values[i][:, :, : c + 1],
-                                               attn_mask=mask, scale=self.scaling, enable_gqa=self.groups > 1)
+            k, v = _rotate(k.transpose(1, 2), cos, sin), v.transpose(1, 2)
+            if c is None:  # (index_copy_ does not cast: under autocast the rotated keys are fp32)
+                keys = self.keys[i].index_copy_(2, self.column, k.to(self.keys[i].dtype))
+                values = self.values[i].index_copy_(2, self.column, v.to(self.values[i].dtype))
+            else:
+                self.keys[i][:, :, c : c + 1], self.values[i][:, :, c : c + 1] = k, v
+                keys, values = self.keys[i][:, :, : c + 1], self.values[i][:, :, : c + 1]
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling,
+                                               enable_gqa=self.groups > 1)
             x = x + o_proj(o.reshape(rows, 1, -1))
             h = _rms(x, norm2)
             x = x + down(F.silu(gate(h)) * up(h))
         x = _rms(x, self.final_norm)
         return F.linear(x[:, 0], m.lm_head.weight, m.lm_head.bias)  # (A, V)
+
+
+class GraphDecoder(NativeDecoder):
+    """`NativeDecoder`'s static step captured once as a CUDA graph and replayed for every later token.
+
+    On a GPU a small model's decode step is the launching of its kernels (about 40 per layer, tens of microseconds
+    each from Python), not their arithmetic: a replay launches them all at once. The first step runs eagerly on a
+    side stream (CUDA's warm-up before a capture: it computes that step, which the first replay recomputes
+    identically), then is captured. Under bf16 autocast the capture runs with autocast's cast cache off, so the
+    graph holds the casts of the fp32 weights rather than tensors the cache would free. The graph and its memory
+    pool live as long as the decoder, one rollout batch.
+    """
+
+    graph: torch.cuda.CUDAGraph | None = None
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, static=True, **kw)
+
+    def _run(self) -> Tensor:
+        if self.graph is None:
+            context = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False) \
+                if torch.is_autocast_enabled("cuda") else contextlib.nullcontext()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side), context:
+                super()._run()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph), context:
+                self.logits = super()._run()
+            self.graph = graph
+        self.graph.replay()
+        return self.logits

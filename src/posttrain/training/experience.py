@@ -143,7 +143,8 @@ class Experience(OfflineSteps, TeacherSignals, RejectionSampling, HybridRows):
             with gathered(model):  # (a sharded policy's whole weights: each rank decodes as long as its rows need)
                 ro = sample(model, prompts[a:b], num_samples=n, max_new_tokens=r.max_new_tokens,
                             temperature=r.temperature, top_p=r.top_p, stop_ids=self.stop_ids, pad_id=self.pad_id,
-                            generator=generator, greedy=greedy, keys=mine, native=r.native_decode)
+                            generator=generator, greedy=greedy, keys=mine, native=r.native_decode,
+                            graphs=r.cuda_graphs)
         if self.world.size > 1:
             ro.prompt_index = [a + i for i in ro.prompt_index]
             parts = self.world.gather(ro)  # every rank's share, in prompt order
