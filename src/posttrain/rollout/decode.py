@@ -277,7 +277,7 @@ class NativeDecoder:
 class GraphDecoder(NativeDecoder):
     """`NativeDecoder`'s static step captured once as a CUDA graph and replayed for every later token.
 
-    On a GPU a small model's decode step is the launching of its kernels (about 40 per layer, tens of microseconds
+    On a GPU a small model's decode step is the launching of its kernels (dozens per layer, microseconds
     each from Python), not their arithmetic: a replay launches them all at once. The first step runs eagerly on a
     side stream (CUDA's warm-up before a capture: it computes that step, which the first replay recomputes
     identically), then is captured. Under bf16 autocast the capture runs with autocast's cast cache off, so the
