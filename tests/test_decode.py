@@ -131,6 +131,12 @@ def test_models_the_native_step_does_not_cover_say_why_and_decode_through_their_
     handle.remove()
     assert decode.unsupported(hooked, 10) is None
 
+    assert decode.graph_unsupported(hooked) is None
+    dynamic = _model("llama", len(tokenizer), num_key_value_heads=2,
+                     rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 500.0})
+    assert decode.unsupported(dynamic, 10) is None  # decodes natively, eagerly (not as a CUDA graph)
+    assert "rope type 'dynamic' updates its frequencies on the host" in decode.graph_unsupported(dynamic)
+
     silu_free = _model("llama", len(tokenizer), num_key_value_heads=2, hidden_act="gelu")
     assert "hidden_act 'gelu'" in decode.unsupported(silu_free, 10)
 

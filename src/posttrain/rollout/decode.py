@@ -18,6 +18,12 @@ Keys and values go into buffers that double when full (not a copy of the whole c
 held for the longest possible rollout by rows that stop early). The prompt is prefilled by the model's own
 forward; its cache is copied into the buffers.
 
+On a CUDA device `GraphDecoder` captures the step once per rollout batch as a CUDA graph and replays it per
+token: a small model's decode on a GPU is the launching of its kernels, not their arithmetic. Measured on one
+H200 (bench/README.md "On a GPU"), 32 rows of a 359M-parameter Qwen2 in bf16: 32 new tokens 0.62 s through the
+forward, 0.50 s through the eager native step, 0.17 s replayed; 128 new tokens 2.79, 1.97 and 0.49 s. The graph
+needs fixed shapes: buffers for the longest rollout from the start, and every row decoded to its batch's end.
+
 A peft LoRA wrapper of such a model decodes here too, each adapted projection computed as peft computes it.
 `unsupported(model, length)` says why a model cannot take this path (another architecture or a subclass of one,
 quantised layers or LoRA variants, sharded or hooked modules, a sliding window shorter than the rollout); the
@@ -97,6 +103,15 @@ def unsupported(model: nn.Module, length: int) -> str | None:
             window = cfg.sliding_window
         if window is not None and length > window:
             return f"sliding window {window} shorter than the rollout's {length} positions"
+    return None
+
+
+def graph_unsupported(model: nn.Module) -> str | None:
+    """None when `NativeDecoder`'s step can be captured as a CUDA graph (`GraphDecoder`); else why not. Rotary
+    embeddings that adapt to the longest position seen (dynamic NTK, LongRoPE) read it back to the host each step."""
+    rope = getattr(_unwrap(model).model.rotary_emb, "rope_type", "default")
+    if "dynamic" in str(rope) or rope == "longrope":
+        return f"rope type {rope!r} updates its frequencies on the host"
     return None
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
-from .decode import GraphDecoder, NativeDecoder, unsupported
+from .decode import GraphDecoder, NativeDecoder, graph_unsupported, unsupported
 
 
 @dataclass
@@ -160,7 +160,8 @@ def _generate_batch(
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                    cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # (P, V)
     if native and unsupported(model, input_ids.shape[1] + max_new_tokens) is None:
-        kind = GraphDecoder if graphs and device.type == "cuda" and max_new_tokens > 1 else NativeDecoder
+        graph = graphs and device.type == "cuda" and max_new_tokens > 1 and graph_unsupported(model) is None
+        kind = GraphDecoder if graph else NativeDecoder
         decoder = kind(model, cache, attention_mask, num_samples=num_samples, max_new_tokens=max_new_tokens)
     else:
         decoder = _ForwardDecoder(model, cache, attention_mask, num_samples=num_samples)
