@@ -4,7 +4,8 @@ Both libraries load the same local model and prompt rows (bench/assets.py) and u
 `--prompts` prompts x `--group` completions of at most `--new-tokens` tokens per step, temperature 1, top-p 1,
 one optimizer update per batch (so no separate pass for the old log-probs), KL beta 0 (no reference model),
 group z-scored rewards, clip 0.2, per-sequence token mean (TRL loss_type "grpo", posttrain's grpo preset),
-AdamW lr 1e-4 constant, clipping at 1.0, fp32, no gradient checkpointing. Reward: bench.rewards.digit_share.
+AdamW lr 1e-4 constant, clipping at 1.0, fp32 (bf16 mixed precision on a GPU, `bench.run --device cuda`), no
+gradient checkpointing. Reward: bench.rewards.digit_share.
 
     TRL        GRPOConfig(per_device_train_batch_size = prompts x group, num_generations = group,
                gradient_accumulation_steps 1): generation with transformers' `generate` (KV cache)

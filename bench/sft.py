@@ -1,8 +1,9 @@
 """One SFT throughput measurement, of posttrain or of TRL, in this process (`bench/run.py` alternates them).
 
 Both train the same local model on the same `text` rows (bench/assets.py), packed into rows of 128 tokens, 8
-packed rows per optimizer step, AdamW at a constant lr 1e-4, gradient clipping at 1.0, fp32, no gradient
-checkpointing, no checkpoints, no evaluation.
+packed rows per optimizer step, AdamW at a constant lr 1e-4, gradient clipping at 1.0, fp32 (on a GPU, under
+`bench.run --device cuda`: bf16 mixed precision on both sides), no gradient checkpointing, no checkpoints, no
+evaluation.
 
     TRL        SFTConfig(packing=True, max_length=128, per_device_train_batch_size=8): best-fit-decreasing packing
                of the whole dataset before training, padding-free rows (one flat sequence with position ids)
