@@ -185,3 +185,17 @@ def test_rollout_native_decode_picks_the_samplers_decode_step(tmp_path, model_di
     run(tmp_path / "forward", model_dirs["llama"], "grpo", steps=2,
         rollout={"group_size": 4, "max_new_tokens": 6, "native_decode": False})
     assert native_steps > 0 and len(calls) == native_steps
+
+
+def test_rollout_cuda_graphs_reaches_the_sampler(tmp_path, model_dirs, monkeypatch):
+    """The key's value is what the sampler is called with (on a CPU the graph is never captured: that path is
+    tests/test_decode.py's, on a GPU)."""
+    from posttrain.training import experience
+
+    seen = []
+    sample = experience.sample
+    monkeypatch.setattr(experience, "sample", lambda *a, **kw: seen.append(kw["graphs"]) or sample(*a, **kw))
+    run(tmp_path / "off", model_dirs["llama"], "grpo", steps=1,
+        rollout={"group_size": 4, "max_new_tokens": 6, "cuda_graphs": False})
+    run(tmp_path / "on", model_dirs["llama"], "grpo", steps=1)
+    assert seen and set(seen[: len(seen) // 2]) == {False} and seen[-1] is True
