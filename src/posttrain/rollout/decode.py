@@ -315,7 +315,8 @@ class GraphDecoder(NativeDecoder):
                 super()._run()
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph), context:
+            # thread_local: CUDA work on the application's other threads during the capture does not void it
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"), context:
                 self.logits = super()._run()
             self.graph = graph
         self.graph.replay()
