@@ -13,6 +13,10 @@ posttrain and TRL run alternately (A B A B ...) for `--pairs` pairs; a benchmark
 paired ratios, oriented so that larger is better for posttrain (its throughput / TRL's; TRL's memory /
 posttrain's). Each benchmark prints one JSON line; all of them go to bench/results.json, the scaling plot to
 bench/scaling.png, and the tables into bench/README.md between its `results` markers.
+
+`--device cuda` runs the same benchmarks on a GPU (both libraries in bf16 mixed precision, MFU against the bf16
+matmul peak, the CUDA allocator's peak memory beside RSS) into bench/results_cuda.json; `--sizes medium` adds a
+model of Qwen2-0.5B's shape. bench/gpu.sh runs the CUDA tests and these in one command.
 """
 from __future__ import annotations
 
