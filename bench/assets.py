@@ -30,6 +30,9 @@ SIZES = {
 }
 
 
+DEFAULT_SIZES = ("tiny", "small")  # what `make bench` runs; medium is for a GPU
+
+
 def _corpus(rows: list[dict], plain: list[dict]) -> list[str]:
     texts = [m["content"] for r in rows for m in r["messages"]] + [r["text"] for r in plain]
     for doc in ("README.md", "docs/recipe-keys.md"):
@@ -61,7 +64,7 @@ def build_model(tokenizer, size: str, *, vocab_size: int | None = None, max_posi
     return model
 
 
-def build(out: str | Path, sizes=("tiny", "small")) -> dict:
+def build(out: str | Path, sizes=DEFAULT_SIZES) -> dict:
     """Write the tokenizer, the models of `sizes` and both data files under `out`; return their paths and sizes."""
     from posttrain.tasks import get_task
     from posttrain.tiny import train_tokenizer
@@ -98,4 +101,4 @@ if __name__ == "__main__":
 
     from bench.common import emit
 
-    emit(build(sys.argv[1], sys.argv[2:] or ("tiny", "small")))
+    emit(build(sys.argv[1], sys.argv[2:] or DEFAULT_SIZES))

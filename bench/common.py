@@ -38,6 +38,14 @@ def device() -> str:
     return os.environ.get("BENCH_DEVICE", "cpu")
 
 
+def sync() -> None:
+    """Wait for the GPU's queued work under `device()` "cuda" (a timer read after it counts that work); no-op on CPU."""
+    if device() == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
 def setup_threads() -> None:
     """Call first in every child: torch on THREADS threads (the env vars are set by `run_child` too), and the
     watch on its descendants' memory."""
@@ -174,7 +182,6 @@ def matmul_peak_gflops(n: int = 2048, seconds: float = 3.0) -> float:
     if cuda:
         n = 8192
     a, b = (torch.randn(n, n, device=device(), dtype=torch.bfloat16 if cuda else torch.float32) for _ in range(2))
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(3):
         a @ b  # warm-up: thread pool, page faults, cuBLAS handles, clocks
     sync()

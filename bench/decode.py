@@ -14,7 +14,7 @@ import argparse
 import statistics
 import time
 
-from bench.common import device, emit, setup_threads
+from bench.common import device, emit, setup_threads, sync
 
 
 def main() -> None:
@@ -50,12 +50,10 @@ def main() -> None:
             times = []
             with context:
                 for i in range(a.repeats + 1):
-                    if cuda:
-                        torch.cuda.synchronize()
+                    sync()
                     t0 = time.perf_counter()
                     ro = sample(model, prompts, **kw, **extra)
-                    if cuda:
-                        torch.cuda.synchronize()
+                    sync()
                     if i:
                         times.append(time.perf_counter() - t0)
             tokens = sum(len(c) for c in ro.completion_ids)

@@ -27,31 +27,10 @@ DECODE_ARGS=${DECODE_ARGS-"--size medium --tokens 32 128 --repeats 2"}
 if [ -n "$DECODE_ARGS" ]; then
   for mixed in "" --mixed; do
     BENCH_DEVICE=cuda timeout "${DECODE_S:-120}" python3 -m bench.decode $DECODE_ARGS $mixed 2>&1 | tee -a "$OUT/decode.log" \
-      | grep BENCH_RESULT | python3 -c "
-import json, sys
-for line in sys.stdin:
-    d = json.loads(line.split(' ', 1)[1])
-    for r in d['results']:
-        print('decode', d['size'], d['precision'], r['new_tokens'], r['path'], r['seconds'], 's', r['tokens_per_s'], 'tok/s',
-              'x%s' % r['speedup_vs_forward'], 'same' if r['same_tokens'] else 'DIFFERENT')
-"
+      | grep BENCH_RESULT | python3 -m bench.report
   done
 fi
 timeout "${BENCH_S:-300}" python3 -m bench.run --device cuda --keep-going --out "$OUT/results_cuda.json" \
   ${BENCH_ARGS:---only grpo sft logprobs --sizes medium small --pairs 1} 2>&1 | tee "$OUT/bench.log" \
-  | python3 -c "
-import json, sys
-for line in sys.stdin:
-    if not line.startswith('{'):
-        print(line.rstrip()[:300]); continue
-    l = json.loads(line)
-    if 'error' in l: print(l['bench'], l['args'], 'ERROR', l['error'][-800:]); continue
-    if l['bench'] in ('sft', 'grpo'):
-        k = 'tokens_per_s' if l['bench'] == 'sft' else 'completions_per_s'
-        p, t = l['posttrain'], l['trl']
-        print(l['bench'], l['model'], k, round(p[k], 1), round(t[k], 1), 'ratio', l['ratio'], 'mfu', p['mfu'], t['mfu'],
-              'gpu MB', p.get('gpu_peak_mb'), t.get('gpu_peak_mb'), 'rollout', p.get('t_rollout'), 'step', p.get('step_s'), t.get('step_s'))
-    else:
-        print(json.dumps(l)[:600])
-"
+  | python3 -m bench.report
 ls -la "$OUT"

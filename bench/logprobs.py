@@ -22,7 +22,7 @@ import statistics
 import time
 from pathlib import Path
 
-from bench.common import device, emit, rss_now_mb, setup_threads
+from bench.common import device, emit, rss_now_mb, setup_threads, sync
 
 SHAPE, VOCAB = (4, 2048), 32000
 MODEL = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -98,7 +98,6 @@ def main() -> None:
     chunk = {"chunked": a.chunk, "full": None, "default": "default"}[a.variant]
     import torch
 
-    sync = torch.cuda.synchronize if device() == "cuda" else (lambda: None)
     before = torch.cuda.memory_allocated() / 2**20 if device() == "cuda" else rss_now_mb()
     for _ in range(a.warmup):
         call(model, ids, mask, chunk)

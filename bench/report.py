@@ -1,6 +1,8 @@
 """Tables and the scaling plot of a benchmark run (bench/results.json's lines); measures nothing."""
 from __future__ import annotations
 
+import json
+
 
 def _f(x, digits: int = 1) -> str:
     if x is None:
@@ -130,3 +132,27 @@ def plot_scaling(line: dict, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def summary(line: dict) -> list[str]:
+    """One short line per figure of a result line of `bench.run` or a `bench.decode` result (for a terminal)."""
+    if "error" in line:
+        return [f"{line['bench']} {line['args']} ERROR {line['error'][-800:]}"]
+    if line.get("bench") in ("sft", "grpo"):
+        key = "tokens_per_s" if line["bench"] == "sft" else "completions_per_s"
+        p, t = line["posttrain"], line["trl"]
+        return [f"{line['bench']} {line['model']} {key} {p[key]:.1f} / TRL {t[key]:.1f}: ratio {line['ratio']}, "
+                f"MFU {p['mfu']} / {t['mfu']}, GPU MB {p.get('gpu_peak_mb')} / {t.get('gpu_peak_mb')}"]
+    if "results" in line:  # bench.decode
+        return [f"decode {line['size']} {line['precision']} {r['new_tokens']} tokens {r['path']}: {r['seconds']} s, "
+                f"{r['tokens_per_s']} tok/s, x{r['speedup_vs_forward']}, "
+                f"{'same tokens' if r['same_tokens'] else 'DIFFERENT tokens'}" for r in line["results"]]
+    return [json.dumps(line)[:600]]
+
+
+if __name__ == "__main__":  # python -m bench.report < log: the summary of every JSON / BENCH_RESULT line in it
+    import sys
+
+    for text in sys.stdin:
+        text = text.split("BENCH_RESULT ", 1)[-1]
+        print("\n".join(summary(json.loads(text))) if text.startswith("{") else text.rstrip()[:300])

@@ -32,6 +32,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from bench.assets import DEFAULT_SIZES
 from bench.common import THREADS, device, run_child
 
 HERE = Path(__file__).resolve().parent
@@ -203,7 +204,7 @@ def main() -> None:
     ap.add_argument("--scaling-steps", type=int, default=2)
     ap.add_argument("--chunk", type=int, default=256, help="logprobs: K positions per LM-head chunk")
     ap.add_argument("--only", nargs="*", default=None, help="a subset: sft grpo logprobs scaling profile")
-    ap.add_argument("--sizes", nargs="*", default=["tiny", "small"], help="models: tiny small (medium: GPU-sized)")
+    ap.add_argument("--sizes", nargs="*", default=list(DEFAULT_SIZES), help="models: tiny small (medium: GPU-sized)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="cuda: both libraries on the GPU in bf16 mixed precision, MFU against the bf16 peak")
     ap.add_argument("--keep-going", action="store_true", help="record a failed benchmark's error and go on")
