@@ -20,7 +20,7 @@ import posttrain
 from posttrain.data.batch import pair_batch
 from posttrain.data.encode import encode_pair, encode_response
 from posttrain.recipe import RecipeError, load_recipe
-from posttrain.reward_model import ModelReward, from_policy, sequence_scores
+from posttrain.reward_model import EnsembleReward, ModelReward, calibrate, from_policy, sequence_scores
 from posttrain.training.update import ObjectiveSpec, accumulate_gradients
 
 
@@ -112,6 +112,9 @@ def test_a_reward_model_stage_saves_a_model_transformers_loads_and_the_rl_stage_
     ({"method": "reward_model", "advantage": {"kind": "dpo"}}, "only method reward_model trains a scalar head"),
     ({"method": "dpo", "advantage": {"kind": "bradley_terry"}}, "only method reward_model trains a scalar head"),
     ({"method": "reward_model", "kl": {"beta": 0.1}}, "no KL or entropy term"),
+    ({"method": "grpo", "rewards": [{"fn": "model", "path": ["a"]}]}, "lists at least two paths"),
+    ({"method": "grpo", "rewards": [{"fn": "model", "path": "a", "ensemble": "min"}]}, "give `path` as a list"),
+    ({"method": "grpo", "rewards": [{"fn": "model", "path": ["a", "b"], "ensemble": "max"}]}, "'min' or 'mean'"),
 ])
 def test_reward_model_recipes_that_cannot_mean_anything_are_refused(stage, message):
     with pytest.raises((RecipeError, ValueError)) as e:
@@ -138,3 +141,56 @@ def test_a_reward_model_path_that_does_not_load_is_a_recipe_error_before_step_0(
     with pytest.raises(RecipeError, match="reward model .*nothing-here"):
         posttrain.train(r, out=tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_an_ensemble_of_reward_model_stages_pays_the_worst_of_their_standardised_scores(tmp_path, model_dirs):
+    """Each reward_model stage records the mean and standard deviation of its scores over both responses of its
+    training pairs (in its summary and its saved config.json); {fn: model, path: [A, B]} pays, for each
+    completion, min_k (r_k - mean_k) / std_k, checked against each saved model's own scores."""
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": r["prompt"], "answer": r["chosen"]}) + "\n"
+                                                    for r in PAIRS))
+    rm = {"method": "reward_model", "data": {"path": str(tmp_path / "pairs.jsonl")}, "steps": 3, "batch": {"size": 4},
+          "optim": {"lr": 3e-3}}
+    r = {"model": model_dirs["llama"], "device": "cpu", "stages": [
+        {"name": "a", **rm}, {"name": "b", **rm},
+        {"method": "grpo", "data": {"path": str(tmp_path / "prompts.jsonl")}, "steps": 2, "batch": {"size": 2},
+         "rollout": {"group_size": 4, "max_new_tokens": 4}, "samples": {"every": 1, "n": 8},
+         "rewards": [{"fn": "model", "path": ["a", "b"]}]}]}
+    assert load_recipe(r).stages[2].rewards[0].ensemble == "min"  # the default for a list
+    summary = posttrain.train(r, out=tmp_path / "run", progress=False)
+    members = []
+    for name in ("a", "b"):
+        where = tmp_path / "run" / "stages" / name / "model"
+        cfg = json.loads((where / "config.json").read_text())
+        raw = ModelReward(str(where))
+        scores = torch.tensor(raw([p["prompt"] for p in PAIRS] * 2, [p["chosen"] for p in PAIRS] +
+                                  [p["rejected"] for p in PAIRS]), dtype=torch.float64)
+        assert cfg["score_n"] == summary["stages"][name]["score_n"] == 2 * len(PAIRS)
+        assert cfg["score_mean"] == pytest.approx(float(scores.mean()), abs=1e-5)
+        assert cfg["score_std"] == pytest.approx(float(scores.std()), abs=1e-5) and cfg["score_std"] > 0
+        members.append((raw, cfg["score_mean"], cfg["score_std"]))
+    assert members[0][1] != members[1][1]  # two different models
+    samples = [json.loads(x) for x in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 16
+    for x in samples:
+        z = [(m([x["prompt"]], [x["completion"]])[0] - mean) / std for m, mean, std in members]
+        assert x["rewards"]["model"] == pytest.approx(min(z), abs=1e-5)
+    # the mean over members, and a member without statistics refused with what to do
+    where = [str(tmp_path / "run" / "stages" / n / "model") for n in ("a", "b")]
+    prompts, completions = [p["prompt"] for p in PAIRS], [p["chosen"] for p in PAIRS]
+    z = torch.tensor([[(v - mean) / std for v in m(prompts, completions)] for m, mean, std in members])
+    assert EnsembleReward(where, ensemble="mean")(prompts, completions) == pytest.approx(z.mean(0).tolist(), abs=1e-5)
+    cfg = json.loads((tmp_path / "run" / "stages" / "a" / "model" / "config.json").read_text())
+    for k in ("score_mean", "score_std", "score_n"):
+        cfg.pop(k)
+    (tmp_path / "run" / "stages" / "a" / "model" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="no score statistics.*calibrate"):
+        EnsembleReward(where)
+    # calibrate: the statistics of the model's scores on the responses given, written to its config.json
+    stats = calibrate(where[0], prompts, completions)
+    scores = torch.tensor(members[0][0](prompts, completions), dtype=torch.float64)
+    assert stats == pytest.approx({"score_mean": float(scores.mean()), "score_std": float(scores.std()),
+                                   "score_n": len(PAIRS)})
+    assert ModelReward(where[0], normalize=True)(prompts, completions) == pytest.approx(
+        ((scores - scores.mean()) / scores.std()).tolist(), abs=1e-5)

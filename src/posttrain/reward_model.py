@@ -7,6 +7,12 @@ a fresh head (`from_policy`), trained on preference pairs with L = -log sigma(r_
 `reward_model`), and saved as it is: `AutoModelForSequenceClassification.from_pretrained(DIR)` loads it and
 gives the same scores (both read the last token that is not `pad_token_id`, set in the config). `ModelReward` scores completions with it inside an RL
 stage, batched, as the reward `{fn: model, path: DIR}`.
+
+Each saved reward model records the mean and standard deviation of its scores (`score_mean`, `score_std` in its
+config.json; `calibrate` sets them on other responses), so that several reward models trained on different
+pairs can be put on one scale: `EnsembleReward` (`{fn: model, path: [A, B, ...], ensemble: min}`) pays the
+worst of the members' standardised scores, which a policy can only raise by pleasing all of them at once
+(worst-case ensemble optimisation against reward over-optimisation, Coste et al. 2023).
 """
 from __future__ import annotations
 
@@ -84,6 +90,52 @@ def from_policy(policy, pad_id: int) -> torch.nn.Module:
     return rm.to(param.device)
 
 
+SCORE_STATS_PAIRS = 4096  # pairs whose responses give a reward model's score statistics
+
+
+def _stats(scores: list[float], what: str) -> dict:
+    t = torch.tensor(scores, dtype=torch.float64)
+    if len(t) < 2 or not float(t.std()) > 0:
+        raise ValueError(f"{what} needs responses with different scores; got {len(t)} scores")
+    return {"score_mean": float(t.mean()), "score_std": float(t.std()), "score_n": len(t)}
+
+
+@torch.no_grad()
+def score_statistics(model, pairs: Sequence, pad_id: int, *, batch_size: int = 32, device: str = "cpu",
+                     limit: int = SCORE_STATS_PAIRS) -> dict:
+    """{"score_mean", "score_std", "score_n"} of the scores of both responses of the first `limit` encoded
+    pairs: the unit `ModelReward(normalize=True)` and `EnsembleReward` measure this model's scores in."""
+    from .data.batch import pair_batch
+
+    was_training = model.training
+    model.eval()
+    pairs, scores = list(pairs)[:limit], []
+    for i in range(0, len(pairs), batch_size):
+        b = pair_batch(pairs[i: i + batch_size], pad_id).to(device)
+        scores += sequence_scores(model, b.input_ids, b.attention_mask).tolist()
+    model.train(was_training)
+    return _stats(scores, "a reward model's score statistics")
+
+
+def calibrate(path: str, prompts: Sequence, completions: Sequence, *, out: str | None = None) -> dict:
+    """Re-measure the score statistics of the reward model at `path` (a local directory) on these responses
+    (e.g. the starting policy's own samples, so that an ensemble's members are standardised on what the RL
+    stage will score) and write them into its config.json, or into a copy of the model at `out`."""
+    import shutil
+
+    from .models import resolve_model
+
+    reward = ModelReward(path)
+    stats = _stats(reward(prompts, completions), f"calibrating {path!r}")
+    where = resolve_model(path)
+    if out is not None:
+        shutil.copytree(where, out, dirs_exist_ok=True)
+        where = out
+    reward.model.config.update(stats)
+    reward.model.config.to_json_file(f"{where}/config.json")
+    return stats
+
+
 def load(path: str, *, dtype="auto", device: str = "cpu"):
     """(model, tokenizer) of a saved reward model (a local directory or hub id), frozen, in eval mode."""
     from transformers import AutoModelForSequenceClassification
@@ -106,12 +158,23 @@ class ModelReward:
 
     The text is encoded as the reward model was trained on pairs (`data.encode.encode_response`: the chat
     template for message lists), with the reward model's own tokenizer, so it need not share the policy's.
+    `normalize`: scores standardised by the model's recorded statistics, (r - score_mean) / score_std.
     """
 
-    def __init__(self, path: str, *, batch_size: int = 32, device: str = "cpu", max_len: int | None = None):
+    def __init__(self, path: str, *, batch_size: int = 32, device: str = "cpu", max_len: int | None = None,
+                 normalize: bool = False):
         self.path, self.batch_size, self.device = path, batch_size, device
         self.model, self.tok = load(path, device=device)
         self.max_len = max_len or getattr(self.model.config, "max_position_embeddings", None)
+        self.shift, self.scale = 0.0, 1.0
+        if normalize:
+            mean, std = (getattr(self.model.config, k, None) for k in ("score_mean", "score_std"))
+            if mean is None or not (std or 0) > 0:
+                raise ValueError(f"reward model {path!r} has no score statistics (score_mean and a positive "
+                                 "score_std in its config.json) to standardise its scores by: a reward_model stage "
+                                 "records them; for another model run posttrain.reward_model.calibrate(path, "
+                                 "prompts, completions) on responses like the ones it will score")
+            self.shift, self.scale = float(mean), float(std)
         self.__name__ = "model"
         log.info("reward model %s loaded on %s", path, device)
 
@@ -127,5 +190,28 @@ class ModelReward:
         for i in range(0, len(ids), self.batch_size):
             b = collate([Row(x, [1] * len(x), ROLLOUT, j) for j, x in enumerate(ids[i: i + self.batch_size])],
                         self.tok.pad_token_id).to(self.device)
-            out += sequence_scores(self.model, b.input_ids, b.attention_mask).tolist()
+            out += ((sequence_scores(self.model, b.input_ids, b.attention_mask).double() - self.shift)
+                    / self.scale).tolist()
         return out
+
+
+ENSEMBLES = ("min", "mean")
+
+
+class EnsembleReward:
+    """A reward function (TRL signature) from several reward models: each one's scores standardised by its
+    recorded statistics, z_k = (r_k - score_mean_k) / score_std_k, then `min` (default: the worst case, which a
+    policy raises only by pleasing every member) or `mean` over the members k."""
+
+    def __init__(self, paths: Sequence[str], *, ensemble: str = "min", **options: Any):
+        if ensemble not in ENSEMBLES:
+            raise ValueError(f"ensemble must be one of {ENSEMBLES}; got {ensemble!r}")
+        if len(paths) < 2:
+            raise ValueError(f"an ensemble needs at least two reward models; got {list(paths)}")
+        self.paths, self.ensemble = list(paths), ensemble
+        self.members = [ModelReward(p, normalize=True, **options) for p in paths]
+        self.__name__ = "model"
+
+    def __call__(self, prompts: Sequence, completions: Sequence, **kw: Any) -> list[float]:
+        z = torch.tensor([m(prompts, completions) for m in self.members], dtype=torch.float64)  # (K, N)
+        return (z.min(0).values if self.ensemble == "min" else z.mean(0)).tolist()

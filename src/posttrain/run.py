@@ -277,6 +277,9 @@ class Run(StageRows, StageResources):
                 result["wall_s"] = round(time.perf_counter() - t0, 3)
                 if _trains_reward_model(stage):  # the policy goes on unchanged to the next stage
                     curve.end_stage(result)
+                    stats = reward_model.score_statistics(trained, sd.encoded, pad_id, device=device)
+                    trained.config.update(stats)  # saved with it: the unit an ensemble standardises it by
+                    result.update(stats)
                     if sd.heldout is not None:
                         kinds = [r.get("kind") for r in sd.heldout_rows.rows]
                         result["eval"] = reward_model_accuracy(

@@ -60,7 +60,7 @@ class StageResources:
             fn: Any = r.fn
             local = fn == "model"
             if local:  # a reward model, batched on the trainer's device (loaded once per run and path)
-                fn = self._reward_model(r.path, r.kwargs)
+                fn = self._reward_model(r)
             elif fn.startswith("<callable:"):
                 fn = self.rewards[stage.name][int(fn[len("<callable:"):-1])]
             elif stage.data.task and ":" not in fn:
@@ -73,24 +73,31 @@ class StageResources:
         return RewardScorer(specs, timeout_s=stage.reward_timeout_s, memory_mb=pol.memory_mb,
                             file_size_mb=pol.file_size_mb, cpu_s=pol.cpu_s)
 
-    def _reward_model(self, path: str, options: dict):
-        """The reward function of {fn: model, path: ...}: `path` may name a stage of this run (its model)."""
-        from .reward_model import ModelReward
+    def _reward_model(self, r):
+        """The reward function of {fn: model, path: ...}: one reward model or an ensemble of them; a path may name a
+        stage of this run (its model)."""
+        from .reward_model import EnsembleReward, ModelReward
 
-        cache = self._reward_models
-        in_run = path in [s.name for s in self.cfg.stages]
-        where = self.out / "stages" / path / "model" if in_run else path
-        key = (str(where), tuple(sorted(options.items())))
-        if key not in cache:
+        names = [s.name for s in self.cfg.stages]
+        wheres = []
+        for path in r.model_paths():
+            in_run = path in names
+            where = self.out / "stages" / path / "model" if in_run else path
             if in_run and not Path(where).exists():
                 if self._checking:  # checked before step 0: the stage makes it later
                     return _pending_reward
                 raise RecipeError(f"reward model {path!r} is a stage of this run that has not finished; put the "
                                   "reward_model stage before the stages that use it")
+            wheres.append(str(where))
+        key = (tuple(wheres), r.ensemble, tuple(sorted(r.kwargs.items())))
+        cache = self._reward_models
+        if key not in cache:
+            device = pick_device(self.cfg.device)
             try:
-                cache[key] = ModelReward(str(where), device=pick_device(self.cfg.device), **options)
+                cache[key] = (EnsembleReward(wheres, ensemble=r.ensemble, device=device, **r.kwargs) if r.ensemble
+                              else ModelReward(wheres[0], device=device, **r.kwargs))
             except (OSError, ValueError, TypeError) as e:
-                raise RecipeError(f"reward model {path!r} (fn: model): {e}") from None
+                raise RecipeError(f"reward model {r.path!r} (fn: model): {e}") from None
         return cache[key]
 
     def _vllm(self, stage, tok, model):

@@ -199,10 +199,10 @@ def resolve(recipe: Recipe) -> Recipe:
     if len(set(names)) != len(names):
         raise RecipeError(f"stage names must be unique, got {names}; set `name:` on each stage")
     for i, s in enumerate(r.stages):  # {fn: model, path: STAGE}: a reward_model stage that runs before it
-        for rw in s.rewards:
-            if rw.path in names and (rw.path not in names[:i] or
-                                     get_preset(r.stages[names.index(rw.path)].method).advantage != REWARD_MODEL_LOSS):
-                raise RecipeError(f"stage {s.name!r}: reward model {rw.path!r} names a stage of this recipe, which "
+        for path in (p for rw in s.rewards for p in rw.model_paths()):
+            if path in names and (path not in names[:i] or
+                                  get_preset(r.stages[names.index(path)].method).advantage != REWARD_MODEL_LOSS):
+                raise RecipeError(f"stage {s.name!r}: reward model {path!r} names a stage of this recipe, which "
                                   "must be a reward_model stage that runs before it")
     for i, s in enumerate(r.stages):
         for d in (s.data, s.demos):

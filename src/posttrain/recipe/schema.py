@@ -53,14 +53,27 @@ class RewardConfig(Strict):
     name: Optional[str] = None  # its name in metrics (default: the function's)
     primary: bool = False  # `accuracy` is this reward's success rate (default: the first reward's)
     threshold: float = 1.0  # the value at which this reward counts a sample as a success
-    path: Optional[str] = None  # fn: model -- the reward model (a directory or hub id) scoring each completion
+    path: Optional[Union[str, list[str]]] = None  # fn: model -- the reward model (a directory, hub id or reward_model stage) scoring each completion; a list: an ensemble
+    ensemble: Optional[Literal["min", "mean"]] = None  # a list of reward models: each one's scores standardised by its score statistics, then their worst case (default) or mean
 
     @model_validator(mode="after")
     def _model_path(self) -> "RewardConfig":
         if (self.fn == "model") != (self.path is not None):
             raise ValueError("a reward model is given as {fn: model, path: DIR} (DIR a local directory or hub id "
                              "of a sequence-classification model); `path` belongs to fn: model only")
+        if isinstance(self.path, list):
+            if len(self.path) < 2:
+                raise ValueError(f"an ensemble of reward models lists at least two paths; got {self.path} (give "
+                                 "one reward model as a string)")
+            if self.ensemble is None:  # (not by assignment: that would validate again)
+                object.__setattr__(self, "ensemble", "min")
+        elif self.ensemble is not None:
+            raise ValueError("`ensemble` combines several reward models: give `path` as a list of them")
         return self
+
+    def model_paths(self) -> list[str]:
+        """fn: model -- the reward models named (one, or an ensemble's members); otherwise none."""
+        return [] if self.path is None else [self.path] if isinstance(self.path, str) else list(self.path)
 
 
 class OptimConfig(Strict):
