@@ -11,7 +11,7 @@ The pairs (chosen always a right answer to the question):
   onpolicy  the base's own samples of train questions: a verified-right one against a wrong one
   kinds     the task's `rm_train` pairs (a slip, a miscopied operand, a missing or extra step, a wrong mark)
   mixed     operands and onpolicy together
-  onpolicy_teacher  the onpolicy pairs on the backbone of builtin:tiny-teacher
+  onpolicy-teacher  the onpolicy pairs on the backbone of builtin:tiny-teacher
 
 Deterministic on one machine; about 25 minutes on 2 cores (two members at a time, one thread each).
 
@@ -48,7 +48,7 @@ MEMBERS = {  # name: (backbone, pairs)
     "onpolicy": ("builtin:tiny", "onpolicy"),
     "kinds": ("builtin:tiny", "kinds"),
     "mixed": ("builtin:tiny", "mixed"),
-    "onpolicy_teacher": ("builtin:tiny-teacher", "onpolicy"),
+    "onpolicy-teacher": ("builtin:tiny-teacher", "onpolicy"),
 }
 SAMPLES = 8           # the base's samples per question (temperature 1, 48 new tokens)
 TRAIN_QUESTIONS = 4000

@@ -26,6 +26,9 @@ log = logging.getLogger("posttrain")
 ASSETS = Path(__file__).resolve().parent / "assets"
 BUILTIN_MODELS: dict[str, str] = {"builtin:tiny": str(ASSETS / "tiny"),
                                   "builtin:tiny-teacher": str(ASSETS / "tiny-teacher")}  # scripts/build_teacher.py
+# the built-in task's reward-model ensemble (scripts/build_reward_models.py)
+TINY_REWARD_MODELS = tuple(f"builtin:tiny-rm-{m}" for m in ("operands", "onpolicy", "kinds", "mixed", "onpolicy-teacher"))
+BUILTIN_MODELS.update({name: str(ASSETS / name.removeprefix("builtin:")) for name in TINY_REWARD_MODELS})
 # End-of-turn tokens of common chat templates (ChatML/Qwen, Llama 3, Gemma, Phi-3).
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
