@@ -31,6 +31,12 @@ CHILD_ENV = {
 }
 
 
+def share_prompts() -> bool | None:
+    """posttrain's `batch.share_prompts` in the GRPO benchmarks (`bench.run --share-prompts on|off|auto`, in
+    BENCH_SHARE_PROMPTS): True, False, or None (auto, posttrain's default)."""
+    return {"on": True, "off": False}.get(os.environ.get("BENCH_SHARE_PROMPTS", "auto"))
+
+
 def device() -> str:
     """Where the measured work runs: BENCH_DEVICE, "cpu" unless `python -m bench.run --device cuda` set it.
     On "cuda" both libraries train in bf16 mixed precision (fp32 weights, bf16 autocast) and MFU is against the

@@ -26,7 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import device, emit, posttrain_defaults, on_device, setup_threads, step_intervals, trl_checkpointing
+from bench.common import device, emit, posttrain_defaults, on_device, setup_threads, share_prompts, step_intervals, \
+    trl_checkpointing
 
 LR = 1e-4
 REWARD = "bench.rewards:digit_share"
@@ -41,7 +42,7 @@ def posttrain_grpo(a, out: str) -> tuple[list[float], list[float], dict]:
         "stages": [{
             "method": "grpo", "data": {"path": a.data}, "rewards": [{"fn": REWARD}], "steps": a.steps,
             "optim": {"lr": LR, "max_grad_norm": 1.0}, "schedule": {"kind": "constant"},
-            "batch": {"size": a.prompts},
+            "batch": {"size": a.prompts, "share_prompts": share_prompts()},
             "rollout": {"group_size": a.group, "max_new_tokens": a.new_tokens, "temperature": 1.0, "top_p": 1.0},
             "kl": {"beta": 0.0}, "samples": {"every": 0},
         }],

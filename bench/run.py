@@ -33,7 +33,7 @@ from importlib import metadata
 from pathlib import Path
 
 from bench.assets import DEFAULT_SIZES
-from bench.common import THREADS, device, run_child
+from bench.common import THREADS, device, run_child, share_prompts
 
 HERE = Path(__file__).resolve().parent
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -134,7 +134,8 @@ def bench_grpo(assets: dict, size: str, peak: float, a) -> dict:
     keys = ("completions_per_s", "gen_tokens_per_s", "step_s", "mfu", "completion_len")
     line = {"bench": "grpo", "model": size, "params": n,
             "settings": {"prompts": 8, "group": 4, "max_new_tokens": 32, "steps_timed": a.grpo_steps,
-                         "kl_beta": 0.0, "updates_per_batch": 1, **notes(pt, trl)},
+                         "kl_beta": 0.0, "updates_per_batch": 1, "posttrain_share_prompts": share_prompts(),
+                         **notes(pt, trl)},
             "posttrain": side(pt, keys), "trl": side(trl, keys),
             "ratio": ratio(pt, trl, "completions_per_s"),
             "ratio_gen_tokens_per_s": ratio(pt, trl, "gen_tokens_per_s"),
@@ -207,11 +208,14 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="*", default=list(DEFAULT_SIZES), help="models: tiny small (medium: GPU-sized)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="cuda: both libraries on the GPU in bf16 mixed precision, MFU against the bf16 peak")
+    ap.add_argument("--share-prompts", choices=("auto", "on", "off"), default="auto",
+                    help="posttrain's batch.share_prompts in GRPO (each prompt once per log-prob pass); auto: its default")
     ap.add_argument("--keep-going", action="store_true", help="record a failed benchmark's error and go on")
     ap.add_argument("--out", default=None, help="default bench/results.json (bench/results_cuda.json on a GPU)")
     ap.add_argument("--no-readme", action="store_true", help="leave bench/README.md as it is (always, on a GPU)")
     a = ap.parse_args()
     os.environ["BENCH_DEVICE"] = a.device  # every child inherits it (bench.common.device)
+    os.environ["BENCH_SHARE_PROMPTS"] = a.share_prompts
     a.out = a.out or str(HERE / ("results.json" if a.device == "cpu" else "results_cuda.json"))
     a.no_readme = a.no_readme or a.device != "cpu"  # the README's tables are the CPU run's
     todo = set(a.only or ("sft", "grpo", "logprobs", "scaling", "profile"))

@@ -106,3 +106,83 @@ def test_bad_arguments_explain_themselves(make_model):
         token_logprobs(model, ids, mask, chunk_mb=0)
     with pytest.raises(ValueError, match=r"\(B, T\)"):
         token_logprobs(model, ids, mask[:, :2])
+
+
+@pytest.mark.parametrize("chunk", [{"chunk_size": None, "chunk_mb": None}, {"chunk_size": 2}])
+def test_shared_prompts_equal_the_padded_rows_values_and_gradients(make_model, arch, chunk):
+    """`groups`: each group's common prefix runs once under a tree mask (`shared_prefix_layout`); log-probs and
+    entropy equal the padded rows' in float64, whatever the groups share: a prompt and more (rows 0-2), nothing
+    but the first token's predictor (row 3 alone), nothing at all (rows 4-5), one token (row 6). Gradients agree
+    to float32 rounding: transformers' RMSNorm computes in float32 even in a float64 model, and the shared layout
+    sums a prefix's gradients before the norm's backward where the padded rows sum them after (with the norm in
+    float64 they agree to 1e-12: the next test)."""
+    _shared_prompts_check(make_model(arch, dtype=torch.float64).eval(), chunk, grad_atol=1e-6, grad_rtol=1e-5)
+
+
+def test_shared_prompts_gradients_are_exact_with_a_float64_norm(make_model, monkeypatch):
+    import transformers.models.llama.modeling_llama as llama
+
+    def norm64(self, h):  # RMSNorm in the input's own dtype
+        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+    monkeypatch.setattr(llama.LlamaRMSNorm, "forward", norm64)
+    _shared_prompts_check(make_model("llama", dtype=torch.float64).eval(), {"chunk_size": None, "chunk_mb": None},
+                          grad_atol=1e-12, grad_rtol=0)
+
+
+def _shared_prompts_check(model, chunk, *, grad_atol, grad_rtol):
+    V = model.config.vocab_size
+    g = torch.Generator().manual_seed(3)
+    prompt, other = torch.randint(1, V, (6,), generator=g).tolist(), torch.randint(1, V, (4,), generator=g).tolist()
+    tail = lambda n: torch.randint(1, V, (n,), generator=g).tolist()  # noqa: E731
+    shared_two = tail(2)
+    rows = [prompt + shared_two + tail(3), prompt + shared_two + tail(1), prompt + tail(4), other + tail(2),
+            [5] + tail(3), [6] + tail(5), [7]]
+    groups = torch.tensor([0, 0, 0, 1, 2, 2, 3])
+    T = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (T - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows])
+    weights = torch.randn(ids.shape, generator=g, dtype=torch.float64)
+
+    def run(**kw):
+        model.zero_grad()
+        logp, ent = token_logprobs(model, ids, mask, temperature=0.8, with_entropy=True, **chunk, **kw)
+        ((logp + 0.1 * ent) * weights).sum().backward()
+        return logp.detach(), ent.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    logp, ent, grads = run()
+    s_logp, s_ent, s_grads = run(groups=groups)
+    torch.testing.assert_close(s_logp, logp, atol=1e-10, rtol=0)
+    torch.testing.assert_close(s_ent, ent, atol=1e-10, rtol=0)
+    assert len(grads) == len(s_grads) > 0
+    for a, b in zip(grads, s_grads):
+        torch.testing.assert_close(b, a, atol=grad_atol, rtol=grad_rtol)
+    # the layout: rows 0-2 (11, 9 and 10 tokens) run the 6 all three share once, then their own 5, 3 and 4
+    from posttrain.logprobs import shared_prefix_layout
+    packed, tree, positions, row, at = shared_prefix_layout(ids, mask, groups)
+    assert packed.shape[0] == 4 and (row == groups).all()
+    assert int((tree[0, 0].diagonal() > 0).sum()) == packed.shape[1]
+    assert packed.shape[1] == 6 + 5 + 3 + 4 and (at[1, :6] == torch.arange(6)).all()
+    assert (at[0, 6], at[1, 6], at[1, 8], at[2, 6], at[2, 9]) == (6, 11, 13, 14, 17)
+    assert (positions[0, 11:14] == torch.arange(6, 9)).all()
+
+
+def test_shared_prompts_are_used_only_where_they_pay_and_the_attention_allows(make_model, monkeypatch):
+    """min_shared: the packed rows must hold at most (1 - min_shared) of the padded positions (2 rows of a 10-token
+    prompt and 2 own tokens: 14 of 24, a 42 % saving); sliding-window attention never takes the tree mask."""
+    import posttrain.logprobs as lp
+
+    model = make_model("llama").eval()
+    used = []
+    real = lp.last_hidden
+    monkeypatch.setattr(lp, "last_hidden", lambda m, kw, **k: used.append(kw["attention_mask"].dim()) or real(m, kw, **k))
+    ids = torch.tensor([[5] * 10 + [6, 7], [5] * 10 + [8, 9]])
+    mask, groups = torch.ones_like(ids), torch.tensor([0, 0])
+    for min_shared, tree in ((0.0, True), (0.4, True), (0.5, False)):
+        used.clear()
+        token_logprobs(model, ids, mask, groups=groups, min_shared=min_shared, chunk_size=2)
+        assert used == ([4] if tree else [2]), min_shared
+    assert lp.takes_tree_mask(model)
+    model.config.sliding_window, model.config.use_sliding_window = 8, True
+    assert not lp.takes_tree_mask(model)
+    model.config.use_sliding_window = False
+    assert lp.takes_tree_mask(model)

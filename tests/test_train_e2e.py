@@ -199,3 +199,31 @@ def test_rollout_cuda_graphs_reaches_the_sampler(tmp_path, model_dirs, monkeypat
         rollout={"group_size": 4, "max_new_tokens": 6, "cuda_graphs": False})
     run(tmp_path / "on", model_dirs["llama"], "grpo", steps=1)
     assert seen and set(seen[: len(seen) // 2]) == {False} and seen[-1] is True
+
+
+@pytest.mark.parametrize("method, extra", [("grpo", {"kl": {"beta": 0.1}}), ("luffy", {})])
+def test_shared_prompts_train_like_the_padded_rows(tmp_path, model_dirs, monkeypatch, method, extra):
+    """batch.share_prompts: true reaches every log-prob pass of the step (the training pass, and the reference's
+    for the KL term) with the rows' groups, false none, and the first step's figures are equal (same samples, the
+    same log-probs up to float32 rounding); LUFFY's groups mix demonstrations with samples."""
+    import posttrain.training.experience as experience
+    import posttrain.training.update as update
+
+    import posttrain.logprobs as logprobs
+
+    calls, layouts = [], []
+    layout = logprobs.shared_prefix_layout
+    monkeypatch.setattr(logprobs, "shared_prefix_layout", lambda *a: layouts.append(1) or layout(*a))
+    for mod in (experience, update):
+        real = mod.token_logprobs
+        monkeypatch.setattr(mod, "token_logprobs", lambda *a, _real=real, **kw: calls.append(kw.get("groups") is not None)
+                            or _real(*a, **kw))
+    off = run(tmp_path / "off", model_dirs["qwen2"], method, steps=1, batch={"size": 2, "share_prompts": False}, **extra)
+    assert calls and not any(calls)
+    calls.clear()
+    on = run(tmp_path / "on", model_dirs["qwen2"], method, steps=1, batch={"size": 2, "share_prompts": True}, **extra)
+    assert calls and all(calls) and len(layouts) == len(calls)  # (qwen2's attention takes the tree mask)
+    a, b = (metrics(tmp_path / d / "run")[0] for d in ("off", "on"))
+    for key in ("loss", "grad_norm", "reward_mean", "entropy") + (("kl",) if "kl" in a else ()):
+        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    assert off["stages"][method]["steps"] == on["stages"][method]["steps"] == 1

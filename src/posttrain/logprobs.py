@@ -66,6 +66,64 @@ def last_hidden(model: torch.nn.Module, kwargs: dict, **root_kwargs) -> Tensor:
     return kept[-1]
 
 
+def shared_prefix_layout(input_ids: Tensor, attention_mask: Tensor, groups: Tensor
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Right-padded rows (B, T) -> one row per group, the group's common prefix once: [prefix, tail_1, tail_2, ...].
+
+    Returns (ids (R, L), mask (R, 1, L, L) bool, positions (R, L), row (B,), at (B, T)): under the tree `mask`
+    each tail sees the prefix and itself, causally (a padding position sees only itself), with the positions it
+    has in its own row; token t of row b sits at `at[b, t]` of packed row `row[b]` (padding at 0). The rows of a
+    group keep at least their last token as their own, so every row's tokens after the first have a predictor."""
+    B, T = input_ids.shape
+    ids, lengths, device = input_ids.cpu(), attention_mask.sum(1).tolist(), input_ids.device
+    order: dict[int, list[int]] = {}
+    for b, g in enumerate(groups.tolist()):
+        order.setdefault(int(g), []).append(b)
+    packed, positions, segments = [], [], []
+    row, at = torch.zeros(B, dtype=torch.long), torch.zeros(B, T, dtype=torch.long)
+    for r, rows in enumerate(order.values()):
+        n = min(lengths[b] for b in rows)
+        same = (ids[rows, :n] == ids[rows[0], :n]).all(0).long().cumprod(0)
+        common = min(int(same.sum()), n - 1) if len(rows) > 1 else 0
+        seq, pos, seg = ids[rows[0], :common].tolist(), list(range(common)), [0] * common
+        for j, b in enumerate(rows):
+            own = lengths[b] - common
+            row[b] = r
+            at[b, :common] = torch.arange(common)
+            at[b, common: lengths[b]] = len(seq) + torch.arange(own)
+            seq += ids[b, common: lengths[b]].tolist()
+            pos += range(common, lengths[b])
+            seg += [j + 1] * own
+        packed.append(seq), positions.append(pos), segments.append(seg)
+    L = max(len(x) for x in packed)
+    seg = torch.tensor([x + [-1] * (L - len(x)) for x in segments])  # (R, L); -1: padding
+    q, k = torch.arange(L)[:, None], torch.arange(L)[None, :]
+    sk, sq = seg[:, None, :], seg[:, :, None]
+    mask = ((k <= q) & (sq >= 0) & ((sk == 0) | (sk == sq))) | (q == k)  # (R, L, L)
+    out = (torch.tensor([x + [0] * (L - len(x)) for x in packed]), mask[:, None],
+           torch.tensor([x + [0] * (L - len(x)) for x in positions]), row, at)
+    return tuple(t.to(device) for t in out)  # type: ignore[return-value]
+
+
+SHARED_MIN = 0.2  # batch.share_prompts null: share where the packed rows save at least this share of positions
+
+
+def shared_prompts(setting: bool | None, batch, allowed: bool = True) -> dict:
+    """token_logprobs' keyword arguments for a batch under `batch.share_prompts` (True, False or None: auto)."""
+    if setting is False or not allowed:
+        return {}
+    return {"groups": batch.group, "min_shared": 0.0 if setting else SHARED_MIN}
+
+
+def takes_tree_mask(model: torch.nn.Module) -> bool:
+    """Whether the model's attention honours a custom 4-D mask as it is: SDPA or eager attention, and no
+    sliding-window layers (whose own masks a custom one would replace)."""
+    cfg = model.config.get_text_config()
+    sliding = getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) is not False
+    sliding = sliding or "sliding_attention" in (getattr(cfg, "layer_types", None) or ())
+    return getattr(cfg, "_attn_implementation", None) in ("sdpa", "eager") and not sliding
+
+
 def _final_logits(model: torch.nn.Module, hidden: Tensor) -> Tensor:
     """Apply the LM head the way the model's own forward does (incl. Gemma-style final soft-capping)."""
     logits = model.get_output_embeddings()(hidden)
@@ -105,6 +163,8 @@ def token_logprobs(
     chunk_size: int | None = None,
     chunk_mb: float | None = CHUNK_MB,
     position_ids: Tensor | None = None,
+    groups: Tensor | None = None,
+    min_shared: float = 0.0,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probability of every token of `input_ids` given its prefix, and optionally the entropy.
 
@@ -115,6 +175,10 @@ def token_logprobs(
     time, `chunk_mb` over as many as hold that many MB of fp32 logits (same values, less memory); both None: the
     full (B, T, V) logits at once. `position_ids` (B, T) marks packed rows (several documents, positions restarting at
     0 at each): the model then gets no attention mask and keeps the documents apart by their positions.
+    `groups` (B,): rows of one group (an RL prompt's samples) run their common prefix once (`shared_prefix_layout`),
+    and each token's hidden state is gathered back to its (B, T) place before the LM head: the same values. Only
+    where the packed rows hold at most (1 - `min_shared`) of the padded batch's positions and the model's attention
+    takes a tree mask (`takes_tree_mask`); otherwise the rows run as they are.
     """
     if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
         raise ValueError(
@@ -134,17 +198,33 @@ def token_logprobs(
     mask = attention_mask.bool()
     # Padded positions' values are zeroed below; their targets are set to 0 so the gather never depends on them.
     targets = input_ids.masked_fill(~mask, 0)[:, 1:]  # (B, T-1)
-    if position_ids is None:
+    layout = shared_prefix_layout(input_ids, attention_mask, groups) \
+        if groups is not None and position_ids is None and takes_tree_mask(model) else None
+    if layout is not None and layout[0].numel() > (1 - min_shared) * input_ids.numel():
+        layout = None  # too little shared to pay for the longer rows' attention (bench/README.md)
+    if layout is not None:  # each group's common prefix once, under a tree mask
+        ids, tree, positions, row, at = layout
+        if getattr(model.config, "_attn_implementation", None) == "eager":  # eager attention adds its mask
+            dtype = next(model.parameters()).dtype
+            tree = torch.zeros(tree.shape, dtype=dtype, device=tree.device).masked_fill(~tree, torch.finfo(dtype).min)
+        packed = last_hidden(model, dict(input_ids=ids, attention_mask=tree, position_ids=positions,
+                                         use_cache=False), logits_to_keep=1)  # (R, L, D)
+        hidden = packed[row[:, None], at[:, :-1]]  # (B, T-1, D): the state that predicts token t
+        kwargs = None
+    elif position_ids is None:
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask,
                       position_ids=position_ids_from_mask(attention_mask), use_cache=False)
     else:  # packed: transformers derives the per-document causal mask from the positions (no attention mask)
         kwargs = dict(input_ids=input_ids, attention_mask=None, position_ids=position_ids, use_cache=False)
 
-    if chunk_size is None:
+    if chunk_size is None and kwargs is not None:
         logits = model(**kwargs).logits[:, :-1]  # (B, T-1, V)
         logp, entropy = _logp_entropy(logits, targets, temperature, with_entropy)
+    elif chunk_size is None:
+        logp, entropy = _logp_entropy(_final_logits(model, hidden), targets, temperature, with_entropy)
     else:
-        hidden = last_hidden(model, kwargs, logits_to_keep=1)[:, :-1]  # (B, T-1, D)
+        if kwargs is not None:
+            hidden = last_hidden(model, kwargs, logits_to_keep=1)[:, :-1]  # (B, T-1, D)
 
         def head(h: Tensor, x: Tensor) -> tuple[Tensor, ...]:
             out = _logp_entropy(_final_logits(model, h), x, temperature, with_entropy)

@@ -25,7 +25,7 @@ import torch
 from .. import faults
 from ..data.batch import DEMO, ROLLOUT, Batch, Row, pair_batch
 from ..data.encode import completion_text, encode_prompt
-from ..logprobs import token_logprobs
+from ..logprobs import shared_prompts, token_logprobs
 from ..objective.advantages import mixed_outcome
 from ..objective.components import overlong_penalty
 from ..objective.preference import PAIRED_LOSSES
@@ -407,6 +407,7 @@ class Experience(OfflineSteps, TeacherSignals, RejectionSampling, HybridRows):
                 rows = mine[rows]
                 mb = batch.select(rows).to(self.device)
                 lp, _ = token_logprobs(model, mb.input_ids, mb.attention_mask, temperature=temperature,
-                                       chunk_mb=self.s.batch.logits_chunk_mb)
+                                       chunk_mb=self.s.batch.logits_chunk_mb,
+                                       **shared_prompts(self.s.batch.share_prompts, mb))
                 out[rows, : lp.shape[1]] = lp.float().cpu()
         return self.world.sum_(out)

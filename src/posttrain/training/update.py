@@ -14,7 +14,7 @@ import torch
 
 from ..data.batch import DEMO, PREFIX, ROLLOUT, STREAMS, Batch
 from .world import SINGLE, World
-from ..logprobs import logprobs_at, token_logprobs
+from ..logprobs import logprobs_at, shared_prompts, token_logprobs
 from ..objective import mixers
 from ..objective.components import soft_target_loss
 from ..objective.estimator import ObjectiveTerms, StreamComponents, objective_loss, preference_loss, stream_counts
@@ -38,6 +38,7 @@ class ObjectiveSpec:
     reward_model: bool = False  # Bradley-Terry on a scalar head's scores (method reward_model), not logp
     soft_targets: float = 0.0  # KD on demonstrations: the teacher's share of each token's target (distill.coef)
     chunk_mb: float | None = None  # MB of fp32 logits per LM-head chunk (batch.logits_chunk_mb); None: all
+    share_prompts: bool | None = None  # a group's common prefix once per forward pass (batch.share_prompts)
 
     @classmethod
     def from_stage(cls, s, *, log_entropy: bool = False) -> "ObjectiveSpec":
@@ -61,6 +62,7 @@ class ObjectiveSpec:
         soft = (s.distill.coef or 0.0) if get_preset(s.method).data == "demonstrations" else 0.0
         return cls(streams=streams, joint=s.normaliser == "joint", preference=pref, soft_targets=soft,
                    reward_model=s.advantage.kind == REWARD_MODEL_LOSS, chunk_mb=s.batch.logits_chunk_mb,
+                   share_prompts=s.batch.share_prompts,
                    kl_beta_loss=s.kl.beta if s.kl.placement == "loss" else 0.0, kl_estimator=s.kl.estimator,
                    entropy_coef=s.entropy.coef, temperature=s.rollout.temperature if rl and pref is None else 1.0,
                    with_entropy=s.entropy.coef > 0 or (log_entropy and rl) or srft is not None, srft=srft)
@@ -139,7 +141,8 @@ def accumulate_gradients(model, batch: Batch, spec: ObjectiveSpec, *, micro_size
                 value_head.capture = True
             logp, entropy = token_logprobs(model, mb.input_ids, mb.attention_mask, temperature=spec.temperature,
                                            with_entropy=spec.with_entropy, chunk_mb=spec.chunk_mb,
-                                           position_ids=mb.position_ids)
+                                           position_ids=mb.position_ids,
+                                           **shared_prompts(spec.share_prompts, mb, value_head is None))
             logp = logp.float()  # the estimator's math runs in fp32 even when the model is bf16
             entropy = entropy.float() if entropy is not None else None
             terms = micro_loss(logp, entropy, mb, spec, counts)
