@@ -101,19 +101,27 @@ def _stats(scores: list[float], what: str) -> dict:
 
 
 @torch.no_grad()
-def score_statistics(model, pairs: Sequence, pad_id: int, *, batch_size: int = 32, device: str = "cpu",
-                     limit: int = SCORE_STATS_PAIRS) -> dict:
-    """{"score_mean", "score_std", "score_n"} of the scores of both responses of the first `limit` encoded
-    pairs: the unit `ModelReward(normalize=True)` and `EnsembleReward` measure this model's scores in."""
+def pair_scores(model, pairs: Sequence, pad_id: int, *, batch_size: int = 32, device: str = "cpu"):
+    """Yields (batch, scores (2k,) float64 on the CPU) for each `pair_batch` of encoded pairs, the model in eval
+    mode meanwhile (its mode restored after)."""
     from .data.batch import pair_batch
 
     was_training = model.training
     model.eval()
-    pairs, scores = list(pairs)[:limit], []
-    for i in range(0, len(pairs), batch_size):
-        b = pair_batch(pairs[i: i + batch_size], pad_id).to(device)
-        scores += sequence_scores(model, b.input_ids, b.attention_mask).tolist()
-    model.train(was_training)
+    try:
+        for i in range(0, len(pairs), batch_size):
+            b = pair_batch(pairs[i: i + batch_size], pad_id).to(device)
+            yield b, sequence_scores(model, b.input_ids, b.attention_mask).double().cpu()
+    finally:
+        model.train(was_training)
+
+
+def score_statistics(model, pairs: Sequence, pad_id: int, *, batch_size: int = 32, device: str = "cpu",
+                     limit: int = SCORE_STATS_PAIRS) -> dict:
+    """{"score_mean", "score_std", "score_n"} of the scores of both responses of the first `limit` encoded
+    pairs: the unit `ModelReward(normalize=True)` and `EnsembleReward` measure this model's scores in."""
+    scores = [x for _, r in pair_scores(model, list(pairs)[:limit], pad_id, batch_size=batch_size, device=device)
+              for x in r.tolist()]
     return _stats(scores, "a reward model's score statistics")
 
 

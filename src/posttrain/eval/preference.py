@@ -59,17 +59,12 @@ def reward_model_accuracy(model, pairs: list, pad_id: int, *, kinds: list | None
     per pair, e.g. the kind of error in the rejected response), also "by_kind": {kind: {"n", "pref_accuracy",
     "margin"}}, which says what the reward model has learned to see and what it has not."""
     from ..objective.preference import pair_index
-    from ..reward_model import sequence_scores
+    from ..reward_model import pair_scores
 
-    was_training = model.training
-    model.eval()
     margins = []
-    for i in range(0, len(pairs), batch_size):
-        b = pair_batch(pairs[i: i + batch_size], pad_id).to(device)
-        r = sequence_scores(model, b.input_ids, b.attention_mask).double().cpu()
+    for b, r in pair_scores(model, pairs, pad_id, batch_size=batch_size, device=device):
         w, lo = pair_index(b.group.cpu(), b.pair_sign.cpu())
         margins.append(r[w] - r[lo])
-    model.train(was_training)
     out = _ranked(margins)
     if kinds is not None:
         m = torch.cat(margins) if margins else torch.zeros(0, dtype=torch.float64)
