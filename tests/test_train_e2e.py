@@ -213,7 +213,7 @@ def test_shared_prompts_train_like_the_padded_rows(tmp_path, model_dirs, monkeyp
 
     calls, layouts = [], []
     layout = logprobs.shared_prefix_layout
-    monkeypatch.setattr(logprobs, "shared_prefix_layout", lambda *a: layouts.append(1) or layout(*a))
+    monkeypatch.setattr(logprobs, "shared_prefix_layout", lambda *a, **kw: layouts.append(1) or layout(*a, **kw))
     for mod in (experience, update):
         real = mod.token_logprobs
         monkeypatch.setattr(mod, "token_logprobs", lambda *a, _real=real, **kw: calls.append(kw.get("groups") is not None)

@@ -66,14 +66,15 @@ def last_hidden(model: torch.nn.Module, kwargs: dict, **root_kwargs) -> Tensor:
     return kept[-1]
 
 
-def shared_prefix_layout(input_ids: Tensor, attention_mask: Tensor, groups: Tensor
-                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def shared_prefix_layout(input_ids: Tensor, attention_mask: Tensor, groups: Tensor, *,
+                         max_positions: float | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None:
     """Right-padded rows (B, T) -> one row per group, the group's common prefix once: [prefix, tail_1, tail_2, ...].
 
     Returns (ids (R, L), mask (R, 1, L, L) bool, positions (R, L), row (B,), at (B, T)): under the tree `mask`
     each tail sees the prefix and itself, causally (a padding position sees only itself), with the positions it
     has in its own row; token t of row b sits at `at[b, t]` of packed row `row[b]` (padding at 0). The rows of a
-    group keep at least their last token as their own, so every row's tokens after the first have a predictor."""
+    group keep at least their last token as their own, so every row's tokens after the first have a predictor.
+    None, before any mask is built, where the packed rows would hold more than `max_positions` positions."""
     B, T = input_ids.shape
     ids, lengths, device = input_ids.cpu(), attention_mask.sum(1).tolist(), input_ids.device
     order: dict[int, list[int]] = {}
@@ -96,6 +97,8 @@ def shared_prefix_layout(input_ids: Tensor, attention_mask: Tensor, groups: Tens
             seg += [j + 1] * own
         packed.append(seq), positions.append(pos), segments.append(seg)
     L = max(len(x) for x in packed)
+    if max_positions is not None and len(packed) * L > max_positions:
+        return None
     seg = torch.tensor([x + [-1] * (L - len(x)) for x in segments])  # (R, L); -1: padding
     q, k = torch.arange(L)[:, None], torch.arange(L)[None, :]
     sk, sq = seg[:, None, :], seg[:, :, None]
@@ -198,10 +201,9 @@ def token_logprobs(
     mask = attention_mask.bool()
     # Padded positions' values are zeroed below; their targets are set to 0 so the gather never depends on them.
     targets = input_ids.masked_fill(~mask, 0)[:, 1:]  # (B, T-1)
-    layout = shared_prefix_layout(input_ids, attention_mask, groups) \
+    # (too little shared does not pay for the longer rows' attention: bench/README.md)
+    layout = shared_prefix_layout(input_ids, attention_mask, groups, max_positions=(1 - min_shared) * input_ids.numel()) \
         if groups is not None and position_ids is None and takes_tree_mask(model) else None
-    if layout is not None and layout[0].numel() > (1 - min_shared) * input_ids.numel():
-        layout = None  # too little shared to pay for the longer rows' attention (bench/README.md)
     if layout is not None:  # each group's common prefix once, under a tree mask
         ids, tree, positions, row, at = layout
         if getattr(model.config, "_attn_implementation", None) == "eager":  # eager attention adds its mask
