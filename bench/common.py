@@ -33,8 +33,8 @@ CHILD_ENV = {
 
 def share_prompts() -> bool | None:
     """posttrain's `batch.share_prompts` in the GRPO benchmarks (`bench.run --share-prompts off|auto|on`, in
-    BENCH_SHARE_PROMPTS): False (posttrain's default), None (auto) or True."""
-    return {"on": True, "auto": None}.get(os.environ.get("BENCH_SHARE_PROMPTS", "off"), False)
+    BENCH_SHARE_PROMPTS): False, None (auto: posttrain's default) or True."""
+    return {"on": True, "off": False}.get(os.environ.get("BENCH_SHARE_PROMPTS", "auto"))
 
 
 def device() -> str:

@@ -208,8 +208,8 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="*", default=list(DEFAULT_SIZES), help="models: tiny small (medium: GPU-sized)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="cuda: both libraries on the GPU in bf16 mixed precision, MFU against the bf16 peak")
-    ap.add_argument("--share-prompts", choices=("off", "auto", "on"), default="off",
-                    help="posttrain's batch.share_prompts in GRPO (each prompt once per log-prob pass); off: its default")
+    ap.add_argument("--share-prompts", choices=("off", "auto", "on"), default="auto",
+                    help="posttrain's batch.share_prompts in GRPO (each prompt once per log-prob pass); auto: its default")
     ap.add_argument("--keep-going", action="store_true", help="record a failed benchmark's error and go on")
     ap.add_argument("--out", default=None, help="default bench/results.json (bench/results_cuda.json on a GPU)")
     ap.add_argument("--no-readme", action="store_true", help="leave bench/README.md as it is (always, on a GPU)")

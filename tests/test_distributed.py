@@ -27,6 +27,7 @@ QUIET = ["eval=null", "checkpoint.every=0"]
 CASES = {
     "sft": ("builtin:sft", [], 3),
     "grpo": ("builtin:grpo", ["stages.0.batch.size=4"], 3),
+    "grpo_shared": ("builtin:grpo", ["stages.0.batch.size=4", "stages.0.batch.share_prompts=true"], 3),
     "hpt": ("builtin:hpt", ["stages.0.batch.size=4", "stages.0.rollout.group_size=4"], 3),
     "sft_then_dpo": ("builtin:sft_then_dpo", [], 2),
     "ppo": ("builtin:ppo", ["stages.0.batch.size=4"], 2),  # the value model's gradients summed like the policy's
@@ -41,6 +42,9 @@ CASES = {
 # gradient in another order can part by a little more than 1e-5 after two stages (2.1e-5 for distill under ddp and
 # fsdp alike, 1.1e-5 for rm_then_ppo; the losses of every step agree to 1e-5)
 WEIGHTS_ATOL = {"rm_then_ppo": 5e-5, "distill": 5e-5}
+# shared prompts: a micro-batch's groups run in rows as long as its longest group, so the attention sums over other
+# lengths on one rank than on two; measured 1.4e-5 apart in the grad norm by step 3 (weights 1.2e-6)
+REL = {"grpo_shared": 1e-4}
 
 
 def _env(**extra) -> dict:
@@ -134,8 +138,11 @@ def _overrides(case: str) -> list[str]:
     # the per-tensor AdamW on every side, as fsdp recipes resolve to (the fused kernel rounds apart from it, and
     # over a few RL steps that exceeds these tolerances: tests/test_optim.py checks the kernel itself)
     n = len(load_recipe(recipe).stages)
+    # and the padded rows: shared prompts lay a micro-batch's groups out in rows as long as its longest group, so
+    # one rank and two part at float32 rounding there (the "grpo_shared" case, at its own tolerance)
     return overrides + [f"stages.{i}.rollout.seeding=row" for i in range(n)] + \
-        [f"stages.{i}.optim.fused=false" for i in range(n)]
+        [f"stages.{i}.optim.fused=false" for i in range(n)] + \
+        [f"stages.{i}.batch.share_prompts=false" for i in range(n) if case != "grpo_shared"]
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +163,7 @@ def one_rank(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case,strategy", [("sft", "ddp"), ("grpo", "ddp"), ("hpt", "ddp"), ("sft_then_dpo", "ddp"),
-                                           ("ppo", "ddp"),
+                                           ("ppo", "ddp"), ("grpo_shared", "ddp"),
                                            ("sft", "fsdp"), ("grpo", "fsdp"), ("sft_then_dpo", "fsdp"),
                                            ("sft_then_dpo", "fsdp-shard"), ("ppo_shared", "fsdp"),
                                            ("rm_then_ppo", "fsdp"), ("distill", "fsdp-shard")])
@@ -170,7 +177,7 @@ def test_two_ranks_train_as_one(tmp_path, one_rank, case, strategy):
         if strategy == "fsdp-shard" else [f"distributed.strategy={strategy}"]
     two = _train(tmp_path / "two", recipe, _overrides(case) + extra, steps, ranks=2)
     assert two.returncode == 0, two.stderr[-3000:]
-    _assert_same_run(one_rank(case), tmp_path / "two", atol=WEIGHTS_ATOL.get(case, 1e-5))
+    _assert_same_run(one_rank(case), tmp_path / "two", rel=REL.get(case, 1e-5), atol=WEIGHTS_ATOL.get(case, 1e-5))
 
 
 @pytest.mark.slow

@@ -1,4 +1,6 @@
 """token_logprobs against a plain per-position log_softmax reference, under padding and chunking."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -167,17 +169,26 @@ def _shared_prompts_check(model, chunk, *, grad_atol, grad_rtol):
 
 
 def test_shared_prompts_are_used_only_where_they_pay_and_the_attention_allows(make_model, monkeypatch):
-    """min_shared: the packed rows must hold at most (1 - min_shared) of the padded positions (2 rows of a 10-token
-    prompt and 2 own tokens: 14 of 24, a 42 % saving); sliding-window attention never takes the tree mask."""
+    """min_shared: the packed rows must cost at most (1 - min_shared) of the padded rows, positions plus attention's
+    query-key pairs weighted by `attention_pair_cost` (2 rows of a 10-token prompt and 2 own tokens: one packed row
+    of 14 against 2 of 12); None shares unconditionally; sliding-window attention never takes the tree mask."""
     import posttrain.logprobs as lp
+    from transformers import Qwen2Config
 
+    # the benchmarks' small Qwen2: q, o 512 x 512, k, v 512 x 256, MLP 3 x 512 x 1536; a pair 4 x 8 heads x 64
+    small = Qwen2Config(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                        num_key_value_heads=4)
+    assert lp.attention_pair_cost(SimpleNamespace(config=small)) == pytest.approx(2048 / (2 * 3_145_728))
     model = make_model("llama").eval()
     used = []
     real = lp.last_hidden
     monkeypatch.setattr(lp, "last_hidden", lambda m, kw, **k: used.append(kw["attention_mask"].dim()) or real(m, kw, **k))
     ids = torch.tensor([[5] * 10 + [6, 7], [5] * 10 + [8, 9]])
     mask, groups = torch.ones_like(ids), torch.tensor([0, 0])
-    for min_shared, tree in ((0.0, True), (0.4, True), (0.5, False)):
+    pair = lp.attention_pair_cost(model)
+    saving = 1 - (14 + pair * 14**2) / (2 * (12 + pair * 12**2))
+    assert 0.2 < saving < 0.42  # the pairs' term counts
+    for min_shared, tree in ((None, True), (saving - 0.01, True), (saving + 0.01, False)):
         used.clear()
         token_logprobs(model, ids, mask, groups=groups, min_shared=min_shared, chunk_size=2)
         assert used == ([4] if tree else [2]), min_shared

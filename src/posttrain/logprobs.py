@@ -67,14 +67,16 @@ def last_hidden(model: torch.nn.Module, kwargs: dict, **root_kwargs) -> Tensor:
 
 
 def shared_prefix_layout(input_ids: Tensor, attention_mask: Tensor, groups: Tensor, *,
-                         max_positions: float | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None:
+                         max_cost: float | None = None, pair_cost: float = 0.0
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None:
     """Right-padded rows (B, T) -> one row per group, the group's common prefix once: [prefix, tail_1, tail_2, ...].
 
     Returns (ids (R, L), mask (R, 1, L, L) bool, positions (R, L), row (B,), at (B, T)): under the tree `mask`
     each tail sees the prefix and itself, causally (a padding position sees only itself), with the positions it
     has in its own row; token t of row b sits at `at[b, t]` of packed row `row[b]` (padding at 0). The rows of a
     group keep at least their last token as their own, so every row's tokens after the first have a predictor.
-    None, before any mask is built, where the packed rows would hold more than `max_positions` positions."""
+    None, before any mask is built, where the packed rows would cost more than `max_cost`: R L + pair_cost R L^2
+    (`attention_pair_cost`: positions, plus the query-key pairs that attention computes, masked or not)."""
     B, T = input_ids.shape
     ids, lengths, device = input_ids.cpu(), attention_mask.sum(1).tolist(), input_ids.device
     order: dict[int, list[int]] = {}
@@ -97,7 +99,7 @@ def shared_prefix_layout(input_ids: Tensor, attention_mask: Tensor, groups: Tens
             seg += [j + 1] * own
         packed.append(seq), positions.append(pos), segments.append(seg)
     L = max(len(x) for x in packed)
-    if max_positions is not None and len(packed) * L > max_positions:
+    if max_cost is not None and len(packed) * (L + pair_cost * L * L) > max_cost:
         return None
     seg = torch.tensor([x + [-1] * (L - len(x)) for x in segments])  # (R, L); -1: padding
     q, k = torch.arange(L)[:, None], torch.arange(L)[None, :]
@@ -108,14 +110,29 @@ def shared_prefix_layout(input_ids: Tensor, attention_mask: Tensor, groups: Tens
     return tuple(t.to(device) for t in out)  # type: ignore[return-value]
 
 
-SHARED_MIN = 0.2  # batch.share_prompts null: share where the packed rows save at least this share of positions
+SHARED_MIN = 0.2  # batch.share_prompts null: share where the packed rows save at least this share of the cost
 
 
 def shared_prompts(setting: bool | None, batch, allowed: bool = True) -> dict:
     """token_logprobs' keyword arguments for a batch under `batch.share_prompts` (True, False or None: auto)."""
     if setting is False or not allowed:
         return {}
-    return {"groups": batch.group, "min_shared": 0.0 if setting else SHARED_MIN}
+    return {"groups": batch.group, "min_shared": None if setting else SHARED_MIN}
+
+
+def attention_pair_cost(model: torch.nn.Module) -> float:
+    """The FLOPs of one query-key pair of attention (q.k and the weighted v: 4 x heads x head_dim a layer) over
+    those of one position through the decoder's matmuls (2 x the parameters of a layer): what a layout's L^2 term
+    weighs against its L term. 0 where the config does not say its shapes."""
+    cfg = model.config.get_text_config()
+    h, heads = getattr(cfg, "hidden_size", None), getattr(cfg, "num_attention_heads", None)
+    if not (isinstance(h, int) and isinstance(heads, int)):
+        return 0.0
+    hd = getattr(cfg, "head_dim", None) or h // heads
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    mlp = getattr(cfg, "intermediate_size", None) or 4 * h
+    per_layer = 2 * h * heads * hd + 2 * h * kv * hd + 3 * h * mlp  # q, o; k, v; gate, up, down
+    return 4 * heads * hd / (2 * per_layer)
 
 
 def takes_tree_mask(model: torch.nn.Module) -> bool:
@@ -167,7 +184,7 @@ def token_logprobs(
     chunk_mb: float | None = CHUNK_MB,
     position_ids: Tensor | None = None,
     groups: Tensor | None = None,
-    min_shared: float = 0.0,
+    min_shared: float | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probability of every token of `input_ids` given its prefix, and optionally the entropy.
 
@@ -180,8 +197,9 @@ def token_logprobs(
     0 at each): the model then gets no attention mask and keeps the documents apart by their positions.
     `groups` (B,): rows of one group (an RL prompt's samples) run their common prefix once (`shared_prefix_layout`),
     and each token's hidden state is gathered back to its (B, T) place before the LM head: the same values. Only
-    where the packed rows hold at most (1 - `min_shared`) of the padded batch's positions and the model's attention
-    takes a tree mask (`takes_tree_mask`); otherwise the rows run as they are.
+    where the model's attention takes a tree mask (`takes_tree_mask`) and, unless `min_shared` is None, the packed
+    rows cost at most (1 - `min_shared`) of the padded batch (positions, plus attention's query-key pairs weighted
+    by `attention_pair_cost`: longer rows pay for their longer attention); otherwise the rows run as they are.
     """
     if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
         raise ValueError(
@@ -202,8 +220,11 @@ def token_logprobs(
     # Padded positions' values are zeroed below; their targets are set to 0 so the gather never depends on them.
     targets = input_ids.masked_fill(~mask, 0)[:, 1:]  # (B, T-1)
     # (too little shared does not pay for the longer rows' attention: bench/README.md)
-    layout = shared_prefix_layout(input_ids, attention_mask, groups, max_positions=(1 - min_shared) * input_ids.numel()) \
-        if groups is not None and position_ids is None and takes_tree_mask(model) else None
+    layout = None
+    if groups is not None and position_ids is None and takes_tree_mask(model):
+        pair, (B, T) = attention_pair_cost(model), input_ids.shape
+        budget = None if min_shared is None else (1 - min_shared) * B * (T + pair * T * T)
+        layout = shared_prefix_layout(input_ids, attention_mask, groups, max_cost=budget, pair_cost=pair)
     if layout is not None:  # each group's common prefix once, under a tree mask
         ids, tree, positions, row, at = layout
         if getattr(model.config, "_attn_implementation", None) == "eager":  # eager attention adds its mask

@@ -38,7 +38,7 @@ class ObjectiveSpec:
     reward_model: bool = False  # Bradley-Terry on a scalar head's scores (method reward_model), not logp
     soft_targets: float = 0.0  # KD on demonstrations: the teacher's share of each token's target (distill.coef)
     chunk_mb: float | None = None  # MB of fp32 logits per LM-head chunk (batch.logits_chunk_mb); None: all
-    share_prompts: bool | None = False  # a group's common prefix once per forward pass (batch.share_prompts)
+    share_prompts: bool | None = None  # a group's common prefix once per forward pass (batch.share_prompts)
 
     @classmethod
     def from_stage(cls, s, *, log_entropy: bool = False) -> "ObjectiveSpec":
