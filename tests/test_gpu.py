@@ -204,3 +204,35 @@ def test_grpo_lora_with_the_vllm_engine(tmp_path):
     final = summary["stages"]["grpo"]["final"]
     assert summary["stages"]["grpo"]["steps"] == 3
     assert 0.5 < final["is_weight"] < 1.5 and final["sampler_mismatch"] < 0.5
+
+
+@cuda
+@pytest.mark.parametrize("precision", ["float32", "bf16-mixed"])
+def test_shared_prompts_on_cuda_equal_the_padded_rows(tokenizer, precision):
+    """batch.share_prompts' tree mask through CUDA SDPA (a boolean 4-D mask: no flash kernel, the memory-efficient
+    or math one): the same log-probs and gradients as the padded rows, in float32 to 1e-5, under bf16 autocast to
+    bf16 rounding."""
+    from posttrain.logprobs import token_logprobs
+
+    model = tiny_model("qwen2", tokenizer).cuda()
+    g = torch.Generator().manual_seed(0)
+    V = model.config.vocab_size
+    prompts = [torch.randint(1, V, (n,), generator=g).tolist() for n in (9, 5, 12)]
+    rows = [p + torch.randint(1, V, (k,), generator=g).tolist() for p in prompts for k in (3, 6, 1, 4)]
+    groups = torch.arange(3).repeat_interleave(4).cuda()
+    T = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (T - len(r)) for r in rows]).cuda()
+    mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows]).cuda()
+
+    def run(**kw):
+        model.zero_grad()
+        with torch.autocast("cuda", torch.bfloat16, enabled=precision == "bf16-mixed"):
+            logp, _ = token_logprobs(model, ids, mask, **kw)
+        logp.sum().backward()
+        return logp.detach().float(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    logp, grad = run()
+    s_logp, s_grad = run(groups=groups, min_shared=None)
+    tol = 1e-5 if precision == "float32" else 0.05
+    torch.testing.assert_close(s_logp, logp, atol=tol, rtol=0)
+    assert float((s_grad - grad).norm() / grad.norm()) < (1e-4 if precision == "float32" else 0.05)
