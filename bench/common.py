@@ -141,11 +141,16 @@ def on_device() -> dict:
 
 def posttrain_defaults() -> dict:
     """The posttrain recipe keys under test that are recent (absent from older versions): `batch.pack` (SFT
-    sequence packing) and the chunked LM head's `batch.logits_chunk*` key, with its default (left as it is)."""
+    sequence packing), its `rows` mode, and the chunked LM head's `batch.logits_chunk*` key, with its default
+    (left as it is)."""
     from posttrain.recipe import BatchConfig
 
     fields = BatchConfig.model_fields
-    return {"has_pack": "pack" in fields,
+    try:
+        rows = BatchConfig(pack="rows").pack == "rows"
+    except Exception:  # noqa: BLE001 (a version without it refuses the value)
+        rows = False
+    return {"has_pack": "pack" in fields, "pack_rows": rows,
             "logits_chunk": {n: f.default for n, f in fields.items() if n.startswith("logits_chunk")} or None}
 
 

@@ -99,7 +99,7 @@ def notes(pt: list[dict], trl: list[dict]) -> dict:
 
 
 def bench_sft(assets: dict, size: str, peak: float, a) -> dict:
-    docs = round(8 * 128 / assets["sft_mean_tokens"])  # posttrain's step is counted in documents
+    docs = round(8 * 128 / assets["sft_mean_tokens"])  # (a posttrain without batch.pack: rows counts documents)
     common = ["--model", assets["models"][size], "--data", assets["sft"], "--steps", a.sft_steps + 2,
               "--warmup", 2, "--docs", docs]
     pt, trl = paired("bench.sft", ["--side", "posttrain", *common], ["--side", "trl", *common], a.pairs)

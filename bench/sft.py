@@ -7,9 +7,10 @@ evaluation.
 
     TRL        SFTConfig(packing=True, max_length=128, per_device_train_batch_size=8): best-fit-decreasing packing
                of the whole dataset before training, padding-free rows (one flat sequence with position ids)
-    posttrain  method sft, batch.pack: true, data.max_len 128, batch.size = the documents that fill ~8 x 128
-               tokens (posttrain packs each step's documents into 128-token rows; the step's size is counted
-               in documents, not rows)
+    posttrain  method sft, batch.pack: rows, data.max_len 128, batch.size 8: best-fit-decreasing packing of
+               each epoch's documents, 2048 at a time, into 128-token rows, padded to the step's longest row
+               (posttrain before `pack: rows`: batch.pack: true, batch.size = the documents that fill ~8 x 128
+               tokens, packed step by step)
 
 Measured: the wall-clock interval between the ends of consecutive optimizer steps after `--warmup` steps,
 the tokens those steps processed (non-padding input tokens), hence tokens/s (the median step's; the overall rate
@@ -33,9 +34,9 @@ def posttrain_sft(model: str, data: str, steps: int, docs: int, out: str) -> tup
     """(step end times, input tokens per step, notes) of a posttrain SFT run."""
     import posttrain
 
-    batch = {"size": docs}
     notes = posttrain_defaults()
-    if notes["has_pack"]:
+    batch = {"size": ROWS_PER_STEP, "pack": "rows"} if notes["pack_rows"] else {"size": docs}
+    if notes["has_pack"] and not notes["pack_rows"]:
         batch["pack"] = True
     recipe = {
         "model": model, "seed": 0, "checkpoint": {"every": 0}, **on_device(),
@@ -48,8 +49,10 @@ def posttrain_sft(model: str, data: str, steps: int, docs: int, out: str) -> tup
     records = [json.loads(l) for l in open(Path(out) / "metrics.jsonl")]
     records = [r for r in records if "wall_s" in r]
     ends = [r["wall_s"] for r in records]
-    # a document's first token is its own and never a loss token: input tokens = loss tokens + documents
-    tokens = [int(r["trained_tokens"]) + docs for r in records]
+    # the non-padding input tokens (where a version does not log them: a text row trains on every token but its
+    # first, so loss tokens + documents)
+    tokens = [int(r["forward_tokens"]) if "forward_tokens" in r else int(r["trained_tokens"]) + docs
+              for r in records]
     return ends, tokens, notes
 
 
@@ -88,7 +91,7 @@ def main() -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--steps", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--docs", type=int, required=True, help="posttrain: documents per step (fills ~8 x 128 tokens)")
+    ap.add_argument("--docs", type=int, required=True, help="posttrain without batch.pack: rows: documents per step (fills ~8 x 128 tokens)")
     a = ap.parse_args()
     setup_threads()
     with tempfile.TemporaryDirectory() as out:

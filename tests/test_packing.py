@@ -1,9 +1,13 @@
 """Packed demonstrations (`batch.pack`) against the padded batch: the same per-document log-probs, the same
-loss and the same gradient through the trainer's path (Experience -> ObjectiveSpec -> accumulate_gradients)."""
+loss and the same gradient through the trainer's path (Experience -> ObjectiveSpec -> accumulate_gradients);
+`batch.pack: rows`, the data packed a window at a time by best fit."""
+import json
+import random
+
 import pytest
 import torch
 
-from posttrain.data.batch import demo_batch, packed_demo_batch
+from posttrain.data.batch import best_fit_rows, demo_batch, packed_demo_batch
 from posttrain.data.encode import Encoded, encode_sft
 from posttrain.logprobs import token_logprobs
 from posttrain.recipe import RecipeError, load_recipe
@@ -29,6 +33,43 @@ def test_packing_fills_rows_in_order_and_restarts_positions():
     assert torch.equal(b.advantages, b.loss_mask) and b.group.tolist() == [0, 1]
     alone = packed_demo_batch([Encoded(list(range(1, 9)), [1] * 8)], pad_id=0, pack_len=6)  # longer: alone
     assert alone.input_ids.shape == (1, 8)
+
+
+def test_best_fit_decreasing_puts_each_document_where_it_leaves_least_room():
+    # longest first: 9 > 8 alone (row 0); 6 -> row 1 (room 2); 5 -> row 2 (room 3); 4 -> row 3 (room 4); 3 -> row 2,
+    # the least room that holds it (3 of 3 and 4); 2 -> row 1 (2)
+    assert best_fit_rows([5, 3, 4, 2, 6, 9], 8) == [[5], [4, 3], [0, 1], [2]]
+    assert best_fit_rows([], 8) == []
+    g = random.Random(0)
+    lengths = [g.randint(20, 70) for _ in range(400)]
+    rows = best_fit_rows(lengths, 128)
+    assert sorted(i for r in rows for i in r) == list(range(400))
+    assert all(sum(lengths[i] for i in r) <= 128 for r in rows)
+    # fuller than the in-order first fit of the same documents (the step-wise batch.pack: true)
+    first_fit = packed_demo_batch([Encoded([1] * n, [1] * n) for n in lengths], 0, 128).input_ids.shape[0]
+    assert len(rows) < first_fit and sum(lengths) / (128 * len(rows)) > 0.9
+
+
+def test_rows_packed_a_window_at_a_time_hold_every_document_once_an_epoch_and_resume():
+    from posttrain.training.sources import PackedDemonstrations
+
+    g = random.Random(1)
+    docs = [Encoded([k + 1] * g.randint(1, 6), [1] * 6) for k in range(13)]  # (a document's id in its tokens)
+    src = PackedDemonstrations(docs, seed=4, shuffle=True, pack_len=8, window=5)
+    seen: dict[int, list[int]] = {}
+    for _ in range(40):
+        (row,) = src.take_rows(1)
+        assert 1 <= len(row) and sum(len(d.input_ids) for d in row) <= 8
+        seen.setdefault(src.cursor.epoch, []).extend(d.input_ids[0] for d in row)
+    assert len(seen) >= 3
+    for epoch in sorted(seen)[:-1]:  # every finished epoch: each document exactly once
+        assert sorted(seen[epoch]) == list(range(1, 14)), epoch
+    assert seen[0] != seen[1]  # a fresh order each epoch
+    a = PackedDemonstrations(docs, seed=4, shuffle=True, pack_len=8, window=5)
+    a.take_rows(3)
+    b = PackedDemonstrations(docs, seed=4, shuffle=True, pack_len=8, window=5)
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    assert [[d.input_ids for d in r] for r in b.take_rows(9)] == [[d.input_ids for d in r] for r in a.take_rows(9)]
 
 
 def test_packed_logprobs_equal_each_document_alone(make_model, arch, tokenizer):
@@ -74,11 +115,14 @@ def test_packed_step_gives_the_padded_steps_loss_and_gradient(make_model, tokeni
 
 
 def test_pack_is_refused_where_per_sequence_statistics_matter():
-    _stage("sft", pack=True)
-    for method, extra in [("grpo", {"rewards": [{"fn": "exact"}]}), ("dpo", {}), ("kd", {})]:
-        st = {"method": method, "data": {"path": "x"}, "batch": {"pack": True}, **extra}
-        with pytest.raises(RecipeError, match="batch.pack"):
-            load_recipe({"model": "m", "teacher": "t", "stages": [st]})
+    _stage("sft", pack=True), _stage("dft", pack="rows")
+    for pack in (True, "rows"):
+        for method, extra in [("grpo", {"rewards": [{"fn": "exact"}]}), ("dpo", {}), ("kd", {})]:
+            st = {"method": method, "data": {"path": "x"}, "batch": {"pack": pack}, **extra}
+            with pytest.raises(RecipeError, match="batch.pack"):
+                load_recipe({"model": "m", "teacher": "t", "stages": [st]})
+    with pytest.raises(RecipeError, match="batch.pack"):
+        _stage("sft", pack="epoch")
 
 
 @pytest.mark.parametrize("arch_name", ["llama", "qwen2"])

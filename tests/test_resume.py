@@ -301,3 +301,15 @@ def test_a_damaged_checkpoint_is_skipped_for_the_one_before(tmp_path, monkeypatc
         train(r, out, monkeypatch)
     assert "0-sft-step0000005: optimizer.safetensors does not match its hash" in caplog.text
     assert_same_run(ref, out)
+
+
+def test_sft_on_rows_packed_an_epoch_at_a_time_resumes_exactly(tmp_path, monkeypatch, model_dirs):
+    """batch.pack: rows (PackedDemonstrations): stopped mid-epoch, resumed at its (epoch, window, row), and the run
+    equals the uninterrupted one."""
+    st = stage("sft", 6, batch={"size": 2, "pack": "rows"}, data={"max_len": 48})
+    r = {"model": model_dirs["llama"], "device": "cpu", "seed": 2, "checkpoint": {"every": 0}, "stages": [st]}
+    train(r, tmp_path / "ref", monkeypatch)
+    stopped(r, tmp_path / "run", monkeypatch, "step@4=term")
+    train(r, tmp_path / "run", monkeypatch)
+    assert_same_run(tmp_path / "ref", tmp_path / "run")
+    assert [x["samples"] for x in metrics(tmp_path / "ref")] == [2] * 6  # packed rows a step

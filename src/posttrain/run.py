@@ -344,7 +344,7 @@ class Run(StageRows, StageResources):
     def _run_stage(self, i, stage, sd: "StageData", model, tok, stop_ids, pad_id, device, sinks,
                    global_step, on_step=None, t0: float = 0.0) -> dict:
         from .training.experience import Experience
-        from .training.sources import Demonstrations, PairedDemos
+        from .training.sources import Demonstrations, PackedDemonstrations, PairedDemos
 
         preset = get_preset(stage.method)
         self._resolve_late(stage, sd, tok, getattr(model.config, "max_position_embeddings", None))
@@ -390,6 +390,8 @@ class Run(StageRows, StageResources):
             kw["engine"] = self._vllm(stage, tok, model)
         if sd.encoded is not None and preset.data in ("preferences", "unpaired"):
             kw["pairs"] = Demonstrations(sd.encoded, seed + 1, stage.data.shuffle)
+        elif sd.encoded is not None and stage.batch.pack == "rows":
+            kw["demos"] = PackedDemonstrations(sd.encoded, seed + 1, stage.data.shuffle, stage.data.max_len)
         elif sd.encoded is not None:
             kw["demos"] = Demonstrations(sd.encoded, seed + 1, stage.data.shuffle)
         if preset.needs_demonstrations:

@@ -12,6 +12,8 @@ A rollout that continues a demonstration prefix (prefix-guided RL) marks the cop
 """
 from __future__ import annotations
 
+import bisect
+
 from dataclasses import dataclass, field, fields, replace
 from typing import Optional, Sequence
 
@@ -204,17 +206,43 @@ def demo_batch(examples: Sequence, pad_id: int, dtype: torch.dtype = torch.float
 
 def packed_demo_batch(examples: Sequence, pad_id: int, pack_len: int, dtype: torch.dtype = torch.float32) -> Batch:
     """Demonstrations packed into rows of at most `pack_len` tokens (in order, each into the first row with room;
-    a longer one alone), A = 1 on supervised tokens: the same tokens as `demo_batch` with less padding.
+    a longer one alone), A = 1 on supervised tokens: the same tokens as `demo_batch` with less padding."""
+    bins: list[list] = []
+    for e in examples:
+        room = next((b for b in bins if sum(len(x.input_ids) for x in b) + len(e.input_ids) <= pack_len), None)
+        bins.append([e]) if room is None else room.append(e)
+    return packed_rows_batch(bins, pad_id, dtype)
+
+
+def best_fit_rows(lengths: Sequence[int], pack_len: int) -> list[list[int]]:
+    """Best-fit decreasing: indices of `lengths` in rows of at most `pack_len` tokens, longest first, each into the
+    row it leaves least room in (a longer one alone). Deterministic (ties by index)."""
+    rooms: list[tuple[int, int]] = []  # (room left, row), sorted
+    rows: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        n = lengths[i]
+        at = bisect.bisect_left(rooms, (n, -1))
+        if at == len(rooms):
+            rows.append([i])
+            room, r = pack_len - n, len(rows) - 1
+        else:
+            room, r = rooms.pop(at)
+            rows[r].append(i)
+            room -= n
+        if room > 0:
+            bisect.insort(rooms, (room, r))
+    return rows
+
+
+def packed_rows_batch(bins: Sequence[Sequence], pad_id: int, dtype: torch.dtype = torch.float32) -> Batch:
+    """Rows of demonstrations (objects with input_ids, loss_mask), each row's documents one after another, A = 1 on
+    supervised tokens.
 
     `position_ids` restart at 0 at each document, which is how the model keeps documents apart: transformers
     builds a per-document causal mask from them when no attention mask is given (`logprobs.token_logprobs`). A
     document's first token is never a loss token (its predictor would be the previous document's last token).
     Each packed row is its own group; per-sequence statistics do not survive packing (token aggregation only).
     """
-    bins: list[list] = []
-    for e in examples:
-        room = next((b for b in bins if sum(len(x.input_ids) for x in b) + len(e.input_ids) <= pack_len), None)
-        bins.append([e]) if room is None else room.append(e)
     rows, positions = [], []
     for i, docs in enumerate(bins):
         ids = [t for d in docs for t in d.input_ids]

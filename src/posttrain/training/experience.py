@@ -41,7 +41,7 @@ from .hybrids import HybridRows
 from .offline import OfflineSteps
 from .rejection import RejectionSampling
 from .teachers import TeacherSignals
-from .sources import Buffer, DataCursor, Demonstrations, PairedDemos, VerifiedPool
+from .sources import Buffer, DataCursor, Demonstrations, PackedDemonstrations, PairedDemos, VerifiedPool
 
 log = logging.getLogger("posttrain")
 
@@ -50,8 +50,8 @@ class Experience(OfflineSteps, TeacherSignals, RejectionSampling, HybridRows):
     """Builds one Batch per step from a stage's sources. Holds no model: the policy is passed in."""
 
     def __init__(self, stage, tokenizer, *, pad_id: int, stop_ids=(), device="cpu", seed: int = 0, rows=None,
-                 demos: Demonstrations | None = None, paired: PairedDemos | None = None, scorer=None,
-                 ref_model=None, total_steps: int = 1, on_data=None, on_samples=None,
+                 demos: Demonstrations | PackedDemonstrations | None = None, paired: PairedDemos | None = None,
+                 scorer=None, ref_model=None, total_steps: int = 1, on_data=None, on_samples=None,
                  pairs: Demonstrations | None = None, teacher=None, critic=None, world: World = SINGLE,
                  engine=None):
         self.s, self.p = stage, get_preset(stage.method)

@@ -13,16 +13,20 @@ from __future__ import annotations
 
 import torch
 
-from ..data.batch import Batch, demo_batch, mismatched, packed_demo_batch, pair_batch, unpaired_batch
+from ..data.batch import Batch, demo_batch, mismatched, packed_demo_batch, packed_rows_batch, pair_batch, \
+    unpaired_batch
 
 
 class OfflineSteps:
     def _offline_step(self, model) -> tuple[Batch, dict] | None:
         """(batch, values) of this step when the stage reads stored data only, else None (the stage samples)."""
         if self.p.sources == ("demonstrations",):
-            demos = self.demos.take(self.s.batch.size)
-            batch = packed_demo_batch(demos, self.pad_id, self.s.data.max_len) if self.s.batch.pack \
-                else demo_batch(demos, self.pad_id)
+            if self.s.batch.pack == "rows":  # rows packed a window of documents at a time (PackedDemonstrations)
+                batch = packed_rows_batch(self.demos.take_rows(self.s.batch.size), self.pad_id)
+            elif self.s.batch.pack:
+                batch = packed_demo_batch(self.demos.take(self.s.batch.size), self.pad_id, self.s.data.max_len)
+            else:
+                batch = demo_batch(self.demos.take(self.s.batch.size), self.pad_id)
             self._compute = {"ref_forward_tokens": 0}
             if self.s.ppo_epochs * self.s.minibatches > 1 and self.s.weight != "one":  # PSFT's q: the policy
                 batch.old_logp = self._logp(model, batch, temperature=1.0)              # before the batch

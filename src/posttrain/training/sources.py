@@ -2,6 +2,7 @@
 
   DataCursor      a seeded walk over n rows (prompts or demonstrations), resumable by (epoch, index)
   Demonstrations  encoded demonstrations drawn by a cursor (SFT, DFT, CHORD's expert rows)
+  PackedDemonstrations  the same packed into rows a window of documents at a time, drawn by rows (batch.pack: rows)
   PairedDemos     the demonstration of a given prompt row: its own `completion`/`solution`, or the row of a
                   separate `demos:` dataset with the same prompt (LUFFY, HPT, SRFT, ReLIFT, prefix-guided RL)
   Buffer          ReLIFT's questions whose rollouts all failed, until it is full
@@ -18,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from ..data.batch import DEMO, Row
+from ..data.batch import DEMO, Row, best_fit_rows
 from ..data.encode import Encoded, EncodeError, encode_sft
 from ..data.formats import DEMONSTRATION_COLUMNS
 from ..data.loading import BadRow, DataError, RowSet, excerpt
@@ -79,6 +80,62 @@ class Demonstrations:
 
     def load_state_dict(self, d: dict) -> None:
         self.cursor.load_state_dict(d["cursor"])
+
+
+PACK_WINDOW = 2048  # batch.pack: rows packs each epoch this many documents at a time
+
+
+class PackedDemonstrations:
+    """Encoded demonstrations packed into rows of at most `pack_len` tokens, drawn `k` rows at a time
+    (`batch.pack: rows`).
+
+    Each epoch walks a fresh seeded permutation (as `DataCursor`) in windows of `window` documents; a window is
+    packed by best-fit decreasing (`best_fit_rows`: rows far fuller than one step's documents can fill) and its
+    rows served in a seeded order, then the next window's. Every document is in exactly one row an epoch. A
+    window's rows are a function of (seed, epoch, window), so the position (epoch, window, index) resumes exactly.
+    """
+
+    def __init__(self, examples: Sequence[Encoded], seed: int, shuffle: bool, pack_len: int,
+                 window: int = PACK_WINDOW):
+        self.examples, self.pack_len, self.window = list(examples), pack_len, window
+        self.cursor = DataCursor(len(self.examples), seed, shuffle)  # its epoch's permutation; (epoch, 0) always
+        self.win = self.index = 0
+        self._rows: list[list[int]] | None = None
+
+    def _window_rows(self) -> list[list[int]]:
+        if not self.cursor._order:
+            self.cursor._order = self.cursor._perm()
+        ids = self.cursor._order[self.win * self.window: (self.win + 1) * self.window]
+        rows = [[ids[j] for j in r] for r in best_fit_rows([len(self.examples[i].input_ids) for i in ids],
+                                                           self.pack_len)]
+        if self.cursor.shuffle:  # (best fit lays them out longest first)
+            g = torch.Generator().manual_seed((self.cursor.seed * 1_000_003 + self.cursor.epoch) * 7919 + self.win)
+            rows = [rows[i] for i in torch.randperm(len(rows), generator=g).tolist()]
+        return rows
+
+    def take_rows(self, k: int) -> list[list[Encoded]]:
+        if not self.examples:
+            raise ValueError("no rows to draw from")
+        out: list[list[int]] = []
+        while len(out) < k:
+            if self._rows is None:
+                self._rows = self._window_rows()
+            if self.index >= len(self._rows):  # the next window, or the next epoch's first
+                self.win, self.index, self._rows = self.win + 1, 0, None
+                if self.win * self.window >= len(self.examples):
+                    self.cursor.epoch, self.cursor._order, self.win = self.cursor.epoch + 1, [], 0
+                continue
+            take = min(k - len(out), len(self._rows) - self.index)
+            out += self._rows[self.index: self.index + take]
+            self.index += take
+        return [[self.examples[i] for i in row] for row in out]
+
+    def state_dict(self) -> dict:
+        return {"cursor": self.cursor.state_dict(), "window": self.win, "row": self.index}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.cursor.load_state_dict(d["cursor"])
+        self.win, self.index, self._rows = d["window"], d["row"], None
 
 
 def prompt_key(prompt) -> str:
