@@ -13,7 +13,6 @@ A rollout that continues a demonstration prefix (prefix-guided RL) marks the cop
 from __future__ import annotations
 
 import bisect
-
 from dataclasses import dataclass, field, fields, replace
 from typing import Optional, Sequence
 
