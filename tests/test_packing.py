@@ -50,12 +50,14 @@ def test_best_fit_decreasing_puts_each_document_where_it_leaves_least_room():
     assert len(rows) < first_fit and sum(lengths) / (128 * len(rows)) > 0.9
 
 
-def test_rows_packed_a_window_at_a_time_hold_every_document_once_an_epoch_and_resume():
+@pytest.mark.parametrize("group", [1, 3])
+def test_rows_packed_a_window_at_a_time_hold_every_document_once_an_epoch_and_resume(group):
     from posttrain.training.sources import PackedDemonstrations
 
     g = random.Random(1)
     docs = [Encoded([k + 1] * g.randint(1, 6), [1] * 6) for k in range(13)]  # (a document's id in its tokens)
-    src = PackedDemonstrations(docs, seed=4, shuffle=True, pack_len=8, window=5)
+    kw = dict(seed=4, shuffle=True, pack_len=8, window=5, group=group)
+    src = PackedDemonstrations(docs, **kw)
     seen: dict[int, list[int]] = {}
     for _ in range(40):
         (row,) = src.take_rows(1)
@@ -65,11 +67,30 @@ def test_rows_packed_a_window_at_a_time_hold_every_document_once_an_epoch_and_re
     for epoch in sorted(seen)[:-1]:  # every finished epoch: each document exactly once
         assert sorted(seen[epoch]) == list(range(1, 14)), epoch
     assert seen[0] != seen[1]  # a fresh order each epoch
-    a = PackedDemonstrations(docs, seed=4, shuffle=True, pack_len=8, window=5)
-    a.take_rows(3)
-    b = PackedDemonstrations(docs, seed=4, shuffle=True, pack_len=8, window=5)
+    a = PackedDemonstrations(docs, **kw)
+    a.take_rows(4)  # (with runs of 3: a step begun in one window ends in the next)
+    b = PackedDemonstrations(docs, **kw)
     b.load_state_dict(json.loads(json.dumps(a.state_dict())))
-    assert [[d.input_ids for d in r] for r in b.take_rows(9)] == [[d.input_ids for d in r] for r in a.take_rows(9)]
+    assert [[d.input_ids for d in r] for r in b.take_rows(20)] == [[d.input_ids for d in r] for r in a.take_rows(20)]
+
+
+def test_a_steps_packed_rows_are_of_similar_length():
+    """Runs of `group` rows of similar length, so a step padded to its longest row wastes few positions; a step
+    that straddles two windows keeps its size."""
+    from posttrain.training.sources import PackedDemonstrations
+
+    g = random.Random(2)
+    docs = [Encoded([1] * max(10, int(g.gauss(46, 8))), [1] * 70) for _ in range(3000)]  # the benchmark's ~46
+
+    def waste(group):
+        src = PackedDemonstrations(docs, seed=0, shuffle=True, pack_len=128, window=500, group=group)
+        pad = real = 0
+        for _ in range(200):
+            lengths = [sum(len(d.input_ids) for d in row) for row in src.take_rows(8)]
+            pad, real = pad + 8 * max(lengths), real + sum(lengths)
+        return 1 - real / pad
+
+    assert waste(8) < 0.02 < 0.05 < waste(1)  # measured 0.010 and 0.075
 
 
 def test_packed_logprobs_equal_each_document_alone(make_model, arch, tokenizer):

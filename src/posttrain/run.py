@@ -391,7 +391,8 @@ class Run(StageRows, StageResources):
         if sd.encoded is not None and preset.data in ("preferences", "unpaired"):
             kw["pairs"] = Demonstrations(sd.encoded, seed + 1, stage.data.shuffle)
         elif sd.encoded is not None and stage.batch.pack == "rows":
-            kw["demos"] = PackedDemonstrations(sd.encoded, seed + 1, stage.data.shuffle, stage.data.max_len)
+            kw["demos"] = PackedDemonstrations(sd.encoded, seed + 1, stage.data.shuffle, stage.data.max_len,
+                                               group=stage.batch.size)
         elif sd.encoded is not None:
             kw["demos"] = Demonstrations(sd.encoded, seed + 1, stage.data.shuffle)
         if preset.needs_demonstrations:

@@ -109,7 +109,7 @@ class BatchConfig(Strict):
     # The LM head's outputs computed at once for log-probs and entropy, so a large batch never holds its whole
     # (B, T, V) logits; null: all at once.
     logits_chunk_mb: Optional[float] = Field(CHUNK_MB, gt=0)  # MB of fp32 logits per chunk; null: all at once
-    pack: Union[bool, Literal["rows"]] = False  # SFT / DFT: demonstrations in rows of data.max_len tokens (less padding); true: each step's batch.size documents, in order; rows: each epoch's documents by best fit, 2048 at a time, and batch.size rows a step
+    pack: Union[bool, Literal["rows"]] = False  # SFT / DFT: demonstrations in rows of data.max_len tokens (less padding); true: each step's batch.size documents, in order; rows: each epoch's documents by best fit, 2048 at a time, and batch.size rows of similar length a step
     share_prompts: Optional[bool] = None  # RL: each prompt's samples run their common prefix once per log-prob pass (a tree attention mask; the same values to float32 rounding); null: where it saves >= 20% of the cost (positions and attention pairs); true: always; not with a shared value head
     # Recompute each decoder layer's activations in the backward pass instead of keeping them: less memory for a
     # long batch, about one more forward pass of time (training passes only; sampling is unaffected)

@@ -90,28 +90,36 @@ class PackedDemonstrations:
     (`batch.pack: rows`).
 
     Each epoch walks a fresh seeded permutation (as `DataCursor`) in windows of `window` documents; a window is
-    packed by best-fit decreasing (`best_fit_rows`: rows far fuller than one step's documents can fill) and its
-    rows served in a seeded order, then the next window's. Every document is in exactly one row an epoch. A
-    window's rows are a function of (seed, epoch, window), so the position (epoch, window, index) resumes exactly.
+    packed by best-fit decreasing (`best_fit_rows`: rows far fuller than one step's documents can fill), then
+    served the next window's. A window's rows go out in runs of `group` (a step's rows) of similar length, the
+    runs in a seeded order: a step's rows are padded to its longest, so similar rows waste few positions (11 % ->
+    ~2 % of them on the benchmark's data). Every document is in exactly one row an epoch. A window's rows are a
+    function of (seed, epoch, window) and of where its first step begins (`phase`), so the position (epoch,
+    window, row, phase) resumes exactly.
     """
 
-    def __init__(self, examples: Sequence[Encoded], seed: int, shuffle: bool, pack_len: int,
+    def __init__(self, examples: Sequence[Encoded], seed: int, shuffle: bool, pack_len: int, group: int = 1,
                  window: int = PACK_WINDOW):
-        self.examples, self.pack_len, self.window = list(examples), pack_len, window
+        self.examples, self.pack_len, self.window, self.group = list(examples), pack_len, window, group
         self.cursor = DataCursor(len(self.examples), seed, shuffle)  # its epoch's permutation; (epoch, 0) always
         self.win = self.index = 0
+        self.phase = 0  # rows served before this window, modulo `group`: where its first step starts
         self._rows: list[list[int]] | None = None
 
     def _window_rows(self) -> list[list[int]]:
         if not self.cursor._order:
             self.cursor._order = self.cursor._perm()
         ids = self.cursor._order[self.win * self.window: (self.win + 1) * self.window]
-        rows = [[ids[j] for j in r] for r in best_fit_rows([len(self.examples[i].input_ids) for i in ids],
-                                                           self.pack_len)]
-        if self.cursor.shuffle:  # (best fit lays them out longest first)
+        size = [len(self.examples[i].input_ids) for i in ids]
+        rows = sorted(best_fit_rows(size, self.pack_len), key=lambda r: -sum(size[j] for j in r))
+        rows = [[ids[j] for j in r] for r in rows]  # longest first
+        head = min((self.group - self.phase) % self.group, len(rows))  # the rest of a step begun before
+        cut = head + (len(rows) - head) // self.group * self.group  # whole steps, then what the next window ends
+        runs = [rows[i: i + self.group] for i in range(head, cut, self.group)]
+        if self.cursor.shuffle:
             g = torch.Generator().manual_seed((self.cursor.seed * 1_000_003 + self.cursor.epoch) * 7919 + self.win)
-            rows = [rows[i] for i in torch.randperm(len(rows), generator=g).tolist()]
-        return rows
+            runs = [runs[i] for i in torch.randperm(len(runs), generator=g).tolist()]
+        return rows[:head] + [r for run in runs for r in run] + rows[cut:]
 
     def take_rows(self, k: int) -> list[list[Encoded]]:
         if not self.examples:
@@ -121,6 +129,7 @@ class PackedDemonstrations:
             if self._rows is None:
                 self._rows = self._window_rows()
             if self.index >= len(self._rows):  # the next window, or the next epoch's first
+                self.phase = (self.phase + len(self._rows)) % self.group
                 self.win, self.index, self._rows = self.win + 1, 0, None
                 if self.win * self.window >= len(self.examples):
                     self.cursor.epoch, self.cursor._order, self.win = self.cursor.epoch + 1, [], 0
@@ -131,11 +140,11 @@ class PackedDemonstrations:
         return [[self.examples[i] for i in row] for row in out]
 
     def state_dict(self) -> dict:
-        return {"cursor": self.cursor.state_dict(), "window": self.win, "row": self.index}
+        return {"cursor": self.cursor.state_dict(), "window": self.win, "row": self.index, "phase": self.phase}
 
     def load_state_dict(self, d: dict) -> None:
         self.cursor.load_state_dict(d["cursor"])
-        self.win, self.index, self._rows = d["window"], d["row"], None
+        self.win, self.index, self.phase, self._rows = d["window"], d["row"], d["phase"], None
 
 
 def prompt_key(prompt) -> str:
