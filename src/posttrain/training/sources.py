@@ -89,27 +89,28 @@ class PackedDemonstrations:
     """Encoded demonstrations packed into rows of at most `pack_len` tokens, drawn `k` rows at a time
     (`batch.pack: rows`).
 
-    Each epoch walks a fresh seeded permutation (as `DataCursor`) in windows of `window` documents; a window is
-    packed by best-fit decreasing (`best_fit_rows`: rows far fuller than one step's documents can fill), then
-    served the next window's. A window's rows go out in runs of `group` (a step's rows) of similar length, the
-    runs in a seeded order: a step's rows are padded to its longest, so similar rows waste few positions (11 % ->
-    ~2 % of them on the benchmark's data). Every document is in exactly one row an epoch. A window's rows are a
-    function of (seed, epoch, window) and of where its first step begins (`phase`), so the position (epoch,
-    window, row, phase) resumes exactly.
+    Its cursor walks each epoch's seeded permutation (`DataCursor`) a window of `window` documents at a time; a
+    window is packed by best-fit decreasing (`best_fit_rows`: rows far fuller than one step's documents can fill)
+    and served before the next is drawn. Its rows go out in runs of `group` (a step's rows) of similar length, the
+    runs in a seeded order: a step's rows are padded to its longest, so similar rows waste few positions (5 % ->
+    0.1 % of them on the benchmark's data). Every document is in exactly one row an epoch. A window's rows are a
+    function of the cursor's position where it was drawn and of where its first step begins (`phase`), so (that
+    position, row, phase) resumes exactly.
     """
 
     def __init__(self, examples: Sequence[Encoded], seed: int, shuffle: bool, pack_len: int, group: int = 1,
                  window: int = PACK_WINDOW):
         self.examples, self.pack_len, self.window, self.group = list(examples), pack_len, window, group
-        self.cursor = DataCursor(len(self.examples), seed, shuffle)  # its epoch's permutation; (epoch, 0) always
-        self.win = self.index = 0
+        self.cursor = DataCursor(len(self.examples), seed, shuffle)
+        self.index = 0  # the next row of the current window
         self.phase = 0  # rows served before this window, modulo `group`: where its first step starts
+        self._start: dict | None = None  # the cursor's position where the current window was drawn
         self._rows: list[list[int]] | None = None
 
     def _window_rows(self) -> list[list[int]]:
-        if not self.cursor._order:
-            self.cursor._order = self.cursor._perm()
-        ids = self.cursor._order[self.win * self.window: (self.win + 1) * self.window]
+        self._start = self.cursor.state_dict()
+        left = self.cursor.n - self.cursor.index or self.cursor.n  # (at an epoch's end the next one begins)
+        ids = self.cursor.take(min(self.window, left))  # within one epoch
         size = [len(self.examples[i].input_ids) for i in ids]
         rows = sorted(best_fit_rows(size, self.pack_len), key=lambda r: -sum(size[j] for j in r))
         rows = [[ids[j] for j in r] for r in rows]  # longest first
@@ -117,7 +118,8 @@ class PackedDemonstrations:
         cut = head + (len(rows) - head) // self.group * self.group  # whole steps, then what the next window ends
         runs = [rows[i: i + self.group] for i in range(head, cut, self.group)]
         if self.cursor.shuffle:
-            g = torch.Generator().manual_seed((self.cursor.seed * 1_000_003 + self.cursor.epoch) * 7919 + self.win)
+            win = (self.cursor.index - len(ids)) // self.window
+            g = torch.Generator().manual_seed((self.cursor.seed * 1_000_003 + self.cursor.epoch) * 7919 + win)
             runs = [runs[i] for i in torch.randperm(len(runs), generator=g).tolist()]
         return rows[:head] + [r for run in runs for r in run] + rows[cut:]
 
@@ -127,24 +129,24 @@ class PackedDemonstrations:
         out: list[list[int]] = []
         while len(out) < k:
             if self._rows is None:
-                self._rows = self._window_rows()
-            if self.index >= len(self._rows):  # the next window, or the next epoch's first
-                self.phase = (self.phase + len(self._rows)) % self.group
-                self.win, self.index, self._rows = self.win + 1, 0, None
-                if self.win * self.window >= len(self.examples):
-                    self.cursor.epoch, self.cursor._order, self.win = self.cursor.epoch + 1, [], 0
-                continue
+                self._rows, self.index = self._window_rows(), 0
             take = min(k - len(out), len(self._rows) - self.index)
             out += self._rows[self.index: self.index + take]
             self.index += take
+            if self.index == len(self._rows):  # the next window is drawn when a row is next taken
+                self.phase = (self.phase + len(self._rows)) % self.group
+                self._rows = None
         return [[self.examples[i] for i in row] for row in out]
 
     def state_dict(self) -> dict:
-        return {"cursor": self.cursor.state_dict(), "window": self.win, "row": self.index, "phase": self.phase}
+        at = self._start if self._rows is not None else self.cursor.state_dict()
+        return {"cursor": at, "row": self.index if self._rows is not None else 0, "phase": self.phase}
 
     def load_state_dict(self, d: dict) -> None:
         self.cursor.load_state_dict(d["cursor"])
-        self.win, self.index, self.phase, self._rows = d["window"], d["row"], d["phase"], None
+        self._rows, self.phase = None, d["phase"]
+        if d["row"]:  # the same window again, at the same row
+            self._rows, self.index = self._window_rows(), d["row"]
 
 
 def prompt_key(prompt) -> str:
