@@ -184,25 +184,50 @@ def run_child(module: str, *args, timeout: float = 900) -> dict:
     return result
 
 
-def matmul_peak_gflops(n: int = 2048, seconds: float = 3.0) -> float:
-    """The matmul peak in GFLOP/s: the best of repeated (n x n) @ (n x n) products of random numbers, fp32 on
-    THREADS CPU threads, or bf16 8192 x 8192 on the GPU (each product timed to its end by a synchronize)."""
+def _onednn_product(a, b):
+    """a @ b.T through oneDNN's fp32 matmul (the kernel torch's inductor calls for a CPU linear layer); None where this
+    torch has no such op. The same FLOPs as a @ b."""
+    import torch
+
+    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if a.device.type != "cpu" or not torch.backends.mkldnn.is_available() or op is None:
+        return None
+    try:
+        op(a[:8, :8].contiguous(), b[:8, :8].contiguous(), None, "none", [], "")
+    except (RuntimeError, NotImplementedError):
+        return None
+    return lambda: op(a, b, None, "none", [], "")
+
+
+def matmul_peaks(n: int = 2048, seconds: float = 3.0) -> dict[str, float]:
+    """The matmul peak in GFLOP/s of each library that can compute the product: the best of repeated (n x n) @
+    (n x n) products of random numbers, fp32 on THREADS CPU threads, or bf16 8192 x 8192 on the GPU (each product
+    timed to its end by a synchronize). On the CPU both torch.mm (MKL here) and oneDNN's matmul, taking turns, as
+    they differ by up to 20 % on the same machine (oneDNN is faster on the AMD EPYC of bench/README.md): the
+    machine's peak is the larger."""
     import torch
 
     cuda = device() == "cuda"
     if cuda:
         n = 8192
     a, b = (torch.randn(n, n, device=device(), dtype=torch.bfloat16 if cuda else torch.float32) for _ in range(2))
-    for _ in range(3):
-        a @ b  # warm-up: thread pool, page faults, cuBLAS handles, clocks
+    products = {"torch.mm": lambda: a @ b}
+    onednn = _onednn_product(a, b)
+    if onednn is not None:
+        products["onednn"] = onednn
+    for product in products.values():
+        for _ in range(3):
+            product()  # warm-up: thread pool, page faults, cuBLAS handles, clocks
     sync()
-    best, end = float("inf"), time.perf_counter() + seconds
+    best = dict.fromkeys(products, float("inf"))
+    end = time.perf_counter() + seconds * len(products)
     while time.perf_counter() < end:
-        t0 = time.perf_counter()
-        a @ b
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
+        for name, product in products.items():
+            t0 = time.perf_counter()
+            product()
+            sync()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return {name: 2 * n**3 / t / 1e9 for name, t in best.items()}
 
 
 def step_intervals(ends: list[float], warmup: int) -> list[float]:

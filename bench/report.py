@@ -86,6 +86,16 @@ def _profile(l: dict) -> list[str]:
     return out
 
 
+def _peak_libraries(m: dict) -> str:
+    """", the faster of torch.mm 185.9 / 186.2 and onednn 218.4 / 217.0" where the run timed several libraries."""
+    by = m.get("matmul_peak_by_library") or []
+    names = list(dict.fromkeys(k for b in by for k in b))
+    if len(names) < 2:
+        return ""
+    each = [f"{n} {' / '.join(str(b.get(n, '-')) for b in by)}" for n in names]
+    return ", the faster of " + " and ".join(each)
+
+
 def render(lines: list[dict]) -> str:
     """The results section of bench/README.md."""
     by = {l["bench"]: l for l in lines}
@@ -93,7 +103,8 @@ def render(lines: list[dict]) -> str:
     out = [f"Measured {m['date']} by `{m['command']}` ({m['wall_s'] / 60:.1f} min): {m['cpu']}, {m['cores']} cores, "
            f"{m['threads']} torch threads per process, Python {m['python']}, torch {m['torch']}, transformers "
            f"{m['transformers']}, TRL {m['trl']}, posttrain {m['posttrain']}. fp32 matmul peak "
-           f"{' / '.join(map(str, m['matmul_peak_gflops']))} GFLOP/s (start / end; MFU uses the larger). "
+           f"{' / '.join(map(str, m['matmul_peak_gflops']))} GFLOP/s (start / end{_peak_libraries(m)}; MFU uses the "
+           "larger). "
            f"Load average (1 min) {m['load_avg_start']:.2f} at the start, {m['load_avg_end']:.2f} at the end.", ""]
     if any(l["bench"] in ("sft", "grpo") for l in lines):
         out += ["### posttrain against TRL", ""] + _headline(lines)

@@ -238,8 +238,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="posttrain-bench-") as work:
         needed = a.sizes + ["tiny", "small"] * ("scaling" in todo) + ["tiny"] * ("profile" in todo)
         assets = run_child("bench.assets", work, *dict.fromkeys(needed))
-        peaks = [run_child("bench.peak")["gflops"]]
-        peak = peaks[0]
+        measured = [run_child("bench.peak")]
+        peak = measured[0]["gflops"]
         for size in a.sizes:
             if "sft" in todo:
                 attempt("sft", bench_sft, assets, size, peak, a)
@@ -251,8 +251,9 @@ def main() -> None:
             attempt("scaling", bench_scaling, assets, peak, a)
         if "profile" in todo:
             attempt("profile", bench_profile, assets)
-        peaks.append(run_child("bench.peak")["gflops"])
+        measured.append(run_child("bench.peak"))
     # MFU was computed against the first measurement; rescale to the larger of the two (the machine's peak).
+    peaks = [m["gflops"] for m in measured]
     best = max(peaks)
     for line in lines:
         for s in ("posttrain", "trl"):
@@ -260,7 +261,8 @@ def main() -> None:
                 line[s]["mfu"] = round(line[s]["mfu"] * peak / best, 4)
         for p in line.get("points", []):
             p["mfu"] = round(p["mfu"] * peak / best, 4)
-    info.update(matmul_peak_gflops=[round(p, 1) for p in peaks], load_avg_end=os.getloadavg()[0],
+    info.update(matmul_peak_gflops=[round(p, 1) for p in peaks],
+                matmul_peak_by_library=[m.get("by_library", {}) for m in measured], load_avg_end=os.getloadavg()[0],
                 wall_s=round(time.perf_counter() - t0, 1), command=" ".join(["python -m bench.run", *sys.argv[1:]]))
     report({"bench": "machine", **info})
     Path(a.out).write_text(json.dumps(lines, indent=1) + "\n")
