@@ -1,5 +1,6 @@
 """The sampler's decode paths side by side: `posttrain.rollout.sampler.sample` through the model's forward
-(`native=False`), the native step (`graphs=False`) and, on a GPU, the native step replayed as a CUDA graph.
+(`native=False`), the native step (`graphs=False`) and, on a GPU, the native step replayed as a CUDA graph; on the
+CPU, the native step with every product through F.linear (`native_f_linear`, none through oneDNN).
 
 A random Qwen2 of a bench size (bench/assets.py) with the benchmarks' 1k vocabulary, 8 random prompts of 40 tokens x
 4 samples, no stop token (every row runs to the limit), keyed sampling noise (the same tokens on every path, so
@@ -30,6 +31,7 @@ def main() -> None:
     import torch
 
     from bench.assets import build_model
+    from posttrain.rollout import decode
     from posttrain.rollout.sampler import row_key, sample
 
     model = build_model(None, a.size, vocab_size=1024).eval()
@@ -41,6 +43,8 @@ def main() -> None:
     paths = {"forward": dict(native=False), "native": dict(graphs=False)}
     if cuda:
         paths["graph"] = dict(graphs=True)
+    else:  # the native step with every product through F.linear (torch's sgemm), none through oneDNN
+        paths["native_f_linear"] = dict(graphs=False)
     out = {"size": a.size, "device": device(), "rows": 32, "prompt_tokens": 40,
            "precision": ("bf16-mixed" if a.mixed else "bf16") if cuda else "fp32", "results": []}
     for n in a.tokens:
@@ -48,6 +52,9 @@ def main() -> None:
         ref = None
         for name, extra in paths.items():
             times = []
+            products = decode.ONEDNN_MIN_WEIGHT
+            if name == "native_f_linear":
+                decode.ONEDNN_MIN_WEIGHT = float("inf")
             with context:
                 for i in range(a.repeats + 1):
                     sync()
@@ -57,6 +64,7 @@ def main() -> None:
                     if i:
                         times.append(time.perf_counter() - t0)
             tokens = sum(len(c) for c in ro.completion_ids)
+            decode.ONEDNN_MIN_WEIGHT = products
             ref = ref or ro.completion_ids
             s = statistics.median(times)
             out["results"].append({"new_tokens": n, "path": name, "seconds": round(s, 4),

@@ -1,6 +1,7 @@
 """The native decode step (rollout/decode.py) against the model's own forward; the models it leaves to the forward."""
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from posttrain.rollout import decode
@@ -214,3 +215,34 @@ def test_cuda_graph_replays_equal_the_eager_native_step(tokenizer, monkeypatch, 
         torch.testing.assert_close(a[:n], b[:n], atol=tol, rtol=0)
         if precision != "bf16-autocast":
             assert ca == cb
+
+
+def test_large_float32_projections_decode_through_onednn_as_f_linear_computes_them(tokenizer, monkeypatch):
+    """On the CPU a float32 weight of at least ONEDNN_MIN_WEIGHT entries goes through oneDNN's product (here every
+    weight, the threshold lowered): the same tokens as the forward, log-probs to float32 rounding."""
+    if decode._onednn_op() is None:
+        pytest.skip("this torch has no oneDNN linear")
+    model = tiny_model("qwen2", tokenizer, seed=1).eval()
+    monkeypatch.setattr(decode, "ONEDNN_MIN_WEIGHT", 0)
+    calls = []
+    op = decode._ONEDNN[0]
+    monkeypatch.setattr(decode, "_ONEDNN", [lambda *a: calls.append(1) or op(*a)])
+    native, forward, n_steps = _both(model, monkeypatch, num_samples=4, max_new_tokens=10, stop_ids=STOPS,
+                                     pad_id=PAD, keys=[row_key(1, i) for i in range(12)])
+    layers = model.config.num_hidden_layers
+    assert len(calls) == n_steps * (7 * layers + 1), "every projection and the LM head, each step"
+    assert native.completion_ids == forward.completion_ids
+    for a, b in zip(native.sampler_logp, forward.sampler_logp):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_onednn_takes_only_large_float32_cpu_weights_outside_autocast():
+    rows = decode.ONEDNN_MIN_WEIGHT // 64
+    x, w, b = torch.randn(5, 64), torch.randn(rows, 64), torch.randn(rows)
+    assert decode._linear(w[:-1]) is F.linear  # one row short of the threshold
+    assert decode._linear(w.double()) is F.linear
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert decode._linear(w) is F.linear
+    if decode._onednn_op() is not None:
+        assert decode._linear(w) is not F.linear
+        torch.testing.assert_close(decode._linear(w)(x, w, b), F.linear(x, w, b), atol=1e-4, rtol=1e-5)
