@@ -185,18 +185,12 @@ def run_child(module: str, *args, timeout: float = 900) -> dict:
 
 
 def _onednn_product(a, b):
-    """a @ b.T through oneDNN's fp32 matmul (the kernel torch's inductor calls for a CPU linear layer); None where this
+    """a @ b.T through oneDNN's fp32 matmul (posttrain's decode step uses it on the CPU); None on a GPU or where this
     torch has no such op. The same FLOPs as a @ b."""
-    import torch
+    from posttrain.rollout.decode import onednn_linear_op
 
-    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
-    if a.device.type != "cpu" or not torch.backends.mkldnn.is_available() or op is None:
-        return None
-    try:
-        op(a[:8, :8].contiguous(), b[:8, :8].contiguous(), None, "none", [], "")
-    except (RuntimeError, NotImplementedError):
-        return None
-    return lambda: op(a, b, None, "none", [], "")
+    op = onednn_linear_op() if a.device.type == "cpu" else None
+    return None if op is None else (lambda: op(a, b, None, "none", [], ""))
 
 
 def matmul_peaks(n: int = 2048, seconds: float = 3.0) -> dict[str, float]:

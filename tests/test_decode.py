@@ -220,7 +220,7 @@ def test_cuda_graph_replays_equal_the_eager_native_step(tokenizer, monkeypatch, 
 def test_large_float32_projections_decode_through_onednn_as_f_linear_computes_them(tokenizer, monkeypatch):
     """On the CPU a float32 weight of at least ONEDNN_MIN_WEIGHT entries goes through oneDNN's product (here every
     weight, the threshold lowered): the same tokens as the forward, log-probs to float32 rounding."""
-    if decode._onednn_op() is None:
+    if decode.onednn_linear_op() is None:
         pytest.skip("this torch has no oneDNN linear")
     model = tiny_model("qwen2", tokenizer, seed=1).eval()
     monkeypatch.setattr(decode, "ONEDNN_MIN_WEIGHT", 0)
@@ -243,6 +243,6 @@ def test_onednn_takes_only_large_float32_cpu_weights_outside_autocast():
     assert decode._linear(w.double()) is F.linear
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert decode._linear(w) is F.linear
-    if decode._onednn_op() is not None:
+    if decode.onednn_linear_op() is not None:
         assert decode._linear(w) is not F.linear
         torch.testing.assert_close(decode._linear(w)(x, w, b), F.linear(x, w, b), atol=1e-4, rtol=1e-5)

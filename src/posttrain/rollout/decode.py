@@ -27,10 +27,10 @@ needs fixed shapes: buffers for the longest rollout from the start, and every ro
 On the CPU, a float32 projection whose weight has at least `ONEDNN_MIN_WEIGHT` entries runs through oneDNN's
 matmul (`torch.ops.mkldnn._linear_pointwise`, the op torch's inductor calls for a CPU linear layer) rather than
 `F.linear` (MKL's sgemm in torch's CPU wheels). A decode step reads every weight once for a few dozen rows, from
-memory rather than the cache; measured on the benchmarks' 2-core AMD EPYC with 32 rows and cold weights, oneDNN
-takes 0.56-0.90x MKL's time from 2^17 entries up (8 or 32 rows) (512 x 256: 80 against 89 us; 512 x 1536: 391 against 510 us;
-Qwen2-0.5B's 896 x 4864: 2.0 against 3.1 ms) and up to 1.9x its time below (128 x 128: 22 against 13 us).
-The same products to float32 rounding (a sum in another order).
+memory rather than the cache. Measured on the benchmarks' 2-core AMD EPYC with 8 or 32 rows and cold weights,
+oneDNN takes 0.56-0.90x MKL's time from 2^17 entries up (32 rows, 512 x 256: 80 against 89 us; 512 x 1536: 391
+against 510 us; Qwen2-0.5B's 896 x 4864: 2.0 against 3.1 ms) and up to 1.9x its time below (128 x 128: 22
+against 13 us). The same products to float32 rounding (a sum in another order).
 
 A peft LoRA wrapper of such a model decodes here too, each adapted projection computed as peft computes it.
 `unsupported(model, length)` says why a model cannot take this path (another architecture or a subclass of one,
@@ -125,7 +125,7 @@ def graph_unsupported(model: nn.Module) -> str | None:
     return None
 
 
-def _onednn_op():
+def onednn_linear_op():
     """torch's oneDNN linear (x, weight, bias, "none", [], "") -> x W^T + b, or None where this torch lacks it."""
     if not _ONEDNN:
         op = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
@@ -142,7 +142,7 @@ def _linear(weight: Tensor):
     """The product x -> x W^T + b for `weight`: oneDNN's for a large float32 weight on the CPU outside autocast
     (see the module's docstring), else F.linear."""
     if (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.numel() >= ONEDNN_MIN_WEIGHT
-            and not torch.is_autocast_enabled("cpu") and _onednn_op() is not None):
+            and not torch.is_autocast_enabled("cpu") and onednn_linear_op() is not None):
         return lambda x, weight, bias: _ONEDNN[0](x, weight, bias, "none", [], "")
     return F.linear
 
