@@ -246,3 +246,26 @@ def test_onednn_takes_only_large_float32_cpu_weights_outside_autocast():
     if decode.onednn_linear_op() is not None:
         assert decode._linear(w) is not F.linear
         torch.testing.assert_close(decode._linear(w)(x, w, b), F.linear(x, w, b), atol=1e-4, rtol=1e-5)
+
+
+def test_a_lora_policys_base_products_go_through_onednn_too(tokenizer, monkeypatch):
+    if decode.onednn_linear_op() is None:
+        pytest.skip("this torch has no oneDNN linear")
+    from peft import LoraConfig, get_peft_model
+
+    peft = get_peft_model(_model("qwen2", len(tokenizer), num_key_value_heads=2).float(),
+                          LoraConfig(r=2, lora_alpha=6, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    monkeypatch.setattr(decode, "ONEDNN_MIN_WEIGHT", 0)  # (the rank-2 adapters' products stay F.linear's)
+    calls = []
+    op = decode._ONEDNN[0]
+    monkeypatch.setattr(decode, "_ONEDNN", [lambda *a: calls.append(1) or op(*a)])
+    native, forward, n_steps = _both(peft, monkeypatch, num_samples=3, max_new_tokens=12, stop_ids=STOPS,
+                                     pad_id=PAD, keys=[row_key(4, i) for i in range(9)])
+    assert len(calls) == n_steps * (7 * SMALL["num_hidden_layers"] + 1), "every base projection and the LM head"
+    assert native.completion_ids == forward.completion_ids
+    for a, b in zip(native.sampler_logp, forward.sampler_logp):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)

@@ -138,20 +138,25 @@ def onednn_linear_op():
     return _ONEDNN[0]
 
 
+def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x W^T + b by oneDNN's matmul (`onednn_linear_op`)."""
+    return _ONEDNN[0](x, weight, bias, "none", [], "")
+
+
 def _linear(weight: Tensor):
-    """The product x -> x W^T + b for `weight`: oneDNN's for a large float32 weight on the CPU outside autocast
-    (see the module's docstring), else F.linear."""
+    """The product x -> x W^T + b for `weight`, chosen once per decoder: oneDNN's for a large float32 weight on the
+    CPU outside autocast (see the module's docstring), else F.linear."""
     if (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.numel() >= ONEDNN_MIN_WEIGHT
             and not torch.is_autocast_enabled("cpu") and onednn_linear_op() is not None):
-        return lambda x, weight, bias: _ONEDNN[0](x, weight, bias, "none", [], "")
+        return _onednn_linear
     return F.linear
 
 
-def _lora_linear(module: nn.Module, x: Tensor) -> Tensor:
+def _lora_linear(module: nn.Module, base_product, x: Tensor) -> Tensor:
     """peft's LoRA Linear computed as peft does, W x + b + sum_a s_a B_a A_a x (dropout is the identity: the sampler
-    decodes in eval mode)."""
+    decodes in eval mode); `base_product` is `_linear` of its base weight."""
     base = module.base_layer
-    out = _linear(base.weight)(x, base.weight, base.bias)
+    out = base_product(x, base.weight, base.bias)
     if module.disable_adapters or module.merged:
         return out
     dtype = out.dtype
@@ -179,7 +184,7 @@ def _projection(module: nn.Module):
     """x -> the projection of x: `_linear` on an nn.Linear's tensors, `_lora_linear` for a LoRA layer."""
     if type(module) is nn.Linear:
         return partial(_linear(module.weight), weight=module.weight, bias=module.bias)
-    return partial(_lora_linear, module)
+    return partial(_lora_linear, module, _linear(module.base_layer.weight))
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
