@@ -179,28 +179,18 @@ def test_bf16_mixed_with_activation_checkpointing_and_keyed_sampling_on_cuda(tmp
 
 
 @cuda
-def test_grpo_with_the_vllm_engine(tmp_path):
-    """rollout.engine: vllm on the built-in model and task: weights synced each step, samples scored and corrected."""
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_grpo_with_the_vllm_engine(tmp_path, lora):
+    """rollout.engine: vllm on the built-in model and task: weights synced each step, samples scored and corrected.
+    A LoRA policy: its base once, its adapter each step (enable_lora), the samples corrected the same way."""
     pytest.importorskip("vllm")
-    recipe = {"model": "builtin:tiny", "device": "cuda", "stages": [{
-        "method": "grpo", "data": {"task": "arith", "split": "train"}, "steps": 3, "batch": {"size": 4},
-        "rewards": [{"fn": "correct"}],
-        "rollout": {"group_size": 4, "max_new_tokens": 32, "engine": "vllm", "vllm_memory": 0.2}}]}
-    summary = posttrain.train(recipe, out=tmp_path / "run", progress=False)
-    final = summary["stages"]["grpo"]["final"]
-    assert summary["stages"]["grpo"]["steps"] == 3
-    assert 0.5 < final["is_weight"] < 1.5 and final["sampler_mismatch"] < 0.5
-
-
-@cuda
-def test_grpo_lora_with_the_vllm_engine(tmp_path):
-    """A LoRA policy on vLLM: its base once, its adapter each step (enable_lora), the samples corrected as above."""
-    pytest.importorskip("vllm")
-    recipe = {"model": "builtin:tiny", "device": "cuda", "stages": [{
-        "method": "grpo", "data": {"task": "arith", "split": "train"}, "steps": 3, "batch": {"size": 4},
-        "rewards": [{"fn": "correct"}], "lora": {"r": 8}, "optim": {"lr": 2.0e-3},
-        "rollout": {"group_size": 4, "max_new_tokens": 32, "engine": "vllm", "vllm_memory": 0.2}}]}
-    summary = posttrain.train(recipe, out=tmp_path / "run", progress=False)
+    stage = {"method": "grpo", "data": {"task": "arith", "split": "train"}, "steps": 3, "batch": {"size": 4},
+             "rewards": [{"fn": "correct"}],
+             "rollout": {"group_size": 4, "max_new_tokens": 32, "engine": "vllm", "vllm_memory": 0.2}}
+    if lora:
+        stage.update(lora={"r": 8}, optim={"lr": 2.0e-3})
+    summary = posttrain.train({"model": "builtin:tiny", "device": "cuda", "stages": [stage]},
+                              out=tmp_path / "run", progress=False)
     final = summary["stages"]["grpo"]["final"]
     assert summary["stages"]["grpo"]["steps"] == 3
     assert 0.5 < final["is_weight"] < 1.5 and final["sampler_mismatch"] < 0.5

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from posttrain.rewards import RewardScorer, RewardSpec, resolve_reward_fn
+from posttrain.rewards.procs import children_map
 
 N3 = dict(completion_ids=[[1], [2, 2], [3, 3, 3]], row_ids=["r0", "r1", "r2"])
 
@@ -18,17 +19,7 @@ N3 = dict(completion_ids=[[1], [2, 2], [3, 3, 3]], row_ids=["r0", "r1", "r2"])
 def child_pids() -> set[int]:
     """Direct children of this process, zombies included; Python's spawn resource tracker (one per
     interpreter, started by the first spawn and kept for its lifetime) is not a leak and is left out."""
-    me, kids = os.getpid(), set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            if ppid == me:
-                kids.add(int(entry))
-    return kids - {resource_tracker._resource_tracker._pid}
+    return set(children_map().get(os.getpid(), [])) - {resource_tracker._resource_tracker._pid}
 
 
 def alive(pid: int) -> bool:
