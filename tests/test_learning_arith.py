@@ -32,13 +32,16 @@ MEASURED = {
     "luffy": (0.5900, 0.5533, 0.5167),          # +34.0 / +30.3 / +26.7
     "hpt": (0.6167, 0.6500, 0.6533),            # +36.7 / +40.0 / +40.3 (16 prompts per step); format 100 %
     "chord_mu": (0.8833, 0.8767, 0.7400),       # +63.3 / +62.7 / +49.0; format 100 %
-    "relift": (0.6767, 0.6700, 0.6600),         # +42.7 / +42.0 / +41.0
+    "relift": (0.6767, 0.6700, 0.6600),         # +42.7 / +42.0 / +41.0 (on an Intel Xeon, whose kernels round
+    #                                             otherwise: +30.7 / +21.0 / +34.3, seed 3 +31.7)
     "opd": (0.7933, 0.9033, 0.8633),            # +54.3 / +65.3 / +61.3; format 100 % (from builtin:tiny-teacher;
     #                                             before the fused AdamW and one-uniform sampling: +63.7 / +63.0 / +66.0)
 }
-# Thresholds on the gain in points: about 8 below the worst seed; grpo's is the spine issue's +15.
+# Thresholds on the gain in points: about 8 below the worst seed; grpo's is the spine issue's +15. The seeds were
+# measured on an AMD EPYC; relift's also on an Intel Xeon, where seed 0 (the test's) ended at +30.7, under the
+# +33 set from the EPYC's seeds: a CPU's rounding moves a run as a seed does.
 GAIN = {"grpo": 0.15, "grpo_lora": 0.20, "sft_then_grpo": 0.61, "opd": 0.46,
-        "luffy": 0.19, "hpt": 0.29, "chord_mu": 0.41, "relift": 0.33}
+        "luffy": 0.19, "hpt": 0.29, "chord_mu": 0.41, "relift": 0.13}
 
 
 def run(name: str, tmp_path: Path) -> tuple[dict, dict]:
@@ -70,7 +73,7 @@ def test_rl_recipes_raise_id_accuracy(name, tmp_path):
 
 @pytest.mark.parametrize("name", ["luffy", "hpt", "chord_mu", "relift"])
 def test_hybrid_recipes_end_above_the_base(name, tmp_path):
-    """LUFFY, HPT, CHORD and ReLIFT (worst measured seed: +26.7, +36.7, +49.0, +41.0 points on `id`); the two
+    """LUFFY, HPT, CHORD and ReLIFT (worst measured seed: +26.7, +36.7, +49.0, +21.0 points on `id`); the two
     whose SFT term covers every step's questions (HPT on the failed ones, CHORD on expert rows) also teach the
     worked format (>= 99.7 % on every seed; threshold 90 %), which GRPO alone does not (~0 %)."""
     before, after = run(name, tmp_path)
