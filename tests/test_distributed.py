@@ -40,10 +40,9 @@ CASES = {
 }
 # Adam's first steps move a weight whose gradient is near 0 by up to lr whatever its size, so two sums of the same
 # gradient in another order can part by a little more than 1e-5 after two stages (2.1e-5 for distill under ddp and
-# fsdp alike, 1.1e-5 for rm_then_ppo; the losses of every step agree to 1e-5)
-# float32 sums in another order on 2 ranks than on 1, and the kernels' order depends on the CPU: the distilled
-# weights were 6.0e-5 apart on an Intel Xeon (AVX-512), under 5e-5 on an AMD EPYC; LoRA under fsdp resumed on one
-# rank (the merged weights) 1.4e-5 on the Xeon, under 1e-5 on the EPYC
+# fsdp alike, 1.1e-5 for rm_then_ppo; the losses of every step agree to 1e-5). The kernels' order of summation
+# depends on the CPU: on an Intel Xeon (AVX-512) distill's sharded run parted by 6.0e-5, and LoRA under fsdp resumed
+# on one rank by 1.4e-5 in its merged weights (on an AMD EPYC under 5e-5 and 1e-5)
 WEIGHTS_ATOL = {"rm_then_ppo": 5e-5, "distill": 1e-4, "grpo_lora": 5e-5}
 # shared prompts: a micro-batch's groups run in rows as long as its longest group, so the attention sums over other
 # lengths on one rank than on two; measured 1.4e-5 apart in the grad norm by step 3 (weights 1.2e-6). LoRA under
